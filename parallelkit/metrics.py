@@ -1,0 +1,151 @@
+"""Measurements shared by every strategy: peak compute, memory, state bytes, communication."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+# Dense peak TFLOP/s per device, from the vendors' data sheets (no sparsity).
+# fp32 is plain FP32 (not TF32), since parallelkit does not enable TF32.
+CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_tflops(device: torch.device, precision: str) -> float:
+    """The device's peak: a table for known GPUs, a short matmul measurement on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for frag, peaks in CUDA_PEAK_TFLOPS.items():
+            if frag in name:
+                return peaks[precision]
+        return 0.0  # unknown GPU: MFU is left empty unless peak_tflops is given
+    return measure_matmul_tflops(DTYPES[precision] if precision != "fp16" else torch.float32)
+
+
+def measure_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / elapsed / 1e12
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: CUDA's counters, or the kernel's VmHWM via clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"rss": int(fields["VmHWM"].split()[0]) * 1024}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        t = getattr(t, "_local_tensor", t)  # DTensor: this rank's shard
+        if t.numel() == 0:
+            continue
+        s = t.untyped_storage()
+        seen[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+class CommCounter:
+    """Counts the bytes handed to torch.distributed collectives and point-to-point ops.
+
+    It wraps the Python entry points (``torch.distributed.all_reduce`` and friends), which
+    DeepSpeed, FairScale and FSDP all call. DDP's C++ reducer does not go through them, so
+    the DDP strategy counts its buckets in a comm hook (``add``). The figure is the payload
+    per rank (what a rank contributes), not wire traffic: a ring all-reduce of S bytes moves
+    about 2 S (n-1)/n bytes per rank.
+    """
+
+    OPS = {  # op -> index of the tensor argument whose size is the payload
+        "all_reduce": 0, "reduce": 0, "broadcast": 0, "send": 0, "recv": 0, "isend": 0, "irecv": 0,
+        "all_gather_into_tensor": 0, "_all_gather_base": 0, "all_gather": 0,
+        "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "reduce_scatter": 1,
+        "all_to_all_single": 1, "all_reduce_coalesced": 0,
+    }
+
+    def __init__(self) -> None:
+        self.bytes, self.active, self._saved = 0, True, []
+
+    def add(self, nbytes: int) -> None:
+        if self.active:
+            self.bytes += nbytes
+
+    def _wrap(self, fn, idx: int):
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self.active and len(args) > idx:
+                self.bytes += _payload(args[idx])
+            return fn(*args, **kwargs)
+
+        counted.__parallelkit_wrapped__ = fn
+        return counted
+
+    def install(self) -> "CommCounter":
+        c10d = dist.distributed_c10d
+        for mod in (dist, c10d):
+            for name, idx in self.OPS.items():
+                fn = getattr(mod, name, None)
+                if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
+                    self._saved.append((mod, name, fn))
+                    setattr(mod, name, self._wrap(fn, idx))
+        return self
+
+    def uninstall(self) -> None:
+        for mod, name, fn in reversed(self._saved):
+            setattr(mod, name, fn)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def paused(self):
+        prev, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = prev
+
+
+def _payload(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_payload(t) for t in x)
+    return 0
+
+
+def cpu_threads(local_world_size: int) -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // max(1, local_world_size))

@@ -1,0 +1,94 @@
+"""``python -m parallelkit.run [overrides]``: check the config, launch the workers, write the result.
+
+Under an existing launcher (torchrun sets RANK and WORLD_SIZE) it runs as a worker in
+place instead, so multi-node jobs go through torchrun's rendezvous.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, resolve, strategy_class, under_torchrun
+from .model import GPTConfig
+from .results import base_summary, write_json
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _failed_summary(cfg, error: str) -> dict:
+    """A summary for a run that never started: as many known fields as the config allows."""
+    try:
+        cls = strategy_class(cfg)
+        s = base_summary(cfg, cls.layout(cfg), cls.label(cfg), GPTConfig.from_cfg(cfg.model).num_params())
+    except Exception:  # noqa: BLE001 - the config itself may be what is broken
+        s = {"strategy": OmegaConf.select(cfg, "strategy.name"), "label": OmegaConf.select(cfg, "strategy.name"),
+             "model": OmegaConf.select(cfg, "model.name"), "losses": []}
+    s.update(status="failed", error=error)
+    return s
+
+
+def result_line(s: dict, where: Path) -> str:
+    if s["status"] != "ok":
+        return f"{s.get('label')}: {s['status']}: {s.get('error')}  ({where})"
+    mem = max(s["peak_mem_bytes"]) / 2**20
+    mfu = f", MFU {s['mfu']:.1%}" if s.get("mfu") else ""
+    return (f"{s['label']}: ok, {s['tokens_per_s']:,.0f} tokens/s{mfu}, step {s['step_time_s'] * 1e3:.1f} ms, "
+            f"peak mem {mem:,.0f} MiB/rank, final loss {s['final_loss']:.4f}  ({where})")
+
+
+def task(cfg: DictConfig) -> str:
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        resolve(cfg)
+    except ConfigError as e:
+        write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
+        print(f"parallelkit: config error: {e}", file=sys.stderr)
+        if multirun:
+            return "failed"
+        sys.exit(2)
+
+    if under_torchrun():  # we are one worker of the user's torchrun job
+        from .train import worker
+
+        code = worker(cfg, out)
+        if code:
+            sys.exit(code)
+        return "ok"
+
+    from .launch import launch
+
+    cls = strategy_class(cfg)
+    layout = cls.layout(cfg)
+    base = base_summary(cfg, layout, cls.label(cfg), GPTConfig.from_cfg(cfg.model).num_params())
+    print(f"parallelkit: {base['label']} on {layout['processes']} process(es), model {cfg.model.name} "
+          f"({base['params']:,} params), {cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
+    summary = launch(cfg, out, layout["processes"], base)
+    print(result_line(summary, out), flush=True)
+    if summary["status"] != "ok" and not multirun:
+        print(f"parallelkit: {summary['status']}: {summary['error']}", file=sys.stderr)
+        sys.exit(1)
+    return summary["status"]
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> str:
+    return task(cfg)
+
+
+def main() -> None:
+    if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
+        # Only rank 0 writes results; the other ranks keep Hydra from writing a second .hydra/.
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
