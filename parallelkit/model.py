@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -96,10 +97,16 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(c.d_model), Attention(c)
         self.ln2, self.mlp = nn.LayerNorm(c.d_model), MLP(c)
+        self.checkpoint = False  # activation checkpointing: recompute this block in backward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
 
 class Head(nn.Module):
@@ -151,6 +158,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def build_model(model_cfg, seed: int) -> GPT:
+def build_model(model_cfg, seed: int, activation_checkpointing: bool = False) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig.from_cfg(model_cfg))
+    model = GPT(GPTConfig.from_cfg(model_cfg))
+    for b in model.blocks:
+        b.checkpoint = activation_checkpointing
+    return model

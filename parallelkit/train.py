@@ -113,7 +113,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
     summary["device"] = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     peak = cfg.get("peak_tflops") or metrics.peak_tflops(ctx.device, ctx.precision)
 
-    model_factory = lambda: build_model(cfg.model, cfg.seed)  # noqa: E731 - same weights on every rank
+    model_factory = lambda: build_model(cfg.model, cfg.seed, cfg.train.activation_checkpointing)  # noqa: E731 - same weights on every rank
     strategy.setup(ctx, model_factory, lambda m: make_optimizer(cfg.optim, m))
     dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
     dp_size = layout.get("virtual_dp", layout["dp"])

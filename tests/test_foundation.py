@@ -1,0 +1,64 @@
+"""The foundation end to end: real worker processes (gloo), the real CLI."""
+import json
+import math
+
+from conftest import FAST, assert_close_trajectory, run_cli, summary, train
+
+CONTRACT_FIELDS = {
+    "status", "error", "strategy", "label", "model", "params", "world_size", "dp", "tp", "pp", "precision",
+    "device", "steps", "timed_steps", "tokens_per_step", "tokens_per_s", "step_time_s", "tflops", "mfu",
+    "peak_tflops", "peak_mem_bytes", "model_state_bytes", "comm_bytes_per_step", "losses", "final_loss", "versions",
+}
+
+
+def test_ddp_matches_single_step_by_step(tmp_path):
+    common = ["train.steps=12", "train.grad_accum=2", "world_size=2"]
+    ref = train(tmp_path, "single", "strategy=single", *common)
+    ddp = train(tmp_path, "ddp", "strategy=ddp", *common)
+    assert ref["tokens_per_step"] == ddp["tokens_per_step"]
+    assert len(ref["losses"]) == 12
+    assert_close_trajectory(ddp["losses"], ref["losses"], rtol=1e-5)
+    assert ddp["losses"][-1] < ddp["losses"][0]
+
+
+def test_cli_writes_contract_summary_and_metrics(tmp_path):
+    s = train(tmp_path, "run", "strategy=ddp")
+    assert CONTRACT_FIELDS <= s.keys()
+    assert s["world_size"] == 2 and s["dp"] == 2 and s["timed_steps"] == 5
+    assert len(s["peak_mem_bytes"]) == len(s["model_state_bytes"]) == len(s["comm_bytes_per_step"]) == 2
+    # DDP holds params + grads + AdamW's two moments: 16 bytes per parameter in fp32 (tied weights once).
+    assert abs(s["model_state_bytes"][0] / s["params"] - 16) < 0.5
+    # every step all-reduces every gradient once: at least 4 bytes per parameter
+    assert s["comm_bytes_per_step"][0] >= 4 * s["params"]
+    assert 0 < s["mfu"] and s["peak_tflops"] == 1
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(6))
+    assert {"step", "loss", "lr", "step_time_s", "tokens_per_s", "peak_mem_bytes"} <= lines[0].keys()
+    assert [r["loss"] for r in lines] == s["losses"]
+
+
+def test_synthetic_loss_falls_well_below_ln_vocab(tmp_path):
+    s = train(tmp_path, "learn", "strategy=ddp", "train.steps=150", "train.micro_batch_size=8", "optim.lr=3e-3",
+              "train.warmup_steps=1")
+    assert s["losses"][0] > math.log(512) - 0.3
+    assert s["final_loss"] < 0.6 * math.log(512), s["losses"][-10:]
+
+
+def test_bf16_trains(tmp_path):
+    s = train(tmp_path, "bf16", "strategy=ddp", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3")
+    assert s["losses"][-1] < s["losses"][0]
+
+
+def test_text_data(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    s = train(tmp_path, "text", "strategy=ddp", "data=text", f"data.path={corpus}", "train.steps=10", "optim.lr=3e-3")
+    assert s["losses"][-1] < s["losses"][0]
+
+
+def test_checkpoint_resume_continues_the_trajectory(tmp_path):
+    full = train(tmp_path, "full", "strategy=ddp", "train.steps=8")
+    ck = tmp_path / "ck"
+    train(tmp_path, "first", "strategy=ddp", "train.steps=8", f"checkpoint.dir={ck}", "checkpoint.every=4")
+    resumed = train(tmp_path, "resumed", "strategy=ddp", "train.steps=8", f"checkpoint.resume={ck}/step_4")
+    assert_close_trajectory(resumed["losses"], full["losses"][4:], rtol=1e-5)
