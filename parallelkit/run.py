@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, resolve, strategy_class, under_torchrun
 from .model import GPTConfig
-from .results import base_summary, write_json
+from .results import base_summary, read_json, write_json
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -58,7 +58,11 @@ def task(cfg: DictConfig) -> str:
     if under_torchrun():  # we are one worker of the user's torchrun job
         from .train import worker
 
+        if int(os.environ.get("RANK", "0")) == 0:
+            OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         code = worker(cfg, out)
+        if int(os.environ.get("RANK", "0")) == 0 and (out / "summary.json").exists():
+            print(result_line(read_json(out / "summary.json"), out), flush=True)
         if code:
             sys.exit(code)
         return "ok"
@@ -83,7 +87,25 @@ def _hydra_main(cfg: DictConfig) -> str:
     return task(cfg)
 
 
+def check_group_choices(argv: list[str]) -> str | None:
+    """One line for an unknown config-group option (Hydra's own message is a page long)."""
+    conf = Path(CONF_DIR)
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or "." in key or "/" in key or not (conf / key).is_dir() or value in ("", "null"):
+            continue
+        options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        values = [] if value.startswith(("glob(", "choice(", "range(", "${")) else value.split(",")
+        for v in values:
+            if v not in options:
+                return f"{key}={v}: no such {key}; choose one of {', '.join(options)}"
+    return None
+
+
 def main() -> None:
+    if (err := check_group_choices(sys.argv[1:])) is not None:
+        print(f"parallelkit: config error: {err}", file=sys.stderr)
+        sys.exit(2)
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         # Only rank 0 writes results; the other ranks keep Hydra from writing a second .hydra/.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

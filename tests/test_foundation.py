@@ -62,3 +62,64 @@ def test_checkpoint_resume_continues_the_trajectory(tmp_path):
     train(tmp_path, "first", "strategy=ddp", "train.steps=8", f"checkpoint.dir={ck}", "checkpoint.every=4")
     resumed = train(tmp_path, "resumed", "strategy=ddp", "train.steps=8", f"checkpoint.resume={ck}/step_4")
     assert_close_trajectory(resumed["losses"], full["losses"][4:], rtol=1e-5)
+
+
+def test_two_torchrun_agents_as_two_nodes(tmp_path):
+    """Multi-node through torchrun's rendezvous: two agents (--nnodes 2) on this one machine."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "tr"
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={n}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=pk-test",
+         "-m", "parallelkit.run", *FAST, "strategy=ddp", f"hydra.run.dir={out}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    logs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], logs
+    s = summary(out)
+    assert s["status"] == "ok" and s["world_size"] == 2 and s["dp"] == 2
+    local = train(tmp_path, "local", "strategy=ddp")
+    assert_close_trajectory(s["losses"], local["losses"], rtol=1e-6)
+
+
+def test_bad_config_fails_fast_with_one_line(tmp_path):
+    cases = {
+        "strategy=nope": "strategy=nope: no such strategy",
+        "world_size=0": "world_size=0",
+        "train.micro_batch_size=abc": "train.micro_batch_size",
+        "train.global_batch_size=7": "train.global_batch_size=7 is not a multiple",
+        "data=text data.path=/no/such/file": "data.path='/no/such/file' does not exist",
+        "model.n_head=5": "model.n_head=5",
+        "train.warmup_steps=6": "train.warmup_steps=6",
+    }
+    for override, message in cases.items():
+        out = tmp_path / "".join(c if c.isalnum() else "_" for c in override)
+        out.mkdir()
+        (out / "keep.txt").write_text("user data")
+        p = run_cli(out, *FAST, *override.split(), timeout=60)
+        assert p.returncode == 2, (override, p.stderr)
+        err = [l for l in p.stderr.splitlines() if l.strip()]
+        assert len(err) == 1 and message in err[0] and err[0].startswith("parallelkit: config error:"), (override, err)
+        assert "torch.distributed.run" not in p.stderr and not (out / "metrics.jsonl").exists()
+        assert (out / "keep.txt").read_text() == "user data"
+        if override != "strategy=nope":  # Hydra never composed that one: no run dir of its own
+            s = summary(out)
+            assert s["status"] == "failed" and message in s["error"]
+
+
+def test_timeout_and_worker_failure_still_write_summary(tmp_path):
+    p = run_cli(tmp_path / "slow", *FAST, "strategy=ddp", "train.steps=100000", "train.timeout_s=20")
+    s = summary(tmp_path / "slow")
+    assert p.returncode == 1 and s["status"] == "timeout" and "train.timeout_s=20" in s["error"]
+    # a runtime failure inside the workers: divergence detected by the loop
+    p = run_cli(tmp_path / "nan", *FAST, "strategy=ddp", "optim.lr=1e30", "train.grad_clip=0")
+    s = summary(tmp_path / "nan")
+    assert p.returncode == 1 and s["status"] == "failed" and "FloatingPointError" in s["error"], s["error"]
+    assert p.stderr.strip().splitlines()[-1].startswith("parallelkit: failed:")
