@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, resolve, strategy_class, under_torchrun
+from .config import ConfigError, adopt_slurm_env, resolve, strategy_class, under_torchrun
 from .model import GPTConfig
 from .results import base_summary, read_json, write_json
 
@@ -103,6 +103,7 @@ def check_group_choices(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    adopt_slurm_env()
     if (err := check_group_choices(sys.argv[1:])) is not None:
         print(f"parallelkit: config error: {err}", file=sys.stderr)
         sys.exit(2)
