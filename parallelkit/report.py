@@ -1,80 +1,305 @@
-"""``python -m parallelkit.report DIR``: every summary.json below DIR -> one comparison table."""
+"""``python -m parallelkit.report DIR``: every summary.json below DIR -> one comparison.
+
+Writes ``comparison.md``, ``comparison.csv``, a self-contained ``comparison.html`` and PNG
+plots (see plots.py) into DIR, and prints a narrow table. Runs that cannot be compared
+fairly (failed, a different global batch, one process driving every device) get a
+footnote; the loss deviation is taken against a ``single`` (else ``ddp``) run of the same
+model, global batch, seed, steps, data and optimizer.
+"""
 from __future__ import annotations
 
 import argparse
+import base64
+import html
+import json
+import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from .results import read_json
 
+REFERENCES = ("single", "ddp")  # preferred first
 
-def load(root: Path) -> pd.DataFrame:
-    rows = []
-    for p in sorted(Path(root).rglob("summary.json"), key=lambda p: str(p)):
+
+def _natural(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The run's resolved config (seed, data, optimizer: what the loss trajectory depends on)."""
+    for p in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        try:
+            return yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+    return {}
+
+
+def load(root: Path) -> list[dict]:
+    """One record per summary.json below root, in job order (0_, 1_, ..., 10_)."""
+    root = Path(root)
+    records = []
+    for p in sorted(root.rglob("summary.json"), key=_natural):
         try:
             s = read_json(p)
         except (OSError, ValueError) as e:
             s = {"status": "failed", "error": f"unreadable summary.json: {e}"}
-        s["run_dir"] = str(p.parent)
-        rows.append(s)
+        cfg = _run_config(p.parent)
+        train = cfg.get("train") or {}
+        s["run"] = str(p.parent.relative_to(root)) if p.parent != root else p.parent.name
+        s["seed"] = s.get("seed", cfg.get("seed"))
+        # Everything besides the strategy that shapes the loss trajectory.
+        s["fingerprint"] = json.dumps([s.get("model"), s.get("seq_len"), s.get("global_batch"), s.get("steps"), s["seed"],
+                                       cfg.get("model"), cfg.get("data"), cfg.get("optim"), train.get("grad_clip")],
+                                      sort_keys=True, default=str)
+        records.append(s)
+    return records
+
+
+def _max(v) -> float | None:
+    v = [x for x in v if x is not None] if isinstance(v, list) else []
+    return max(v) if v else None
+
+
+def _one_process(s: dict) -> bool:
+    if s.get("one_process") is not None:
+        return bool(s["one_process"])
+    return s.get("processes") == 1 and (s.get("world_size") or 1) > 1  # a failed run's summary lacks the flag
+
+
+def _names(records: list[dict]) -> list[str]:
+    """Short unique names for plots: the label, plus whatever tells same-label runs apart."""
+    names = [str(s.get("label") or s.get("strategy") or s["run"]) for s in records]
+    for key, fmt in (("strategy", "[{}]"), ("model", "{}"), ("global_batch", "gb{}"), ("world_size", "w{}"), ("precision", "{}"), ("seed", "seed{}")):
+        for i, s in enumerate(records):
+            same = [j for j, n in enumerate(names) if n == names[i]]
+            if len(same) > 1 and len({str(records[j].get(key)) for j in same}) > 1:
+                for j in same:
+                    names[j] = f"{names[j]} {fmt.format(records[j].get(key))}"
+    for i, n in enumerate(names):
+        if names.count(n) > 1:
+            names[i] = f"{n} ({records[i]['run']})"
+    return names
+
+
+def _reference(s: dict, records: list[dict]) -> dict | None:
+    cands = [r for r in records if r.get("status") == "ok" and r.get("strategy") in REFERENCES
+             and r["fingerprint"] == s["fingerprint"] and r.get("losses")]
+    cands.sort(key=lambda r: (r.get("precision") != s.get("precision"), r.get("precision") != "fp32",
+                              REFERENCES.index(r["strategy"])))
+    return cands[0] if cands else None
+
+
+def _baseline_batch(s: dict, records: list[dict]) -> int | None:
+    """The global batch most runs of this model use (ties: the reference strategy's)."""
+    group = [r for r in records if (r.get("model"), r.get("seq_len")) == (s.get("model"), s.get("seq_len"))]
+    counts = pd.Series([r.get("global_batch") for r in group]).value_counts()
+    if counts.empty:
+        return None
+    top = [b for b, c in counts.items() if c == counts.iloc[0]]
+    refs = [r.get("global_batch") for r in group if r.get("strategy") in REFERENCES and r.get("global_batch") in top]
+    return refs[0] if refs else next(r.get("global_batch") for r in group if r.get("global_batch") in top)
+
+
+def build(records: list[dict]) -> pd.DataFrame:
+    """The comparison in raw units (bytes, seconds): one row per run, notes for unfair rows."""
+    names = _names(records)
+    any_ref = any(r.get("status") == "ok" and r.get("strategy") in REFERENCES for r in records)
+    rows = []
+    for i, s in enumerate(records):
+        ok = s.get("status") == "ok"
+        notes, dev, ref = [], None, None
+        if not ok:
+            notes.append(f"{s.get('status')}: {s.get('error') or 'no error recorded'}")
+        else:
+            base = _baseline_batch(s, records)
+            if base is not None and s.get("global_batch") not in (None, base):
+                notes.append(f"global batch {s.get('global_batch')}, not {base} as most runs of {s.get('model')}: "
+                             f"tokens/s and losses are not like for like")
+            if _one_process(s):
+                notes.append("one process drives every device (pipeline): its memory and tokens/s are the whole "
+                             "pipeline's, not one device's")
+            r = _reference(s, records) if s.get("losses") else None
+            if r is not None:
+                ref = names[records.index(r)]
+                n = min(len(r["losses"]), len(s["losses"]))
+                dev = max(abs(a - b) for a, b in zip(s["losses"][:n], r["losses"][:n]))
+                if r.get("precision") != s.get("precision"):
+                    notes.append(f"loss deviation against an {r.get('precision')} reference")
+            elif any_ref:
+                notes.append("no single/ddp run with the same model, global batch, seed and steps: no loss deviation")
+        breakdown = s.get("model_state_breakdown") or []
+        state = s.get("model_state_bytes") or []
+        top = breakdown[state.index(max(state))] if state and len(breakdown) == len(state) else {}
+        rows.append({
+            "#": i + 1, "run": s["run"], "name": names[i], "label": s.get("label"), "strategy": s.get("strategy"),
+            "model": s.get("model"), "params": s.get("params"),
+            "layout": "/".join(str(s.get(k, "?")) for k in ("world_size", "dp", "tp", "pp")),
+            "world": s.get("world_size"), "dp": s.get("dp"), "tp": s.get("tp"), "pp": s.get("pp"),
+            "one_process": _one_process(s), "precision": s.get("precision"),
+            "micro_batch": s.get("micro_batch_size"), "grad_accum": s.get("grad_accum"),
+            "global_batch": s.get("global_batch"), "seq_len": s.get("seq_len"), "seed": s.get("seed"),
+            "tokens_per_s": s.get("tokens_per_s"), "step_time_s": s.get("step_time_s"), "tflops": s.get("tflops"),
+            "mfu": s.get("mfu"), "peak_mem_bytes": _max(s.get("peak_mem_bytes")),
+            "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
+            "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
+            "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref,
+            "status": s.get("status"), "error": s.get("error"), "note": "; ".join(notes),
+            "_notes": notes,
+        })
     return pd.DataFrame(rows)
 
 
-def table(df: pd.DataFrame) -> pd.DataFrame:
-    def mx(v):
-        return max(v) if isinstance(v, list) and v else None
-
-    out = pd.DataFrame({
-        "label": df.get("label"), "model": df.get("model"), "params": df.get("params"),
-        "world/dp/tp/pp": [f"{r.get('world_size')}/{r.get('dp')}/{r.get('tp')}/{r.get('pp')}" for r in df.to_dict("records")],
-        "precision": df.get("precision"), "tokens/s": df.get("tokens_per_s"),
-        "step ms": df.get("step_time_s", pd.Series(dtype=float)) * 1e3, "TFLOP/s": df.get("tflops"), "MFU": df.get("mfu"),
-        "peak mem MiB/rank": [None if mx(v) is None else mx(v) / 2**20 for v in df.get("peak_mem_bytes", [])],
-        "state MiB/rank": [None if mx(v) is None else mx(v) / 2**20 for v in df.get("model_state_bytes", [])],
-        "comm MiB/step": [None if mx(v) is None else mx(v) / 2**20 for v in df.get("comm_bytes_per_step", [])],
-        "final loss": df.get("final_loss"), "status": df.get("status"), "error": df.get("error"),
-    })
-    return out
+# ---- human units -----------------------------------------------------------------------
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
 
 
-def fmt(t: pd.DataFrame) -> pd.DataFrame:
-    t = t.copy()
-    for col, f in (("tokens/s", "{:,.0f}"), ("step ms", "{:,.1f}"), ("TFLOP/s", "{:.4f}"), ("MFU", "{:.1%}"),
-                   ("peak mem MiB/rank", "{:,.0f}"), ("state MiB/rank", "{:,.2f}"), ("comm MiB/step", "{:,.2f}"),
-                   ("final loss", "{:.4f}"), ("params", "{:,.0f}")):
-        if col in t:
-            t[col] = [f.format(v) if v is not None and v == v else "" for v in t[col]]
-    return t.fillna("")
+def hbytes(v) -> str:
+    if _blank(v):
+        return ""
+    v, units = float(v), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while abs(v) >= 1000 and len(units) > 1:
+        v, units = v / 1024, units[1:]
+    return f"{v:.3g} {units[0]}" if v else "0"
+
+
+def hcount(v) -> str:
+    if _blank(v):
+        return ""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+def htime(v) -> str:
+    return "" if _blank(v) else (f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s")
+
+
+def _num(fmt: str):
+    return lambda v: "" if _blank(v) else fmt.format(v)
+
+
+def _dev(v) -> str:
+    return "" if _blank(v) else ("0" if v == 0 else f"{v:.1e}")
+
+
+# (column, header in files, header in the terminal, formatter)
+COLUMNS = [
+    ("#", "#", "#", str), ("label", "label", "run", str), ("model", "model", "model", str),
+    ("params", "params", "params", hcount), ("layout", "world/dp/tp/pp", "w/dp/tp/pp", str),
+    ("precision", "precision", "prec", str), ("global_batch", "global batch", "gb", _num("{:.0f}")),
+    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("step_time_s", "step time", "step", htime),
+    ("tflops", "TFLOP/s", "TFLOP/s", _num("{:.3g}")), ("mfu", "MFU", "MFU", _num("{:.1%}")),
+    ("peak_mem_bytes", "peak mem/rank (max)", "mem/rank", hbytes),
+    ("model_state_bytes", "model state/rank (max)", "state/rank", hbytes),
+    ("comm_bytes_per_step", "comm/step (max rank)", "comm/step", hbytes),
+    ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
+    ("status", "status", "status", str), ("notes", "notes", "notes", str),
+]
+CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status")
+
+
+def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Formatted table, footnotes, and (terminal only) the columns every row shares, said once."""
+    notes: list[str] = []
+    marks = []
+    for row_notes in df["_notes"]:
+        ids = []
+        for n in row_notes:
+            if terminal and len(n) > 300:
+                n = n[:297] + "..."
+            if n not in notes:
+                notes.append(n)
+            ids.append(str(notes.index(n) + 1))
+        marks.append(",".join(ids))
+    df = df.assign(notes=marks, loss_dev=[("ref" if r == nm and not _blank(d) else d)
+                                         for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])])
+    if terminal:
+        width = min(32, int(df["name"].str.len().max()))
+        df = df.assign(label=[n[:width].ljust(width) for n in df["name"]])
+    out, common = {}, []
+    for col, file_head, term_head, fmt in COLUMNS:
+        vals = [v if isinstance(v, str) and v == "ref" else ("" if _blank(v) else fmt(v)) for v in df[col]]
+        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
+            common.append(f"{file_head} {vals[0]}")
+            continue
+        if terminal and col == "notes" and not any(vals):
+            continue
+        head = term_head if terminal else file_head
+        out[head.ljust(len(vals[0])) if terminal and col == "label" else head] = vals
+    return pd.DataFrame(out), notes, common
+
+
+def _machine_line(records: list[dict]) -> str:
+    s = next((r for r in records if r.get("machine")), {})
+    m, v = s.get("machine") or {}, s.get("versions") or {}
+    parts = [m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None,
+             f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None,
+             ", ".join(f"{k} {x}" for k, x in v.items() if x)]
+    return "; ".join(p for p in parts if p)
+
+
+def _markdown(t: pd.DataFrame) -> str:
+    try:
+        return t.to_markdown(index=False, disable_numparse=True)
+    except ImportError:  # tabulate missing: a fixed-width table still reads fine
+        return "```\n" + t.to_string(index=False) + "\n```"
+
+
+def _html(root: Path, t: pd.DataFrame, notes: list[str], machine: str, images: list[Path]) -> str:
+    imgs = "\n".join(f'<h2>{html.escape(p.stem)}</h2>\n<img alt="{html.escape(p.stem)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
+    foot = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>parallelkit comparison: {html.escape(root.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#eee}}
+img{{max-width:100%}} .meta{{color:#555}}</style></head>
+<body><h1>parallelkit comparison: {html.escape(str(root))}</h1>
+<p class="meta">{html.escape(machine)}<br>report written {datetime.now():%Y-%m-%d %H:%M}</p>
+{t.to_html(index=False, escape=True, border=0)}
+<ol class="notes">{foot}</ol>
+{imgs}
+</body></html>
+"""
 
 
 def write_report(root: Path, echo: bool = True) -> Path | None:
+    """Write every report file into root; return the markdown's path (None: no summaries)."""
+    from .plots import write_plots
+
     root = Path(root)
-    df = load(root)
-    if df.empty:
+    records = load(root)
+    if not records:
         print(f"parallelkit.report: no summary.json below {root}", file=sys.stderr)
         return None
-    t = table(df)
-    t.to_csv(root / "comparison.csv", index=False)
-    shown = fmt(t)
-    md = shown.to_markdown(index=False) if _has_tabulate() else shown.to_string(index=False)
-    (root / "comparison.md").write_text(f"# Comparison: {root}\n\n{md}\n")
+    df = build(records)
+    df.drop(columns=["_notes"]).to_csv(root / "comparison.csv", index=False)
+    images = write_plots(df, records, root)
+    t, notes, _ = display(df)
+    machine = _machine_line(records)
+    foot = "\n".join(f"{i}. {n}" for i, n in enumerate(notes, 1))
+    plots = "\n".join(f"![{p.stem}]({p.name})" for p in images)
+    (root / "comparison.md").write_text(f"# Comparison: {root.name}\n\n{machine}\n\n{_markdown(t)}\n\n"
+                                        f"{'Notes:' + chr(10) + chr(10) + foot if notes else ''}\n\n{plots}\n")
+    (root / "comparison.html").write_text(_html(root, t, notes, machine, images))
     if echo:
-        print(shown.drop(columns=["error"]).to_string(index=False))
-        for r in t.to_dict("records"):
-            if r["status"] != "ok":
-                print(f"  {r['label']}: {r['status']}: {r['error']}")
-        print(f"\nreport: {root / 'comparison.md'}")
+        print(terminal_report(df))
+        print(f"report: {root / 'comparison.md'} (also .csv, .html, {', '.join(p.name for p in images)})")
     return root / "comparison.md"
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def terminal_report(df: pd.DataFrame) -> str:
+    t, notes, common = display(df, terminal=True)
+    lines = [f"{len(df)} run(s)" + (f"; all: {', '.join(common)}" if common else ""), t.to_string(index=False)]
+    lines += [f"  [{i}] {n}" for i, n in enumerate(notes, 1)]
+    return "\n".join(lines)
 
 
 try:
@@ -88,11 +313,15 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         print()
-        write_report(Path(config.hydra.sweep.dir))
+        try:
+            write_report(Path(config.hydra.sweep.dir))
+        except Exception as e:  # noqa: BLE001 - the runs are done and kept; say why the report is not
+            print(f"parallelkit.report: could not write the report: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m parallelkit.report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m parallelkit.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path, help="a run or sweep folder (searched recursively for summary.json)")
     args = ap.parse_args(argv)
     if not args.dir.is_dir():

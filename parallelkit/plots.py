@@ -1,0 +1,134 @@
+"""The report's PNG plots: memory per rank, throughput, loss curves. matplotlib, Agg backend.
+
+Failed runs keep their place on the x axis with their status written in, so a sweep's
+plot shows what did not run as plainly as what did.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+STATE_PARTS = (("params", "#4c72b0"), ("grads", "#dd8452"), ("optimizer", "#55a868"))
+
+
+def _unit(max_bytes: float) -> tuple[float, str]:
+    for div, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if max_bytes >= div:
+            return div, name
+    return 1, "B"
+
+
+def _width(n: int) -> float:
+    return min(30.0, max(7.0, 0.55 * n + 3))
+
+
+def _xaxis(ax, df: pd.DataFrame) -> None:
+    ax.set_xticks(range(len(df)))
+    ax.set_xticklabels(df["name"], rotation=35, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    for x, (status, ok) in enumerate(zip(df["status"], df["status"] == "ok")):
+        if not ok:
+            ax.text(x, 0, f" {status}", rotation=90, va="bottom", ha="center", fontsize=8, color="#c44e52")
+
+
+def _ranks(v) -> list[float]:
+    return [float(x) for x in v if x is not None] if isinstance(v, list) else []
+
+
+def plot_memory(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
+    """Top: peak memory of every rank. Bottom: model state of every rank, stacked by kind."""
+    fig, (a, b) = plt.subplots(2, 1, figsize=(_width(len(df)), 9))
+    peaks = [_ranks(s.get("peak_mem_bytes")) for s in records]
+    div, unit = _unit(max((max(p) for p in peaks if p), default=1))
+    for x, p in enumerate(peaks):
+        w = 0.8 / max(1, len(p))
+        for r, v in enumerate(p):
+            a.bar(x - 0.4 + w * (r + 0.5), v / div, w * 0.9, color=f"C{r % 10}", label=f"rank {r}")
+    kind = next((s.get("peak_mem_kind") for s in records if s.get("peak_mem_kind")), None)
+    a.set_title(f"peak memory per rank ({kind or 'per rank'})")
+    a.set_ylabel(unit)
+    _dedupe_legend(a)
+    _xaxis(a, df)
+
+    states = [s.get("model_state_breakdown") or [] for s in records]
+    tops = [sum(d.get(k) or 0 for k, _ in STATE_PARTS) for st in states for d in st]
+    div, unit = _unit(max(tops, default=1))
+    for x, st in enumerate(states):
+        w = 0.8 / max(1, len(st))
+        for r, d in enumerate(st):
+            bottom = 0.0
+            for k, color in STATE_PARTS:
+                v = (d.get(k) or 0) / div
+                b.bar(x - 0.4 + w * (r + 0.5), v, w * 0.9, bottom=bottom, color=color, label=k, edgecolor="white", lw=0.5)
+                bottom += v
+    b.set_title("model state per rank (one bar per rank)")
+    b.set_ylabel(unit)
+    _dedupe_legend(b)
+    _xaxis(b, df)
+    return _save(fig, path)
+
+
+def plot_throughput(df: pd.DataFrame, path: Path) -> Path:
+    fig, (a, b) = plt.subplots(2, 1, figsize=(_width(len(df)), 8))
+    a.bar(range(len(df)), df["tokens_per_s"].astype(float).fillna(0), color="#4c72b0")
+    a.set_title("tokens/s (median over timed steps)")
+    _xaxis(a, df)
+    b.bar(range(len(df)), df["mfu"].astype(float).fillna(0) * 100, color="#55a868")
+    b.set_title("MFU per device")
+    b.set_ylabel("% of peak")
+    _xaxis(b, df)
+    return _save(fig, path)
+
+
+def plot_loss(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
+    """Left: every loss curve overlaid. Right: each run minus its reference, step by step."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    byname = {n: s for n, s in zip(df["name"], records)}
+    styles = ["-", "--", ":", "-."]
+    for i, (name, s) in enumerate(byname.items()):
+        losses = [v for v in s.get("losses") or [] if v is not None]
+        if not losses:
+            continue
+        ls = styles[i % len(styles)]  # identical trajectories stay visible
+        a.plot(range(len(losses)), losses, ls, color=f"C{i % 10}", label=name, lw=1.2)
+        ref = df["reference"].iloc[i]
+        if isinstance(ref, str) and ref != name:
+            rl = byname[ref]["losses"]
+            n = min(len(rl), len(losses))
+            b.plot(range(n), [losses[k] - rl[k] for k in range(n)], ls, color=f"C{i % 10}", label=f"{name} - {ref}")
+    a.set_title("loss per step")
+    a.set_xlabel("step")
+    b.set_title("loss minus its reference run (single / ddp)")
+    b.set_xlabel("step")
+    b.axhline(0, color="black", lw=0.5)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=1 + len(df) // 15)
+    return _save(fig, path)
+
+
+def _dedupe_legend(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    if seen:
+        ax.legend(seen.values(), seen.keys(), fontsize=7)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]:
+    """memory.png, throughput.png, loss.png in root."""
+    root = Path(root)
+    return [plot_memory(df, records, root / "memory.png"), plot_throughput(df, root / "throughput.png"),
+            plot_loss(df, records, root / "loss.png")]
