@@ -132,10 +132,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"world_size={cfg.world_size} is not divisible by tp x pp = {lay['tp']} x {lay['pp']}")
     gbs = OmegaConf.select(cfg, "train.global_batch_size")
     if gbs is not None:
-        per_step = cfg.train.micro_batch_size * lay["dp"]
+        dp = max(lay["dp"], lay.get("virtual_dp", 1))  # single / one-process pipes run world_size ranks' batches
+        per_step = cfg.train.micro_batch_size * dp
         if not isinstance(gbs, int) or gbs % per_step:
             raise ConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x dp = "
-                              f"{cfg.train.micro_batch_size} x {lay['dp']} = {per_step}: change either")
+                              f"{cfg.train.micro_batch_size} x {dp} = {per_step}: change either")
         cfg.train.grad_accum = gbs // per_step
     cls.check(cfg)
     if under_torchrun() and not getattr(cls, "one_process", False):

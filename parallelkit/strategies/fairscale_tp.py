@@ -1,0 +1,196 @@
+"""FairScale tensor parallelism (Megatron-style, ``fairscale.nn.model_parallel``) x data parallelism.
+
+``tp_size`` consecutive ranks share one model: in every block ``attn.qkv`` and ``mlp.fc`` are
+``ColumnParallelLinear`` (each rank computes its own heads / hidden units, no gather) and
+``attn.proj`` and ``mlp.proj`` are ``RowParallelLinear`` (one all-reduce of the output). The
+token embedding is a ``VocabParallelEmbedding`` and the tied head a column-parallel linear
+over the same vocabulary slice, so the loss is ``vocab_parallel_cross_entropy`` and full
+logits never exist (``vocab_parallel: false`` keeps embedding and head replicated instead).
+
+The sharded layers are cut out of the reference GPT built with the run's seed, so the model
+is exactly ``single``'s at step 0 on every device (fairscale's model-parallel RNG is CUDA-only
+and only matters for dropout, which the GPT does not use). The ``world / tp_size`` replicas
+are data parallel: torch DDP over fairscale's data-parallel group, and every rank of a tensor
+parallel group reads the same micro-batches (``dp_rank``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from fairscale.nn import model_parallel as mp
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..config import ConfigError
+from ..model import GPT, lm_loss
+from .base import Strategy, check_positive_int
+
+
+def _keep(w: torch.Tensor) -> torch.Tensor:  # init_method: the weights are copied in afterwards
+    return w
+
+
+def _part(t: torch.Tensor, dim: int, r: int, n: int) -> torch.Tensor:
+    return t.chunk(n, dim)[r]
+
+
+def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
+    """Swap the GPT's layers for tensor-parallel ones holding rank ``r``'s slices. Split parameters
+    get ``tp_split = True``; the others are replicated across the tensor-parallel group."""
+
+    def column(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> ColumnParallelLinear:
+        new = ColumnParallelLinear(lin.in_features, lin.out_features, bias=bias is not None, gather_output=False,
+                                   init_method=_keep)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if bias is not None:
+                new.bias.copy_(bias)
+        for p in new.parameters():
+            p.tp_split = True
+        return new
+
+    def row(lin: nn.Linear) -> RowParallelLinear:
+        new = RowParallelLinear(lin.in_features, lin.out_features, bias=True, input_is_parallel=True, init_method=_keep)
+        with torch.no_grad():
+            new.weight.copy_(_part(lin.weight, 1, r, n))  # the input columns of this rank's heads / units
+            new.bias.copy_(lin.bias)  # added once, after the all-reduce: replicated
+        new.weight.tp_split = True
+        return new
+
+    for b in gpt.blocks:
+        qkv = b.attn.qkv  # rows [q; k; v], heads contiguous in each: rank r takes its heads of q, k and v
+        w = torch.cat([_part(t, 0, r, n) for t in qkv.weight.chunk(3, 0)])
+        bias = torch.cat([_part(t, 0, r, n) for t in qkv.bias.chunk(3, 0)])
+        b.attn.qkv = column(qkv, w, bias)
+        b.attn.proj = row(b.attn.proj)
+        b.mlp.fc = column(b.mlp.fc, _part(b.mlp.fc.weight, 0, r, n), _part(b.mlp.fc.bias, 0, r, n))
+        b.mlp.proj = row(b.mlp.proj)
+    if vocab_parallel:
+        tok, out = gpt.embed.tok, gpt.head.out
+        tied = out.weight is tok.weight
+        emb = VocabParallelEmbedding(tok.num_embeddings, tok.embedding_dim, init_method=_keep)
+        with torch.no_grad():
+            emb.weight.copy_(_part(tok.weight, 0, r, n))
+        emb.weight.tp_split = True
+        gpt.embed.tok = emb
+        gpt.head.out = column(out, _part(out.weight, 0, r, n), None)
+        if tied:
+            gpt.head.out.weight = emb.weight  # same vocabulary slice on both sides: tying survives
+
+
+def _dp_allreduce(group, bucket):  # no annotations: DDP checks them at runtime
+    """Mean all-reduce over the data-parallel group, through Python so the CommCounter sees it."""
+    buf = bucket.buffer().div_(dist.get_world_size(group))
+    return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+class FairScaleTPStrategy(Strategy):
+    @classmethod
+    def check(cls, cfg) -> None:
+        tp = check_positive_int(cfg.strategy.get("tp_size", 2), "strategy.tp_size")
+        if cfg.world_size % tp:
+            raise ConfigError(f"world_size={cfg.world_size} is not divisible by strategy.tp_size={tp}: "
+                              f"the ranks form world_size / tp_size data-parallel replicas")
+        if cfg.model.n_head % tp:
+            raise ConfigError(f"model.n_head={cfg.model.n_head} is not divisible by strategy.tp_size={tp}: "
+                              f"each tensor-parallel rank computes whole attention heads")
+        if cfg.strategy.get("vocab_parallel", True) and cfg.model.vocab_size % tp:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not divisible by strategy.tp_size={tp}: "
+                              f"pad the vocabulary or set strategy.vocab_parallel=false")
+
+    @classmethod
+    def layout(cls, cfg) -> dict[str, int]:
+        w, tp = cfg.world_size, cfg.strategy.get("tp_size", 2)
+        return {"world": w, "dp": w // tp, "tp": tp, "pp": 1, "processes": w}
+
+    @classmethod
+    def label(cls, cfg) -> str:
+        return f"fairscale tp{cfg.strategy.get('tp_size', 2)}"
+
+    def setup(self, ctx, model_factory, optimizer_factory) -> None:
+        self.ctx = ctx
+        self.tp = self.options.get("tp_size", 2)
+        self.vocab_parallel = bool(self.options.get("vocab_parallel", True))
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its group sizes on rank 0
+            mp.initialize_model_parallel(self.tp)
+        if ctx.device.type == "cuda":  # the model-parallel RNG streams (dropout in tp regions); CUDA only
+            mp.model_parallel_cuda_manual_seed(ctx.cfg.seed)
+        self.tp_rank, self.mp_group = mp.get_model_parallel_rank(), mp.get_model_parallel_group()
+        gpt = model_factory()  # the full reference model, then cut
+        shard_gpt(gpt, self.tp_rank, self.tp, self.vocab_parallel)
+        self.module = gpt.to(ctx.device)
+        self.model = self.module
+        if mp.get_data_parallel_world_size() > 1:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            group = mp.get_data_parallel_group()
+            self.model = DDP(self.module, device_ids=ids, process_group=group)
+            self.model.register_comm_hook(group, _dp_allreduce)
+        self.optimizer = optimizer_factory(self.module)
+        if ctx.precision == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    @property
+    def dp_rank(self) -> int:
+        return mp.get_data_parallel_rank()  # the same for every rank of a tensor-parallel group
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(x)
+        if not self.vocab_parallel:
+            return lm_loss(logits, y)
+        return mp.vocab_parallel_cross_entropy(logits.float(), y).mean()  # logits: this rank's vocabulary slice
+
+    def no_sync(self):
+        return self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        """Global norm: split parameters' squares summed over the tp group, replicated ones once."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        zero = torch.zeros((), device=self.ctx.device)
+        split = sum((p.grad.float().pow(2).sum() for p in params if getattr(p, "tp_split", False)), zero.clone())
+        dist.all_reduce(split, group=self.mp_group)
+        rest = sum((p.grad.float().pow(2).sum() for p in params if not getattr(p, "tp_split", False)), zero)
+        total = (split + rest).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+
+    def model_for_export(self):
+        return self.module
+
+    # ---- checkpoints: one file per tensor-parallel rank, written by data-parallel replica 0 ----
+    def save(self, path: Path, step: int) -> None:
+        if self.dp_rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+                     "tp_size": self.tp}
+            torch.save(state, path / f"tp_rank{self.tp_rank}.pt")
+        dist.barrier()
+
+    def load(self, path: Path) -> int:
+        f = Path(path) / f"tp_rank{self.tp_rank}.pt"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} missing: checkpoint.resume needs a fairscale_tp checkpoint "
+                                    f"written with strategy.tp_size={self.tp}")
+        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["step"]
+
+    def describe(self) -> dict:
+        what = "attention heads and MLP units" + (", vocabulary (embedding + tied head)" if self.vocab_parallel else "")
+        return {"sharded": f"{what} over {self.tp} tensor-parallel ranks; {mp.get_data_parallel_world_size()} "
+                           f"data-parallel replicas",
+                "replicated": "LayerNorms, position embedding, row-parallel biases"
+                              + ("" if self.vocab_parallel else ", token embedding and head"),
+                "checkpoint": "one file per tensor-parallel rank (resume with the same tp_size)"}
+
+    def teardown(self) -> None:
+        mp.destroy_model_parallel()
