@@ -113,6 +113,32 @@ def plot_loss(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_by(df: pd.DataFrame, x: str, ys: list[tuple[str, str]], path: Path, logx: bool = False) -> Path | None:
+    """One line per label across the values of x (model size, world size); None when x does not vary."""
+    ok = df[(df["status"] == "ok") & df[x].notna()]
+    other = "model" if x == "world" else "world"  # a line holds everything else fixed
+    lines = [(label if ok[other].nunique() == 1 else f"{label} {o}", g.sort_values(x))
+             for (label, o), g in ok.groupby(["label", other], sort=False) if g[x].nunique() > 1]
+    if not lines:
+        return None
+    fig, axes = plt.subplots(1, len(ys), figsize=(6.5 * len(ys), 4.5), squeeze=False)
+    for ax, (col, title) in zip(axes[0], ys):
+        is_bytes = col.endswith("bytes")
+        div, unit = _unit(ok[col].astype(float).max()) if is_bytes else (1, "")
+        for i, (label, g) in enumerate(lines):
+            ax.plot(g[x], g[col].astype(float) / div, "o" + ["-", "--", ":", "-."][i % 4], label=label, color=f"C{i % 10}")
+        ax.set_title(title)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(unit)
+        if logx:
+            ax.set_xscale("log")
+        else:
+            ax.set_xticks(sorted(ok[x].unique()))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _dedupe_legend(ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     seen = dict(zip(labels, handles))
@@ -128,7 +154,16 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]:
-    """memory.png, throughput.png, loss.png in root."""
+    """memory.png, throughput.png, loss.png in root; memory_vs_model.png and scaling.png where
+    the sweep varies the model or the world size."""
     root = Path(root)
-    return [plot_memory(df, records, root / "memory.png"), plot_throughput(df, root / "throughput.png"),
-            plot_loss(df, records, root / "loss.png")]
+    out = [plot_memory(df, records, root / "memory.png"), plot_throughput(df, root / "throughput.png"),
+           plot_loss(df, records, root / "loss.png"),
+           plot_by(df, "params", [("peak_mem_bytes", "peak memory per rank (max)"),
+                                  ("model_state_bytes", "model state per rank (max)")], root / "memory_vs_model.png", logx=True),
+           plot_by(df, "world", [("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory per rank (max)")],
+                   root / "scaling.png")]
+    for stale in ("memory_vs_model.png", "scaling.png"):  # from an earlier report of a different sweep
+        if root / stale not in out:
+            (root / stale).unlink(missing_ok=True)
+    return [p for p in out if p is not None]

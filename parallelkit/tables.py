@@ -1,0 +1,141 @@
+"""The report's tables: human units, the columns, footnotes, markdown and self-contained HTML."""
+from __future__ import annotations
+
+import base64
+import html
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def hbytes(v) -> str:
+    if _blank(v):
+        return ""
+    v, units = float(v), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while abs(v) >= 1000 and len(units) > 1:
+        v, units = v / 1024, units[1:]
+    return f"{v:.3g} {units[0]}" if v else "0"
+
+
+def hcount(v) -> str:
+    if _blank(v):
+        return ""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.3g}"
+
+
+def htime(v) -> str:
+    return "" if _blank(v) else (f"{v * 1e3:.3g} ms" if v < 1 else f"{v:.3g} s")
+
+
+def _num(fmt: str):
+    return lambda v: "" if _blank(v) else fmt.format(v)
+
+
+def _dev(v) -> str:
+    return "" if _blank(v) else ("0" if v == 0 else f"{v:.1e}")
+
+
+# (column, header in files, header in the terminal, formatter)
+COLUMNS = [
+    ("#", "#", "#", str), ("label", "label", "run", str), ("model", "model", "model", str),
+    ("params", "params", "params", hcount), ("layout", "world/dp/tp/pp", "w/dp/tp/pp", str),
+    ("precision", "precision", "prec", str), ("global_batch", "global batch", "gb", _num("{:.0f}")),
+    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("step_time_s", "step time", "step", htime),
+    ("tflops", "TFLOP/s", "TFLOP/s", _num("{:.3g}")), ("mfu", "MFU", "MFU", _num("{:.1%}")),
+    ("peak_mem_bytes", "peak mem/rank (max)", "mem/rank", hbytes),
+    ("model_state_bytes", "model state/rank (max)", "state/rank", hbytes),
+    ("comm_bytes_per_step", "comm/step (max rank)", "comm/step", hbytes),
+    ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
+    ("status", "status", "status", str), ("notes", "notes", "notes", str),
+]
+CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status")
+
+
+def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Formatted table, footnotes, and (terminal only) the columns every row shares, said once."""
+    notes: list[str] = []
+    marks = []
+    for row_notes in df["_notes"]:
+        ids = []
+        for n in row_notes:
+            if terminal and len(n) > 300:
+                n = n[:297] + "..."
+            if n not in notes:
+                notes.append(n)
+            ids.append(str(notes.index(n) + 1))
+        marks.append(",".join(ids))
+    df = df.assign(notes=marks, loss_dev=[("ref" if r == nm and not _blank(d) else d)
+                                         for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])])
+    if terminal:  # the unique name (label + what tells same-label runs apart), cut to fit
+        width = min(32, int(df["name"].str.len().max()))
+        df = df.assign(label=[n[:width].ljust(width) for n in df["name"]])
+    else:
+        df = df.assign(label=df["name"])
+    out, common = {}, []
+    for col, file_head, term_head, fmt in COLUMNS:
+        vals = [v if isinstance(v, str) and v == "ref" else ("" if _blank(v) else fmt(v)) for v in df[col]]
+        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
+            common.append(f"{file_head} {vals[0]}")
+            continue
+        if terminal and col == "notes" and not any(vals):
+            continue
+        head = term_head if terminal else file_head
+        out[head.ljust(len(vals[0])) if terminal and col == "label" else head] = vals
+    return pd.DataFrame(out), notes, common
+
+
+def machine_line(records: list[dict]) -> str:
+    s = next((r for r in records if r.get("machine")), {})
+    m, v = s.get("machine") or {}, s.get("versions") or {}
+    parts = [m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None,
+             f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None,
+             ", ".join(f"{k} {x}" for k, x in v.items() if x)]
+    return "; ".join(p for p in parts if p)
+
+
+def _markdown(t: pd.DataFrame) -> str:
+    try:
+        return t.to_markdown(index=False, disable_numparse=True)
+    except ImportError:  # tabulate missing: a fixed-width table still reads fine
+        return "```\n" + t.to_string(index=False) + "\n```"
+
+
+def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Path], command: str | None) -> str:
+    t, notes, _ = display(df)
+    out = [f"# Comparison: {root.name}", "", f"Machine: {machine_line(records)}  ", f"Report written {datetime.now():%Y-%m-%d %H:%M}"]
+    if command:
+        out += ["", f"Command: {command}"]
+    out += ["", _markdown(t), ""]
+    if notes:
+        out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
+    out += [f"![{p.stem}]({p.name})" for p in images]
+    return "\n".join(out) + "\n"
+
+
+def html_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Path], command: str | None) -> str:
+    """One file, nothing external: the plots are inline PNGs, so it opens from disk anywhere."""
+    t, notes, _ = display(df)
+    imgs = "\n".join(f'<h2>{html.escape(p.stem)}</h2>\n<img alt="{html.escape(p.stem)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
+    foot = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    cmd = "<br>command: " + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(command)) if command else ""
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>parallelkit comparison: {html.escape(root.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#eee}}
+img{{max-width:100%}} .meta{{color:#555}}</style></head>
+<body><h1>parallelkit comparison: {html.escape(root.name)}</h1>
+<p class="meta">machine: {html.escape(machine_line(records))}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
+{t.to_html(index=False, escape=True, border=0)}
+<ol class="notes">{foot}</ol>
+{imgs}
+</body></html>
+"""
