@@ -94,7 +94,7 @@ class FairScalePipeStrategy(Strategy):
 
     @classmethod
     def label(cls, cfg) -> str:
-        return f"fairscale pipe {cfg.strategy.get('pp_size', 2)} stages (1 process)"
+        return f"fairscale pipe pp{cfg.strategy.get('pp_size', 2)} (1 process)"
 
     def setup(self, ctx, model_factory, optimizer_factory) -> None:
         self.ctx = ctx
