@@ -130,8 +130,9 @@ def plot_by(df: pd.DataFrame, x: str, ys: list[tuple[str, str]], path: Path, log
         ax.set_title(title)
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel(unit)
-        if logx:
+        if logx:  # model sizes span orders of magnitude, and so does their memory
             ax.set_xscale("log")
+            ax.set_yscale("log")
         else:
             ax.set_xticks(sorted(ok[x].unique()))
         ax.grid(alpha=0.3)
