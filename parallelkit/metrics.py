@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
+import threading
 import time
 
 import torch
@@ -95,21 +97,33 @@ class CommCounter:
         "all_gather_into_tensor": 0, "_all_gather_base": 0, "all_gather": 0,
         "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "reduce_scatter": 1,
         "all_to_all_single": 1, "all_reduce_coalesced": 0,
+        "all_gather_single": 0, "reduce_scatter_single": 1,  # torch >= 2.13; FSDP2 calls these (with keywords)
     }
 
     def __init__(self) -> None:
         self.bytes, self.active, self._saved = 0, True, []
+        self._depth = threading.local()  # the deprecated names call the new ones: count the outermost call only
 
     def add(self, nbytes: int) -> None:
         if self.active:
             self.bytes += nbytes
 
     def _wrap(self, fn, idx: int):
+        try:
+            key = list(inspect.signature(fn).parameters)[idx]  # the payload may come as a keyword
+        except (TypeError, ValueError, IndexError):
+            key = None
+
         @functools.wraps(fn)
         def counted(*args, **kwargs):
-            if self.active and len(args) > idx:
-                self.bytes += _payload(args[idx])
-            return fn(*args, **kwargs)
+            depth = getattr(self._depth, "n", 0)
+            if self.active and depth == 0:
+                self.bytes += _payload(args[idx] if len(args) > idx else kwargs.get(key))
+            self._depth.n = depth + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth.n = depth
 
         counted.__parallelkit_wrapped__ = fn
         return counted
