@@ -1,24 +1,19 @@
 """``python -m parallelkit.estimate [overrides] [--json]``: per-rank memory of every strategy, no model built.
 
-Same config as ``parallelkit.run`` (Hydra compose: nothing is written). Every preset in
-conf/strategy/ is estimated for the configured model, batch and world size; the configured
-strategy's row carries the user's ``strategy.*`` overrides. Parts per rank (or per stage):
-
-* model state (params + grads + optimizer) from the ZeRO paper's formulas (Rajbhandari et al.
-  2020, sec. 3): fp32 AdamW = 4 + 4 + 8 bytes/param; 16-bit = 2 + 2 + K=12 where the backend
-  keeps fp32 master weights (DeepSpeed keeps one even in fp32: 20/N bytes/param under ZeRO-3);
-* buffers: DDP gradient buckets, FSDP's gathered units, DeepSpeed's buckets, autocast's weight cache;
-* activations: 17 s·b·h values per block (Korthikanti et al. 2022's 34 s·b·h bytes in 16-bit,
-  without dropout masks); no a·s² scores (SDPA keeps none); fp32 logits + log-softmax (8 b·s·V bytes);
-* a fixed allowance for the CUDA context, workspaces and allocator slack.
-
-The total is their sum: an upper bound (gradients and activations do not peak together).
+The run's config (Hydra compose: nothing written); every conf/strategy preset for its model, batch
+and world size, the configured one with the user's ``strategy.*`` overrides. Per rank (or stage):
+model state by the ZeRO paper (Rajbhandari et al. 2020, sec. 3: fp32 AdamW 4+4+8 bytes/param, 16-bit
+2+2+K=12; DeepSpeed keeps an fp32 master even in fp32), buffers (DDP buckets, FSDP's gathered units,
+DeepSpeed's buckets, autocast's weight cache), activations (Korthikanti et al. 2022: 34·s·b·h bytes
+per block in 16-bit less two dropout masks = 16·s·b·h values; SDPA keeps no a·s² scores) and a fixed
+allowance. The total is their sum: an upper bound (gradients and activations do not peak together).
 """
 from __future__ import annotations
 
 import json
 import re
 import sys
+from itertools import accumulate
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -32,8 +27,8 @@ OVERHEAD = GiB  # allowance, not a measurement: CUDA context (~0.5 GB), cuBLAS w
 PARTS = ("params", "grads", "optimizer", "buffers", "activations")
 UNITS = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}
 ASSUMPTIONS = ("bytes/param: fp32 AdamW 4+4+8 (DeepSpeed: +4 fp32 master in stages 1-3; 16-bit: 2+2+12); "
-               "activations 17·s·b·h values/block (Korthikanti 2022, no dropout, SDPA keeps no a·s² scores), "
-               "checkpointing: 1 value/block + one block; logits 8·b·s·V bytes; overhead 1 GiB allowance; "
+               "activations 16·s·b·h values/block (Korthikanti 2022 less dropout masks, SDPA keeps no a·s² scores), "
+               "checkpointing: 1 value/block + one block; logits 8·b·s·V bytes; 1 GiB allowance for a GPU's context; "
                "total = sum (an upper bound)")
 
 
@@ -66,45 +61,51 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     return cfg, choice
 
 
+def preset(name: str) -> DictConfig:
+    """A conf/strategy preset as Hydra composes it: the presets in its ``defaults`` first, then itself
+    (``_self_`` last when unlisted). A fraction of the cost of composing the whole config again."""
+    node = OmegaConf.load(Path(CONF_DIR) / "strategy" / f"{name}.yaml")
+    with open_dict(node):
+        defaults = list(node.pop("defaults", None) or [])
+    order = defaults if "_self_" in defaults else [*defaults, "_self_"]
+    return OmegaConf.merge(*(node if d == "_self_" else preset(d) for d in order))
+
+
 def stage_split(costs: list[int], parts: int) -> list[int]:
-    """Contiguous split of layers into ``parts`` stages minimising the largest stage (layers per stage)."""
-    n, inf = len(costs), float("inf")
-    pre = [0]
-    for c in costs:
-        pre.append(pre[-1] + c)
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0
+    """Layers per stage: the contiguous split into ``parts`` stages with the smallest largest stage."""
+    n, pre = len(costs), [0, *accumulate(costs)]
+    best = {(0, 0): (0, [])}  # (stages, layers) -> (largest stage, layers per stage)
     for k in range(1, parts + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                v = max(best[k - 1][i], pre[j] - pre[i])
-                if v < best[k][j]:
-                    best[k][j], cut[k][j] = v, i
-    sizes, j = [], n
-    for k in range(parts, 0, -1):
-        sizes.append(j - cut[k][j])
-        j = cut[k][j]
-    return sizes[::-1]
+        for j in range(k, n - parts + k + 1):
+            best[k, j] = min((max(best[k - 1, i][0], pre[j] - pre[i]), best[k - 1, i][1] + [j - i])
+                             for i in range(k - 1, j) if (k - 1, i) in best)
+    return best[parts, n][1]
 
 
-def deepspeed_buckets(cfg, d: int) -> dict:
-    """Bucket sizes (elements): DeepSpeed's defaults scaled like Hugging Face's "auto", then ``strategy.config``."""
-    zero = {"reduce_bucket_size": d * d, "stage3_prefetch_bucket_size": int(0.9 * d * d),
-            "stage3_max_live_parameters": int(1e9), "overlap_comm": cfg.strategy.get("zero_stage", 0) == 3}
-    user = OmegaConf.to_container(cfg.strategy.get("config") or {}, resolve=True)
-    zero.update({k: v for k, v in (user.get("zero_optimization") or {}).items() if k in zero})
-    return zero
-
-
-def _off(value) -> bool:
-    return value not in (None, False, "none")
+def deepspeed_buckets(cfg, mem: int | None) -> dict:
+    """Bucket sizes (elements) as parallelkit's deepspeed strategy generates them (``deepspeed_config``), sized
+    for ``mem`` (gpu_memory) instead of this machine where given; values from the user's DeepSpeed config win.
+    Without that module: DeepSpeed's defaults with Hugging Face's "auto" buckets (d_model^2)."""
+    try:
+        from .strategies.deepspeed_config import build_config, sizes
+    except ImportError:
+        d = cfg.model.d_model
+        return {"overlap_comm": cfg.strategy.get("zero_stage") == 3, "reduce_bucket_size": d * d,
+                "stage3_prefetch_bucket_size": int(0.9 * d * d), "stage3_max_live_parameters": int(1e9)}
+    zero, here = build_config(cfg)[0]["zero_optimization"], sizes(cfg)
+    there = sizes(cfg, mem) if mem else here
+    out = {"overlap_comm": bool(zero.get("overlap_comm", False))}
+    for key, s in (("reduce_bucket_size", "bucket"), ("stage3_prefetch_bucket_size", "prefetch"),
+                   ("stage3_max_live_parameters", "live")):
+        v = zero.get(key, here[s])
+        out[key] = there[s] if v == here[s] else v
+    return out
 
 
 def _acts(c: GPTConfig, b: int, layers: int, tp: int = 1, ckpt: bool = False) -> float:
     """Activation values (not bytes) the blocks keep for backward."""
     sbh = c.seq_len * b * c.d_model
-    full = sbh * (4 + 13 / tp)  # replicated under TP: 2 LayerNorm inputs, qkv and fc inputs; split: the rest
+    full = sbh * (4 + 12 / tp)  # LayerNorm, qkv and fc inputs (replicated under TP); qkv, attention, fc, GELU outputs
     return layers * sbh + (full if layers else 0) if ckpt else layers * full
 
 
@@ -126,31 +127,32 @@ def data_parallel(fam: str, o: dict, c: GPTConfig, n: int, prec: str, ckpt: bool
         elif not o.get("reduce_buffer_size", 0):
             r["grads"] /= n  # gradients of other ranks' parameters are dropped once reduced
     elif fam in ("fsdp", "fsdp1", "fairscale_fsdp"):
-        for k in ("params", "grads", "optimizer"):
-            r[k] /= n
+        r.update({k: r[k] / n for k in ("params", "grads", "optimizer")})
         units = root + (2 * block if o.get("reshard_after_forward", True) else L * block)  # root stays gathered
-        r["buffers"] = (2 if mp else 4) * units + (2 if o.get("reduce_dtype") in ("bf16", "fp16") else 4) * (root + block)
+        grad = 2 if o.get("reduce_dtype") in ("bf16", "fp16") else 4  # unsharded gradients before reduce-scatter
+        r["buffers"] = (2 if mp else 4) * units + grad * (root + block)
         if o.get("cpu_offload"):
             r["offloaded"] = r["params"] + r["grads"] + r["optimizer"]
             r.update(params=0, grads=0, optimizer=0)
     elif fam == "deepspeed":
-        r.update(deepspeed_state(o, psi, n, prec, o["_buckets"]))
-    bytes_act = 2 if mp else 4
-    logits = 8 * b * c.seq_len * c.vocab_size / (tp if vocab else 1)
-    r["activations"] = (_acts(c, b, L, tp, ckpt) + 2 * c.seq_len * b * d) * bytes_act + logits
+        r.update(deepspeed_state(o, psi, n, prec, o["_buckets"], o["_accum"]))
+    logits = 8 * b * c.seq_len * c.vocab_size / (tp if vocab else 1)  # fp32 log-softmax + its gradient
+    r["activations"] = (_acts(c, b, L, tp, ckpt) + 2 * c.seq_len * b * d) * (2 if mp else 4) + logits  # + head inputs
     return r
 
 
-def deepspeed_state(o: dict, psi: float, n: int, prec: str, zc: dict) -> dict:
-    """ZeRO stage 0-3 partitioning, offload, buckets (Rajbhandari et al. 2020, fig. 1)."""
-    stage, p = int(o.get("zero_stage", 0)), (4 if prec == "fp32" else 2)
+def deepspeed_state(o: dict, psi: float, n: int, prec: str, zc: dict, accum: int = 1) -> dict:
+    """ZeRO stage 0-3 partitioning, offload, buckets (Rajbhandari et al. 2020, fig. 1). Stage 1 holds full
+    gradients only while it accumulates (grad_accum > 1); at grad_accum=1 it reduces them as stage 2 does."""
+    stage, p = int(o.get("zero_stage", 2)), (4 if prec == "fp32" else 2)
     k = 8 if stage == 0 and prec == "fp32" else 12  # stage 0 in fp32 steps the params directly: no master copy
-    r = {"params": p * psi / (n if stage == 3 else 1), "grads": p * psi / (n if stage >= 2 else 1),
+    sharded_grads = stage >= 2 or (stage == 1 and accum == 1)
+    r = {"params": p * psi / (n if stage == 3 else 1), "grads": p * psi / (n if sharded_grads else 1),
          "optimizer": k * psi / (n if stage >= 1 else 1), "offloaded": 0}
-    if _off(o.get("offload_optimizer")):
+    if o.get("offload_optimizer") not in (None, False, "none"):
         r["offloaded"] += r["optimizer"] + (r["grads"] if stage >= 2 else 0)
         r["optimizer"], r["grads"] = 0, (0 if stage >= 2 else r["grads"])
-    if _off(o.get("offload_param")) and stage == 3:
+    if o.get("offload_param") not in (None, False, "none") and stage == 3:
         r["offloaded"] += r["params"]
         r["params"] = 0
     bucket = p * zc["reduce_bucket_size"] * (2 if zc["overlap_comm"] else 1)
@@ -173,7 +175,7 @@ def pipeline(fam: str, o: dict, c: GPTConfig, pp: int, dp: int, prec: str, ckpt:
         blocks = sum(1 for j in layers if 0 < j <= L)
         no_opt = V * d if (c.tie_weights and L + 1 in layers and fam == "fairscale_pipe") else 0
         if fam == "deepspeed_pipe":
-            r = deepspeed_state(o, psi, dp, prec, o["_buckets"])
+            r = deepspeed_state(o, psi, dp, prec, o["_buckets"], accum)
             micro = min(pp - i, accum)  # 1F1B: stage i holds up to pp - i micro-batches in flight
             act = micro * _acts(c, b, blocks, 1, ckpt)
         else:
@@ -184,7 +186,7 @@ def pipeline(fam: str, o: dict, c: GPTConfig, pp: int, dp: int, prec: str, ckpt:
                 act = _acts(c, b, blocks, 1, ckpt)
             else:  # stage inputs of every chunk + the chunks kept whole (except_last: the last one) + one recomputed
                 act = blocks * T * b * d + (2 if mode == "except_last" else 1) * _acts(c, chunk, blocks)
-        act *= 2 if mp else 4
+        act = (act + (2 * T * b * d if L + 1 in layers else 0)) * (2 if mp else 4)  # + the head's two inputs
         if L + 1 in layers:
             act += 8 * b * T * V * (1 if fam == "fairscale_pipe" else min(pp - i, accum))
         rows.append({**r, "activations": act})
@@ -200,64 +202,56 @@ def family(cfg) -> str:
     return str(cfg.strategy.get("_target_", "")).rsplit(".", 2)[-2]
 
 
-def estimate(cfg) -> dict:
-    """Per-rank bytes for ``cfg.strategy`` (a resolved config: world_size is set)."""
-    fam, s, t = family(cfg), cfg.strategy, cfg.train
-    o = OmegaConf.to_container(s, resolve=True)
-    c = GPTConfig.from_cfg(cfg.model)
-    cls = strategy_class(cfg)
+def estimate(cfg, mem: int | None = None, overhead: int = OVERHEAD) -> dict:
+    """Per-rank bytes for ``cfg.strategy`` (a resolved config: world_size is set) on devices of ``mem`` bytes."""
+    fam, s, t, c = family(cfg), cfg.strategy, cfg.train, GPTConfig.from_cfg(cfg.model)
+    o, cls = OmegaConf.to_container(s, resolve=True), strategy_class(cfg)
     lay = cls.layout(cfg)
     if fam.startswith("deepspeed"):
-        o["_buckets"] = deepspeed_buckets(cfg, c.d_model)
+        o["_buckets"], o["_accum"] = deepspeed_buckets(cfg, mem), t.grad_accum
     ckpt = bool(t.activation_checkpointing)
     if fam in ("fairscale_pipe", "deepspeed_pipe"):
         r = pipeline(fam, o, c, lay["pp"], lay["dp"], t.precision, ckpt, t.micro_batch_size, t.grad_accum)
     else:
         r = data_parallel(fam, o, c, lay["dp"], t.precision, ckpt, t.micro_batch_size, lay["tp"])
     r = {k: int(v) for k, v in r.items()}
-    total = sum(r[k] for k in PARTS) + OVERHEAD
     return {"strategy": s.name, "label": cls.label(cfg), "devices": lay["world"], "dp": lay["dp"], "tp": lay["tp"],
-            "pp": lay["pp"], **r, "model_state": r["params"] + r["grads"] + r["optimizer"], "overhead": OVERHEAD,
-            "total": total}
+            "pp": lay["pp"], **r, "model_state": r["params"] + r["grads"] + r["optimizer"], "overhead": overhead,
+            "total": sum(r[k] for k in PARTS) + overhead}
 
 
 def estimate_all(overrides: list[str]) -> dict:
-    """Every preset in conf/strategy/ for these overrides; the configured one with its ``strategy.*`` overrides."""
+    """Every preset in conf/strategy/ for these overrides; the configured one with its ``strategy.*`` overrides,
+    the others as their yaml files say."""
     cfg, chosen = compose_config(overrides)
     resolve(cfg)
-    limit, source = parse_bytes(cfg.get("gpu_memory")), "gpu_memory"
+    limit, source = parse_bytes(cfg.get("gpu_memory")), f"gpu_memory={cfg.get('gpu_memory')}"
     if limit is None:
         import torch
 
         if torch.cuda.is_available():
             limit, source = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
         else:
-            source = "none (no CUDA device: set gpu_memory=80GB to judge fit)"
-    others = [a for a in overrides if not a.lstrip("+~").startswith("strategy")]
+            source = "none (no CUDA device: no fit judged, no GPU allowance; set gpu_memory=80GB)"
     rows, notes = [], []
     for name in sorted(p.stem for p in (Path(CONF_DIR) / "strategy").glob("*.yaml")):
-        note = None
+        pc, note = cfg, None
         try:
-            if name == chosen:
-                pc = cfg
-            else:
-                pc, _ = compose_config([*others, f"strategy={name}"])
-                pc.world_size = cfg.world_size
+            if name != chosen:
+                pc = cfg.copy()
+                pc.strategy = preset(name)
                 try:  # a check that fails here (no GPU, chunks vs batch) still leaves an estimate worth showing
                     validate(pc)
                 except ConfigError as e:
                     note = str(e)
-            row = estimate(pc)
+            row = estimate(pc, limit, OVERHEAD if limit else 0)  # the allowance is for a GPU
         except Exception as e:  # noqa: BLE001 - one preset that cannot be estimated must not hide the others
             notes.append(f"{name}: not estimated: {' '.join(str(e).split())}")
             continue
         if family(pc) not in KNOWN:
             note = f"no memory model for backend {family(pc)!r}: shown as a full replica like ddp"
-        if note:
-            notes.append(f"{name}: {note}")
-        row["configured"] = name == chosen
-        row["fits"] = None if limit is None else row["total"] <= limit
-        rows.append(row)
+        rows.append({**row, "configured": name == chosen, "fits": None if limit is None else row["total"] <= limit,
+                     "note": note})
     c = GPTConfig.from_cfg(cfg.model)
     return {"model": cfg.model.name, "params": c.num_params(), "world_size": cfg.world_size,
             "micro_batch_size": cfg.train.micro_batch_size, "seq_len": c.seq_len, "precision": cfg.train.precision,
@@ -270,19 +264,21 @@ def render(rep: dict) -> str:
 
     unit, div = ("GiB", GiB) if max(r["model_state"] for r in rep["rows"]) >= GiB / 8 else ("MiB", 2**20)
     g = lambda v: f"{v / div:,.2f}"  # noqa: E731
-    noted = {n.split(":", 1)[0] for n in rep["notes"]}
     df = pd.DataFrame([{
-        "strategy": ("* " if r["configured"] else "") + r["strategy"] + (" (!)" if r["strategy"] in noted else ""), "label": r["label"], "devices": r["devices"],
-        "model state": g(r["model_state"]), "buffers": g(r["buffers"]), "activations": g(r["activations"]),
-        "total/rank": g(r["total"]), "offloaded": g(r["offloaded"]) if r["offloaded"] else "-",
+        "strategy": ("* " if r["configured"] else "") + r["strategy"] + (" (!)" if r["note"] else ""),
+        "label": r["label"], "devices": r["devices"], "model state": g(r["model_state"]), "buffers": g(r["buffers"]),
+        "activations": g(r["activations"]), "total/rank": g(r["total"]),
+        "offloaded": g(r["offloaded"]) if r["offloaded"] else "-",
         "fits": "-" if r["fits"] is None else ("yes" if r["fits"] else "no")} for r in rep["rows"]])
-    limit = f"{rep['gpu_memory'] / GiB:,.2f} GiB ({rep['gpu_memory_source']})" if rep["gpu_memory"] else rep["gpu_memory_source"]
-    head = (f"model {rep['model']} ({rep['params']:,} params), world_size {rep['world_size']}, micro-batch "
-            f"{rep['micro_batch_size']} x seq {rep['seq_len']}, {rep['precision']}"
-            f"{', activation checkpointing' if rep['activation_checkpointing'] else ''}; {unit} per rank; gpu_memory: {limit}")
-    lines = [head, df.to_string(index=False), "* = the configured strategy; (!) = see below. " + rep["assumptions"]]
-    lines += [f"(!) {n}" for n in rep["notes"]]
-    return "\n".join(lines)
+    mem = rep["gpu_memory"]
+    limit = f"{mem / GiB:,.2f} GiB ({rep['gpu_memory_source']})" if mem else rep["gpu_memory_source"]
+    ckpt = ", activation checkpointing" if rep["activation_checkpointing"] else ""
+    return "\n".join([
+        f"model {rep['model']} ({rep['params']:,} params), world_size {rep['world_size']}, micro-batch "
+        f"{rep['micro_batch_size']} x seq {rep['seq_len']}, {rep['precision']}{ckpt}; {unit} per rank; "
+        f"gpu_memory: {limit}",
+        df.to_string(index=False), "* = the configured strategy; (!) = see below. " + rep["assumptions"],
+        *(f"(!) {r['strategy']}: {r['note']}" for r in rep["rows"] if r["note"]), *(f"(!) {n}" for n in rep["notes"])])
 
 
 def main(argv: list[str] | None = None) -> None:
