@@ -48,8 +48,8 @@ class FSDP1Strategy(FSDPStrategy):
             auto_wrap_policy=ModuleWrapPolicy({Block}),
             sharding_strategy=(ShardingStrategy.FULL_SHARD if self.options.get("reshard_after_forward", True)
                                else ShardingStrategy.SHARD_GRAD_OP),
-            mixed_precision=MixedPrecision(param_dtype=param_dtype or torch.float32, reduce_dtype=reduce_dtype,
-                                           buffer_dtype=param_dtype or torch.float32),
+            mixed_precision=(MixedPrecision(param_dtype=param_dtype, reduce_dtype=reduce_dtype, buffer_dtype=param_dtype)
+                             if param_dtype or reduce_dtype != torch.float32 else None),
             cpu_offload=CPUOffload(offload_params=offload),
             device_id=ctx.device if ctx.device.type != "cpu" else None,
             use_orig_params=True,  # per-parameter names, so weight-decay groups and DCP keys stay the model's own
