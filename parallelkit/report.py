@@ -72,16 +72,16 @@ def _one_process(s: dict) -> bool:
 def _names(records: list[dict]) -> list[str]:
     """Short unique names for plots: the label, plus whatever tells same-label runs apart."""
     names = [str(s.get("label") or s.get("strategy") or s["run"]) for s in records]
-    for key, fmt in (("strategy", "[{}]"), ("model", "{}"), ("global_batch", "gb{}"), ("world_size", "w{}"), ("precision", "{}"), ("seed", "seed{}")):
+    keys = (("strategy", "[{}]"), ("model", "{}"), ("world_size", "w{}"), ("global_batch", "gb{}"), ("precision", "{}"),
+            ("seed", "seed{}"))
+    for key, fmt in keys:
         for i, s in enumerate(records):
             same = [j for j, n in enumerate(names) if n == names[i]]
             if len(same) > 1 and len({str(records[j].get(key)) for j in same}) > 1:
                 for j in same:
                     names[j] = f"{names[j]} {fmt.format(records[j].get(key))}"
-    for i, n in enumerate(names):
-        if names.count(n) > 1:
-            names[i] = f"{n} ({records[i]['run']})"
-    return names
+    dupes = {n for n in names if names.count(n) > 1}
+    return [f"{n} ({s['run']})" if n in dupes else n for n, s in zip(names, records)]
 
 
 def _reference(s: dict, records: list[dict]) -> dict | None:
@@ -93,8 +93,9 @@ def _reference(s: dict, records: list[dict]) -> dict | None:
 
 
 def _baseline_batch(s: dict, records: list[dict]) -> int | None:
-    """The global batch most runs of this model use (ties: the reference strategy's)."""
-    group = [r for r in records if (r.get("model"), r.get("seq_len")) == (s.get("model"), s.get("seq_len"))]
+    """The global batch most finished runs of this model use (ties: the reference strategy's)."""
+    group = [r for r in records if (r.get("model"), r.get("seq_len")) == (s.get("model"), s.get("seq_len"))
+             and r.get("status") == "ok"]
     counts = pd.Series([r.get("global_batch") for r in group]).value_counts()
     if counts.empty:
         return None

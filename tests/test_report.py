@@ -1,0 +1,224 @@
+"""Comparison reports: hand-written summaries (fast, no processes) and real sweeps through the CLI."""
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import FAST, ROOT, run_cli
+
+from parallelkit.report import build, load, terminal_report, write_report
+from parallelkit.tables import hbytes, hcount, htime
+
+PNG = b"\x89PNG\r\n\x1a\n"
+REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.html", "memory.png", "throughput.png", "loss.png")
+LOSSES = [6.0, 5.5, 5.0, 4.6, 4.3, 4.1]
+
+
+def write_run(root: Path, name: str, seed: int = 0, **fields) -> None:
+    """A run folder as the CLI leaves it: summary.json and the resolved config.yaml."""
+    s = {"status": "ok", "error": None, "strategy": "ddp", "label": "ddp", "model": "tiny", "params": 136960,
+         "world_size": 2, "dp": 2, "tp": 1, "pp": 1, "processes": 2, "precision": "fp32", "device": "cpu",
+         "micro_batch_size": 2, "grad_accum": 1, "global_batch": 4, "seq_len": 64, "steps": 6, "timed_steps": 5,
+         "tokens_per_step": 256, "tokens_per_s": 30000.0, "step_time_s": 0.0085, "tflops": 0.012, "mfu": 0.2,
+         "peak_tflops": 0.06, "peak_mem_bytes": [340 * 2**20, 345 * 2**20], "model_state_bytes": [2191472, 2191472],
+         "model_state_breakdown": [{"params": 547840, "grads": 547840, "optimizer": 1095792}] * 2,
+         "comm_bytes_per_step": [547840, 547840], "losses": LOSSES, "final_loss": LOSSES[-1], "one_process": False,
+         "versions": {"torch": "2.13.0"}, "machine": {"cpu": "Test CPU", "cores": 2, "memory_bytes": 24 * 2**30}}
+    s.update(fields)
+    if s["status"] != "ok":  # what a failed run's summary holds: the base fields, null metrics
+        s.update({k: None for k in ("tokens_per_s", "step_time_s", "tflops", "mfu", "peak_mem_bytes", "model_state_bytes",
+                                    "model_state_breakdown", "comm_bytes_per_step", "final_loss")}, losses=[])
+        s.pop("one_process")
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(s))
+    (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "model": {"name": s["model"]}, "data": {"name": "synthetic"},
+                                                   "optim": {"lr": 1e-3}, "train": {"grad_clip": 1.0}}))
+
+
+def rows(root: Path) -> dict:
+    return {r["run"]: r for r in build(load(root)).to_dict("records")}
+
+
+# ---- hand-written summaries -----------------------------------------------------------------
+def test_loss_deviation_prefers_single_and_needs_same_model_batch_seed_steps(tmp_path):
+    shifted = [x + (0.01 if i == 3 else 0) for i, x in enumerate(LOSSES)]
+    write_run(tmp_path, "0_ddp", losses=[x + 1e-6 for x in LOSSES])
+    write_run(tmp_path, "1_single", strategy="single", label="single", world_size=1, dp=1, processes=1)
+    write_run(tmp_path, "2_fsdp", strategy="fsdp", label="fsdp2 zero3", losses=shifted)
+    write_run(tmp_path, "3_seed1", seed=1, strategy="fsdp", label="fsdp2 zero3", losses=shifted)
+    write_run(tmp_path, "4_steps", strategy="fsdp", label="fsdp2 zero3", steps=4, losses=LOSSES[:4])
+    write_run(tmp_path, "10_bf16", strategy="fsdp", label="fsdp2 zero3", precision="bf16", losses=shifted)
+    r = rows(tmp_path)
+    assert list(r) == ["0_ddp", "1_single", "2_fsdp", "3_seed1", "4_steps", "10_bf16"]  # job order, not text order
+    assert r["1_single"]["loss_dev"] == 0 and r["1_single"]["reference"] == "single"
+    assert r["0_ddp"]["reference"] == "single" and r["0_ddp"]["loss_dev"] == pytest.approx(1e-6, rel=1e-3)
+    assert r["2_fsdp"]["loss_dev"] == pytest.approx(0.01) and r["2_fsdp"]["note"] == ""
+    for other in ("3_seed1", "4_steps"):  # a different seed or length is not compared
+        assert pd.isna(r[other]["loss_dev"]) and "no single/ddp run" in r[other]["note"]
+    assert r["10_bf16"]["loss_dev"] == pytest.approx(0.01) and "fp32 reference" in r["10_bf16"]["note"]
+
+
+def test_unfair_rows_are_marked(tmp_path):
+    write_run(tmp_path, "0_ddp")
+    write_run(tmp_path, "1_single", strategy="single", label="single", world_size=1, dp=1, processes=1)
+    write_run(tmp_path, "2_big", strategy="fsdp", label="fsdp2 zero3", global_batch=8, micro_batch_size=4)
+    write_run(tmp_path, "3_pipe", strategy="fairscale_pipe", label="fairscale pipe", dp=1, pp=2, processes=1,
+              one_process=True, peak_mem_bytes=[500 * 2**20], model_state_bytes=[2191472],
+              model_state_breakdown=[{"params": 547840, "grads": 547840, "optimizer": 1095792}], comm_bytes_per_step=[0])
+    write_run(tmp_path, "4_oom", strategy="zero3", label="deepspeed zero3", status="oom", error="OutOfMemoryError: boom")
+    write_run(tmp_path, "5_pipe_failed", strategy="fairscale_pipe", label="fairscale pipe", dp=1, pp=2, processes=1,
+              status="timeout", error="run exceeded train.timeout_s=1 s and was stopped")
+    r = rows(tmp_path)
+    assert r["0_ddp"]["note"] == "" and r["1_single"]["note"] == ""
+    assert "global batch 8, not 4" in r["2_big"]["note"] and pd.isna(r["2_big"]["loss_dev"])
+    assert r["3_pipe"]["one_process"] and "one process drives every device" in r["3_pipe"]["note"]
+    assert r["3_pipe"]["loss_dev"] == 0  # same trajectory as single
+    assert r["4_oom"]["status"] == "oom" and r["4_oom"]["note"] == "oom: OutOfMemoryError: boom"
+    assert r["5_pipe_failed"]["one_process"] and r["5_pipe_failed"]["status"] == "timeout"
+    assert pd.isna(r["4_oom"]["peak_mem_bytes"]) and pd.isna(r["4_oom"]["tokens_per_s"])
+    # the largest rank and its breakdown
+    assert r["0_ddp"]["peak_mem_bytes"] == 345 * 2**20 and r["0_ddp"]["optimizer_bytes"] == 1095792
+    assert r["0_ddp"]["layout"] == "2/2/1/1" and r["3_pipe"]["layout"] == "2/1/1/2"
+
+    assert write_report(tmp_path, echo=False) is not None
+    md = (tmp_path / "comparison.md").read_text()
+    assert "OutOfMemoryError: boom" in md and "train.timeout_s=1" in md and "one process drives" in md
+    for f in REPORT_FILES:
+        assert (tmp_path / f).stat().st_size > 0, f
+
+
+def test_terminal_table_is_narrow_with_2_rows_or_40(tmp_path):
+    write_run(tmp_path, "0_ddp")
+    write_run(tmp_path, "1_zero3", strategy="zero3", label="deepspeed zero3 offload (optimizer only)", status="failed",
+              error="RuntimeError: " + "a very long message " * 15)
+    two = terminal_report(build(load(tmp_path)))
+    lines = two.splitlines()
+    assert "all: model tiny" in lines[0] and "global batch 4" in lines[0]  # shared columns said once
+    table = lines[1:4]
+    assert len(table) == 3 and max(map(len, table)) < 130, two
+    assert "RuntimeError" not in "".join(table) and "[1] failed: RuntimeError" in two  # errors go below
+    for i in range(2, 40):
+        write_run(tmp_path, f"{i}_run", strategy="fsdp", label=f"fsdp2 zero3 variant {i}", model=["tiny", "small"][i % 2],
+                  params=[136960, 16e6][i % 2], global_batch=[4, 8][i % 3 == 0], tokens_per_s=1234567.0 * i)
+    many = terminal_report(build(load(tmp_path)))
+    table = many.splitlines()[1:42]
+    assert len(table) == 41 and max(map(len, table)) < 170, many
+    assert "2.47M" in many and "345 MiB" in many
+
+
+def test_human_units():
+    assert hbytes(2191472) == "2.09 MiB" and hbytes(1023) == "0.999 KiB" and hbytes(5 * 2**30) == "5 GiB" and hbytes(None) == ""
+    assert hcount(136960) == "137k" and hcount(1.3e9) == "1.3B" and hcount(float("nan")) == ""
+    assert htime(0.0085) == "8.5 ms" and htime(2.5) == "2.5 s"
+
+
+def test_report_cli_on_an_empty_folder_says_so(tmp_path):
+    p = run_cli(tmp_path, str(tmp_path), module="parallelkit.report", timeout=120)
+    assert p.returncode == 1 and "no summary.json below" in p.stderr
+
+
+def test_every_experiment_composes_to_a_sweep_of_existing_configs():
+    from hydra import compose, initialize_config_dir
+
+    experiments = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert {"compare_all", "zero_stages", "memory_vs_model", "dp_scaling"} <= set(experiments)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        for name in experiments:
+            cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+            params = cfg.hydra.sweeper.params
+            assert params, name
+            for group in ("strategy", "model"):
+                for v in str(params.get(group, "")).split(","):
+                    if v and not v.startswith("glob("):
+                        assert (ROOT / "conf" / group / f"{v}.yaml").exists(), (name, group, v)
+            assert (ROOT / "experiments" / "README.md").read_text().count(f"experiment={name}") >= 1, name
+
+
+# ---- real sweeps through the CLI ------------------------------------------------------------
+class Tables(HTMLParser):
+    """Tables (rows of cell texts) and inline images of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self._cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell.strip())
+            self._cell = None
+
+
+def check_report_files(root: Path, n_rows: int) -> tuple[list[dict], list[list[str]]]:
+    for f in REPORT_FILES:
+        assert (root / f).is_file(), f
+    for png in root.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG, png
+        with Image.open(png) as im:
+            im.verify()
+    with open(root / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == n_rows
+    page = Tables()
+    page.feed((root / "comparison.html").read_text())
+    assert len(page.tables) == 1 and len(page.tables[0]) == n_rows + 1  # header + one row per job
+    header = page.tables[0][0]
+    assert {"label", "world/dp/tp/pp", "tokens/s", "MFU", "peak mem/rank (max)", "max loss dev", "status"} <= set(header)
+    assert len(page.images) >= 3
+    for src in page.images:  # inline, so the page opens from disk anywhere
+        assert src.startswith("data:image/png;base64,") and base64.b64decode(src.split(",", 1)[1])[:8] == PNG
+    body = [dict(zip(header, r)) for r in page.tables[0][1:]]
+    md = (root / "comparison.md").read_text()
+    assert md.count("\n| ") == n_rows + 1 and "](memory.png)" in md
+    return table, body
+
+
+def sweep(tmp_path: Path, *overrides: str):
+    out = tmp_path / "sweep"
+    p = run_cli(out, "-m", *FAST, *overrides, f"hydra.sweep.dir={out}")
+    assert "report: " in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p
+
+
+def test_sweep_of_three_strategies_reports_one_row_per_job(tmp_path):
+    # through a canned experiment, its strategies narrowed on the command line
+    out, p = sweep(tmp_path, "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp")
+    table, body = check_report_files(out, 3)
+    assert [r["strategy"] for r in table] == ["ddp", "single", "fsdp"]
+    assert all(r["status"] == "ok" for r in table), table
+    assert [r["max loss dev"] for r in body][1] == "ref"
+    assert all(float(r["loss_dev"]) < 1e-5 for r in table)  # fp32 parity with the single run
+    assert "3 run(s)" in p.stdout and "fsdp2 zero3" in p.stdout and "tok/s" in p.stdout
+
+
+def test_sweep_with_failing_jobs_still_reports_every_row(tmp_path):
+    # world_size=0: a config error before any worker; timeout 1 s: workers killed mid-start-up
+    out, p = sweep(tmp_path, "strategy=ddp", "world_size=0,2", "train.timeout_s=1,600")
+    table, body = check_report_files(out, 4)
+    status = [r["status"] for r in table]
+    assert status == ["failed", "failed", "timeout", "ok"], table
+    assert "config error: world_size=0" in table[0]["error"] and "train.timeout_s=1" in table[2]["error"]
+    assert [r["status"] for r in body] == status and body[2]["notes"] and not body[3]["notes"]
+    assert "world_size=0" in (out / "comparison.md").read_text() and "world_size=0" in p.stdout
