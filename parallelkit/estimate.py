@@ -10,6 +10,7 @@ allowance. The total is their sum: an upper bound (gradients and activations do 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -285,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in argv
     try:
-        rep = estimate_all([a for a in argv if a != "--json"])
+        with contextlib.redirect_stdout(sys.stderr):  # backends' import-time chatter (DeepSpeed logs to stdout)
+            rep = estimate_all([a for a in argv if a != "--json"])
     except ConfigError as e:
         print(f"parallelkit: config error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -122,14 +122,15 @@ def test_stage_split_balances_parameters():
 
 
 def test_cli_table_json_and_one_line_errors(tmp_path, capsys):
-    p = run_cli(tmp_path, "model=gpt_1b", "world_size=8", "gpu_memory=80GB", module="parallelkit.estimate")
+    p = run_cli(tmp_path, "model=tiny", "--json", module="parallelkit.estimate")
     assert p.returncode == 0, p.stderr
-    assert "1,313,722,368 params" in p.stdout and "* ddp" in p.stdout and " yes" in p.stdout
-    main(["model=tiny", "--json"])
-    rep = json.loads(capsys.readouterr().out)
+    rep = json.loads(p.stdout)  # stdout is the JSON alone (backends' import chatter goes to stderr)
     assert rep["params"] == 136_960 and {"ddp", "fsdp", "single"} <= {r["strategy"] for r in rep["rows"]}
     if not torch.cuda.is_available():  # no gpu_memory, no GPU: nothing judged, no GPU allowance
         assert all(r["fits"] is None and r["overhead"] == 0 for r in rep["rows"])
+    main(["model=gpt_1b", "world_size=8", "gpu_memory=80GB"])
+    out = capsys.readouterr().out
+    assert "1,313,722,368 params" in out and "* ddp" in out and " yes" in out and "74.51 GiB" in out
     for bad, key in (["model=nope"], "model=nope"), (["gpu_memory=lots"], "gpu_memory"), \
             (["train.micro_batch_size=0"], "train.micro_batch_size"), (["train.nokey=1"], "train.nokey"):
         with pytest.raises(SystemExit) as e:
