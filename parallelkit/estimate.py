@@ -26,7 +26,7 @@ from .run import CONF_DIR, check_group_choices
 GiB = 2**30
 OVERHEAD = GiB  # allowance, not a measurement: CUDA context (~0.5 GB), cuBLAS workspace, allocator slack
 PARTS = ("params", "grads", "optimizer", "buffers", "activations")
-UNITS = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4}
+UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}  # powers of 1000 (or of 1024 with an "i")
 ASSUMPTIONS = ("bytes/param: fp32 AdamW 4+4+8 (DeepSpeed: +4 fp32 master in stages 1-3; 16-bit: 2+2+12); "
                "activations 16·s·b·h values/block (Korthikanti 2022 less dropout masks, SDPA keeps no a·s² scores), "
                "checkpointing: 1 value/block + one block; logits 8·b·s·V bytes; 1 GiB allowance for a GPU's context; "

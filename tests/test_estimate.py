@@ -22,7 +22,7 @@ def test_parse_bytes_units():
     assert parse_bytes("80GB") == 80 * 10**9
     assert parse_bytes("24GiB") == 24 * 2**30
     assert parse_bytes("1.5 tb") == 1.5e12
-    assert parse_bytes(12345) == 12345 and parse_bytes(None) is None
+    assert parse_bytes(12345) == 12345 and parse_bytes("4096") == 4096 and parse_bytes(None) is None
     for bad in ("lots", "80XB", "10iB", True, -1, "0GB"):
         with pytest.raises(ConfigError, match="gpu_memory"):
             parse_bytes(bad)
