@@ -5,13 +5,18 @@ One sweep runs single, ddp and the four CPU FairScale strategies on the same glo
 micro-batches; the pipe, one process, runs all of them) and writes checkpoints at step 3.
 The tests compare its summaries; resume tests continue from those checkpoints.
 """
+import re
+
 import pytest
 import torch
 
-from conftest import FAST, assert_close_trajectory, gpu, run_cli, summary, train
+from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train
 
 SWEEP = ["single", "ddp", "fairscale_oss", "fairscale_oss_ddp", "fairscale_pipe", "fairscale_tp"]
-COMMON = ["world_size=2", "train.global_batch_size=8"]
+# grad_clip 0.1: the tiny model's gradient norm is below the default 1.0; at 0.1 every step
+# clips, so a wrong global norm (local shards only, tied weight twice, tp shards not summed)
+# moves the losses by 3e-6 to 1e-5 and fails the tolerances below.
+COMMON = ["world_size=2", "train.global_batch_size=8", "train.grad_clip=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,7 @@ def test_oss_matches_ddp_step_by_step(sweep):
     _, runs = sweep
     ddp = runs["ddp"]["losses"]
     assert len(ddp) == 6 and ddp[-1] < ddp[0]
-    # Same reduction order on 2 ranks; only OSS's norm-of-shards in clipping can differ, in the last bit.
+    # Same reduction order on 2 ranks; only OSS's norm-of-shards in clipping can differ, in the last bits.
     assert_close_trajectory(runs["fairscale_oss"]["losses"], ddp, rtol=1e-6)
     assert_close_trajectory(runs["fairscale_oss_ddp"]["losses"], ddp, rtol=1e-6)
 
@@ -55,7 +60,7 @@ def test_oss_halves_optimizer_state_and_sharded_ddp_the_gradients(sweep):
 def test_pipe_matches_single_and_says_it_is_one_process(sweep):
     _, runs = sweep
     s = runs["fairscale_pipe"]
-    assert_close_trajectory(s["losses"], runs["single"]["losses"], rtol=1e-5)
+    assert_close_trajectory(s["losses"], runs["single"]["losses"], rtol=2e-6)  # ~1e-7 observed
     assert (s["processes"], s["dp"], s["pp"], s["world_size"]) == (1, 1, 2, 2)
     assert s["one_process"] is True
     facts = s["strategy_facts"]
@@ -68,8 +73,8 @@ def test_tp_matches_single(sweep):
     _, runs = sweep
     s = runs["fairscale_tp"]
     # Same samples and math; tp sums partial matmuls over ranks and computes a vocab-parallel
-    # cross-entropy, so rounding differs: ~2e-7 observed, 1e-5 allowed.
-    assert_close_trajectory(s["losses"], runs["single"]["losses"], rtol=1e-5)
+    # cross-entropy, so rounding differs: ~1.5e-7 observed, 2e-6 allowed.
+    assert_close_trajectory(s["losses"], runs["single"]["losses"], rtol=2e-6)
     assert (s["tp"], s["dp"], s["processes"]) == (2, 1, 2)
     single = runs["single"]["model_state_breakdown"][0]
     for r in s["model_state_breakdown"]:  # all but LayerNorms, positions and row biases split in two
@@ -86,14 +91,18 @@ def test_resume_continues_the_trajectory(sweep, tmp_path, strategy, source):
     assert_close_trajectory(s["losses"], runs[strategy]["losses"][3:], rtol=1e-5)
 
 
-def test_bf16_trains_under_every_cpu_fairscale_strategy(tmp_path):
-    p = run_cli(tmp_path, "-m", "strategy=fairscale_oss,fairscale_pipe,fairscale_tp", *FAST, "world_size=2",
-                "train.precision=bf16", "train.steps=10", "optim.lr=3e-3", f"hydra.sweep.dir={tmp_path}")
+def test_bf16_follows_fp32_under_every_cpu_fairscale_strategy(sweep, tmp_path):
+    """bf16 autocast (per pipeline stage for the pipe, whose stages run in worker threads)."""
+    _, runs = sweep
+    names = ["fairscale_oss", "fairscale_pipe", "fairscale_tp"]
+    p = run_cli(tmp_path, "-m", f"strategy={','.join(names)}", *FAST, *COMMON, "train.precision=bf16",
+                f"hydra.sweep.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
-    for i, name in enumerate(["fairscale_oss", "fairscale_pipe", "fairscale_tp"]):
+    for i, name in enumerate(names):
         s = summary(tmp_path / f"{i}_{name}")
         assert s["status"] == "ok" and s["precision"] == "bf16", (name, s["error"])
-        assert s["losses"][-1] < s["losses"][0] - 0.05, (name, s["losses"])
+        assert s["losses"] != runs[name]["losses"], name  # really computed in bf16...
+        assert_close_trajectory(s["losses"], runs[name]["losses"], rtol=2e-3)  # ...and still the same training
 
 
 def _config_error(tmp_path, *overrides) -> str:
@@ -115,10 +124,23 @@ def test_wrong_pipe_balance_fails_fast(tmp_path):
     assert "strategy.balance=[1, 2]" in err and "4 layers" in err
 
 
-def test_bad_tp_layout_and_chunks_fail_fast(tmp_path):
-    assert "model.n_head=4 is not divisible by strategy.tp_size=8" in _config_error(
-        tmp_path / "a", "strategy=fairscale_tp", "strategy.tp_size=8", "world_size=8")
-    assert "strategy.chunks=3" in _config_error(tmp_path / "b", "strategy=fairscale_pipe", "strategy.chunks=3")
+@pytest.mark.parametrize("overrides,message", [
+    (["strategy=fairscale_tp", "strategy.tp_size=8", "world_size=8"], "model.n_head=4 is not divisible by strategy.tp_size=8"),
+    (["strategy=fairscale_tp", "model.vocab_size=511"], "model.vocab_size=511 is not divisible by strategy.tp_size=2"),
+    (["strategy=fairscale_pipe", "strategy.chunks=3"], "strategy.chunks=3 does not divide train.micro_batch_size=2"),
+    (["strategy=fairscale_pipe", "strategy.pp_size=3", "strategy.balance=[2,2]"], "must be 3 positive layer counts"),
+    (["strategy=fairscale_pipe", "strategy.pp_size=5"], "strategy.pp_size=5 is more stages than the model's 4 layers"),
+])
+def test_bad_layouts_are_config_errors(overrides, message):
+    """The same checks as the CLI's, in-process (no start-up cost): composed config -> resolve."""
+    from hydra import compose, initialize_config_dir
+
+    from parallelkit.config import ConfigError, resolve
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve(cfg)
 
 
 @gpu
