@@ -75,10 +75,11 @@ def plot_memory(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
 
 def plot_throughput(df: pd.DataFrame, path: Path) -> Path:
     fig, (a, b) = plt.subplots(2, 1, figsize=(_width(len(df)), 8))
-    a.bar(range(len(df)), df["tokens_per_s"].astype(float).fillna(0), color="#4c72b0")
-    a.set_title("tokens/s (median over timed steps)")
+    hatch = ["//" if ok and not fair else "" for ok, fair in zip(df["status"] == "ok", df["like_for_like"])]
+    a.bar(range(len(df)), df["tokens_per_s"].astype(float).fillna(0), color="#4c72b0", hatch=hatch, edgecolor="white")
+    a.set_title("tokens/s (median over timed steps; hatched: not like for like, see the report's notes)")
     _xaxis(a, df)
-    b.bar(range(len(df)), df["mfu"].astype(float).fillna(0) * 100, color="#55a868")
+    b.bar(range(len(df)), df["mfu"].astype(float).fillna(0) * 100, color="#55a868", hatch=hatch, edgecolor="white")
     b.set_title("MFU per device")
     b.set_ylabel("% of peak")
     _xaxis(b, df)

@@ -111,15 +111,17 @@ def build(records: list[dict]) -> pd.DataFrame:
     rows = []
     for i, s in enumerate(records):
         ok = s.get("status") == "ok"
-        notes, dev, ref = [], None, None
+        notes, dev, ref, fair = [], None, None, ok
         if not ok:
             notes.append(f"{s.get('status')}: {s.get('error') or 'no error recorded'}")
         else:
             base = _baseline_batch(s, records)
             if base is not None and s.get("global_batch") not in (None, base):
+                fair = False
                 notes.append(f"global batch {s.get('global_batch')}, not {base} as most runs of {s.get('model')}: "
                              f"tokens/s and losses are not like for like")
             if _one_process(s):
+                fair = False
                 notes.append("one process drives every device (pipeline): its memory and tokens/s are the whole "
                              "pipeline's, not one device's")
             r = _reference(s, records) if s.get("losses") else None
@@ -128,7 +130,7 @@ def build(records: list[dict]) -> pd.DataFrame:
                 n = min(len(r["losses"]), len(s["losses"]))
                 dev = max(abs(a - b) for a, b in zip(s["losses"][:n], r["losses"][:n]))
                 if r.get("precision") != s.get("precision"):
-                    notes.append(f"loss deviation against an {r.get('precision')} reference")
+                    notes.append(f"loss deviation measured against the {r.get('precision')} reference run")
             elif any_ref:
                 notes.append("no single/ddp run with the same model, global batch, seed and steps: no loss deviation")
         breakdown = s.get("model_state_breakdown") or []
@@ -147,7 +149,7 @@ def build(records: list[dict]) -> pd.DataFrame:
             "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
             "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
             "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref,
-            "status": s.get("status"), "error": s.get("error"), "note": "; ".join(notes),
+            "status": s.get("status"), "error": s.get("error"), "like_for_like": fair, "note": "; ".join(notes),
             "_notes": notes,
         })
     return pd.DataFrame(rows)

@@ -64,7 +64,7 @@ def test_loss_deviation_prefers_single_and_needs_same_model_batch_seed_steps(tmp
     assert r["2_fsdp"]["loss_dev"] == pytest.approx(0.01) and r["2_fsdp"]["note"] == ""
     for other in ("3_seed1", "4_steps"):  # a different seed or length is not compared
         assert pd.isna(r[other]["loss_dev"]) and "no single/ddp run" in r[other]["note"]
-    assert r["10_bf16"]["loss_dev"] == pytest.approx(0.01) and "fp32 reference" in r["10_bf16"]["note"]
+    assert r["10_bf16"]["loss_dev"] == pytest.approx(0.01) and "against the fp32 reference" in r["10_bf16"]["note"]
 
 
 def test_unfair_rows_are_marked(tmp_path):
@@ -79,6 +79,7 @@ def test_unfair_rows_are_marked(tmp_path):
               status="timeout", error="run exceeded train.timeout_s=1 s and was stopped")
     r = rows(tmp_path)
     assert r["0_ddp"]["note"] == "" and r["1_single"]["note"] == ""
+    assert [r[k]["like_for_like"] for k in sorted(r)] == [True, True, False, False, False, False]
     assert "global batch 8, not 4" in r["2_big"]["note"] and pd.isna(r["2_big"]["loss_dev"])
     assert r["3_pipe"]["one_process"] and "one process drives every device" in r["3_pipe"]["note"]
     assert r["3_pipe"]["loss_dev"] == 0  # same trajectory as single
