@@ -17,6 +17,7 @@ optimizer and the gradient norm see the tied weight once, as in ``single``.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -24,7 +25,7 @@ from fairscale.nn import Pipe
 from fairscale.nn.pipe.balance import blockpartition
 from torch import nn
 
-from ..config import ConfigError, cuda_available
+from ..config import ConfigError, cuda_available, under_torchrun
 from ..model import GPTConfig, lm_loss
 from ..train import param_groups
 from .base import Strategy, check_positive_int
@@ -83,13 +84,16 @@ class FairScalePipeStrategy(Strategy):
                 raise ConfigError(f"strategy.balance={list(balance)} must be {pp} positive layer counts (strategy.pp_size) "
                                   f"summing to the model's {n} layers (embedding + {cfg.model.n_layer} blocks + head); "
                                   f"or null to split by parameter count")
+        if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+            raise ConfigError("strategy=fairscale_pipe is one process driving every stage: start it with "
+                              "python -m parallelkit.run, or torchrun --nproc_per_node=1")
         if cuda_available() and torch.cuda.device_count() < pp:
             raise ConfigError(f"strategy.pp_size={pp} needs {pp} CUDA devices, found {torch.cuda.device_count()}: "
                               f"lower strategy.pp_size")
 
     @classmethod
     def layout(cls, cfg) -> dict[str, int]:
-        pp = cfg.strategy.get("pp_size", 2)
+        pp = check_positive_int(cfg.strategy.get("pp_size", 2), "strategy.pp_size")  # layout runs before check
         return {"world": pp, "dp": 1, "tp": 1, "pp": pp, "processes": 1, "virtual_dp": cfg.world_size}
 
     @classmethod
@@ -103,7 +107,7 @@ class FairScalePipeStrategy(Strategy):
         self.gpt = model_factory()  # on the CPU; Pipe moves each stage to its device
         head, embed = self.gpt.head.out, self.gpt.embed.tok
         self.tied = head.weight is embed.weight
-        self.params = [p for p in self.gpt.parameters()]  # what the optimizer steps: the tied weight once
+        self.params = list(self.gpt.parameters())  # what the optimizer steps: the tied weight once
         if self.tied:
             head.weight = nn.Parameter(embed.weight.detach().clone())
         layers = self.gpt.layers()

@@ -99,13 +99,15 @@ class FairScaleTPStrategy(Strategy):
         if cfg.model.n_head % tp:
             raise ConfigError(f"model.n_head={cfg.model.n_head} is not divisible by strategy.tp_size={tp}: "
                               f"each tensor-parallel rank computes whole attention heads")
+        if not isinstance(cfg.strategy.get("vocab_parallel", True), bool):
+            raise ConfigError(f"strategy.vocab_parallel={cfg.strategy.get('vocab_parallel')!r}: must be true or false")
         if cfg.strategy.get("vocab_parallel", True) and cfg.model.vocab_size % tp:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not divisible by strategy.tp_size={tp}: "
                               f"pad the vocabulary or set strategy.vocab_parallel=false")
 
     @classmethod
     def layout(cls, cfg) -> dict[str, int]:
-        w, tp = cfg.world_size, cfg.strategy.get("tp_size", 2)
+        w, tp = cfg.world_size, check_positive_int(cfg.strategy.get("tp_size", 2), "strategy.tp_size")  # before check
         return {"world": w, "dp": w // tp, "tp": tp, "pp": 1, "processes": w}
 
     @classmethod
