@@ -3,7 +3,7 @@
 # then the machine facts and the run table in results/README.md. Run it on a quiet machine:
 # the numbers are timings.
 #
-#   bash scripts/regenerate_results.sh                    # all experiments (~25 min on 2 cores)
+#   bash scripts/regenerate_results.sh                    # all experiments (~30 min on 2 cores)
 #   bash scripts/regenerate_results.sh zero_stages        # only some
 #   EXTRA="model=tiny train.steps=4 train.warmup_steps=1" bash scripts/regenerate_results.sh   # a smoke test
 #   RESULTS=/tmp/res bash scripts/regenerate_results.sh   # somewhere else
