@@ -109,6 +109,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
     layout = cls.layout(cfg)
     strategy: Strategy = instantiate(cfg.strategy, _recursive_=False, _convert_="all")
     ctx.cfg, ctx.precision = cfg, cfg.train.precision
+    ctx.extra.setdefault("run_dir", run_dir)  # strategies may write files beside the summary (e.g. DeepSpeed's config)
     ctx.comm = metrics.CommCounter().install()
     summary["device"] = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     peak = cfg.get("peak_tflops") or metrics.peak_tflops(ctx.device, ctx.precision)
