@@ -102,9 +102,36 @@ def check_group_choices(argv: list[str]) -> str | None:
     return None
 
 
+def check_keys(argv: list[str]) -> str | None:
+    """One line for an override of a key that does not exist (a typo such as train.stepz=5).
+
+    Only for single runs: a sweep's jobs may compose different strategy presets.
+    """
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    overrides = [a for a in argv if "=" in a and not a.startswith(("hydra.", "hydra/", "-"))]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose("config", overrides=overrides)
+    except ConfigCompositionException as e:
+        text = str(e.__cause__ or e)
+        if "not in struct" not in text:
+            return None
+        key = next((a.split("=", 1)[0] for a in overrides if f"'{a.split('=', 1)[0]}'" in str(e)), None)
+        if key is None:
+            return None
+        return f"{key}: no such key; to add a new one write +{key}=..., or see conf/ for the keys of each group"
+    except Exception:  # noqa: BLE001 - anything else: Hydra reports it as usual
+        return None
+    return None
+
+
 def main() -> None:
     adopt_slurm_env()
-    if (err := check_group_choices(sys.argv[1:])) is not None:
+    if (err := check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])) is not None:
         print(f"parallelkit: config error: {err}", file=sys.stderr)
         sys.exit(2)
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:

@@ -98,6 +98,7 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
         "data=text data.path=/no/such/file": "data.path='/no/such/file' does not exist",
         "model.n_head=5": "model.n_head=5",
         "train.warmup_steps=6": "train.warmup_steps=6",
+        "train.stepz=5": "train.stepz: no such key",
     }
     for override, message in cases.items():
         out = tmp_path / "".join(c if c.isalnum() else "_" for c in override)
@@ -109,7 +110,7 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
         assert len(err) == 1 and message in err[0] and err[0].startswith("parallelkit: config error:"), (override, err)
         assert "torch.distributed.run" not in p.stderr and not (out / "metrics.jsonl").exists()
         assert (out / "keep.txt").read_text() == "user data"
-        if override != "strategy=nope":  # Hydra never composed that one: no run dir of its own
+        if override not in ("strategy=nope", "train.stepz=5"):  # refused before Hydra composes: no run dir
             s = summary(out)
             assert s["status"] == "failed" and message in s["error"]
 
