@@ -137,7 +137,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
         if step == start + warm:  # timing, memory and communication count from here on
             metrics.reset_peak_memory(ctx.device)
             ctx.comm.bytes, ctx.comm.active = 0, True
-        micro = [mb for m in range(cfg.train.grad_accum) for b in batches for mb in [b.micro_batch(step, m)]]
+        micro = [b.micro_batch(step, m) for m in range(cfg.train.grad_accum) for b in batches]
         strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
         t0 = time.perf_counter()
         loss = strategy.train_step(micro, cfg.train.grad_clip)
