@@ -136,7 +136,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
     for step in range(start, steps):
         if step == start + warm:  # timing, memory and communication count from here on
             metrics.reset_peak_memory(ctx.device)
-            ctx.comm.bytes, ctx.comm.active = 0, True
+            ctx.comm.bytes, ctx.comm.active = 0, ctx.world_size > 1  # one process: collectives move nothing
         micro = [b.micro_batch(step, m) for m in range(cfg.train.grad_accum) for b in batches]
         strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
         t0 = time.perf_counter()

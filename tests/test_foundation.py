@@ -124,3 +124,9 @@ def test_timeout_and_worker_failure_still_write_summary(tmp_path):
     s = summary(tmp_path / "nan")
     assert p.returncode == 1 and s["status"] == "failed" and "FloatingPointError" in s["error"], s["error"]
     assert p.stderr.strip().splitlines()[-1].startswith("parallelkit: failed:")
+
+
+def test_one_rank_counts_no_communication(tmp_path):
+    """DDP on one rank still calls all_reduce, but nothing leaves the process: 0 bytes."""
+    s = train(tmp_path, "w1", "strategy=ddp", "world_size=1")
+    assert s["world_size"] == 1 and s["comm_bytes_per_step"] == [0]
