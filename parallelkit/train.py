@@ -230,7 +230,12 @@ def worker(cfg, run_dir: Path) -> int:
 def main() -> None:
     run_dir = Path(sys.argv[1])
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    sys.exit(worker(cfg, run_dir))
+    code = worker(cfg, run_dir)
+    # The results are written and the process group is gone. Skip the interpreter's teardown:
+    # backend threads (gloo, DeepSpeed, FairScale) can abort it after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
