@@ -68,9 +68,7 @@ def bare_loop(cfg, steps: int) -> float:
 def harness_loop(cfg, steps: int) -> float:
     """Seconds per step of parallelkit's loop, wall clock between steps (data, metrics, files included)."""
     from parallelkit import train as T
-    from parallelkit.model import GPTConfig
     from parallelkit.results import base_summary
-    from parallelkit.strategies.single import SingleStrategy
 
     stamps: list[float] = []
     orig = T.Progress.update
@@ -83,7 +81,7 @@ def harness_loop(cfg, steps: int) -> float:
     try:
         with tempfile.TemporaryDirectory() as d:
             ctx = T.init_distributed()
-            summary = base_summary(cfg, SingleStrategy.layout(cfg), "single", GPTConfig.from_cfg(cfg.model).num_params())
+            summary = base_summary(cfg)
             t0 = time.perf_counter()
             T.train(cfg, ctx, Path(d), summary)
     finally:

@@ -67,8 +67,13 @@ def machine() -> dict[str, Any]:
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem}
 
 
-def base_summary(cfg, layout: dict, label: str, params: int) -> dict[str, Any]:
+def base_summary(cfg) -> dict[str, Any]:
     """The fields known before training; a failed run's summary is this plus status and error."""
+    from .config import strategy_class
+    from .model import GPTConfig
+
+    cls = strategy_class(cfg)
+    layout, label, params = cls.layout(cfg), cls.label(cfg), GPTConfig.from_cfg(cfg.model).num_params()
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * max(layout["dp"], layout.get("virtual_dp", 1)) * cfg.model.seq_len
     return {
         "status": "failed", "error": None,

@@ -15,7 +15,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, adopt_slurm_env, resolve, strategy_class, under_torchrun
-from .model import GPTConfig
 from .results import base_summary, read_json, write_json
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -24,8 +23,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def _failed_summary(cfg, error: str) -> dict:
     """A summary for a run that never started: as many known fields as the config allows."""
     try:
-        cls = strategy_class(cfg)
-        s = base_summary(cfg, cls.layout(cfg), cls.label(cfg), GPTConfig.from_cfg(cfg.model).num_params())
+        s = base_summary(cfg)
     except Exception:  # noqa: BLE001 - the config itself may be what is broken
         s = {"strategy": OmegaConf.select(cfg, "strategy.name"), "label": OmegaConf.select(cfg, "strategy.name"),
              "model": OmegaConf.select(cfg, "model.name"), "losses": []}
@@ -71,7 +69,7 @@ def task(cfg: DictConfig) -> str:
 
     cls = strategy_class(cfg)
     layout = cls.layout(cfg)
-    base = base_summary(cfg, layout, cls.label(cfg), GPTConfig.from_cfg(cfg.model).num_params())
+    base = base_summary(cfg)
     print(f"parallelkit: {base['label']} on {layout['processes']} process(es), model {cfg.model.name} "
           f"({base['params']:,} params), {cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
     summary = launch(cfg, out, layout["processes"], base)

@@ -197,10 +197,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
 def worker(cfg, run_dir: Path) -> int:
     """Run one rank. Returns the exit code; the summary is written by rank 0 in any case."""
     run_dir = Path(run_dir)
-    cls = strategy_class(cfg)
-    from .model import GPTConfig as _G
-
-    summary = base_summary(cfg, cls.layout(cfg), cls.label(cfg), _G.from_cfg(cfg.model).num_params())
+    summary = base_summary(cfg)
     ctx = None
     try:
         ctx = init_distributed()
