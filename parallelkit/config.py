@@ -5,6 +5,7 @@ Every failure is a ``ConfigError`` whose message is one line naming the key and 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -77,8 +78,25 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def plan(cfg):
+    """(strategy class, its typed options, the layout): computed once from the config, used everywhere."""
+    cls = strategy_class(cfg)
+    opts = cls.options(cfg)
+    return cls, opts, cls.layout(cfg, opts)
+
+
+def migrate_untimed_steps(cfg: DictConfig) -> None:
+    """``train.warmup_steps`` was the old name of ``train.untimed_steps`` (not the lr warmup, optim.warmup_steps)."""
+    old = OmegaConf.select(cfg, "train.warmup_steps")
+    if old is not None:
+        print(f"parallelkit: note: train.warmup_steps is deprecated (it is easily confused with the learning-rate "
+              f"warmup optim.warmup_steps): write train.untimed_steps={old}", file=sys.stderr)
+        cfg.train.untimed_steps, cfg.train.warmup_steps = old, None
+
+
 def resolve(cfg: DictConfig) -> DictConfig:
     """Fill the values that depend on the machine (world_size: null -> auto) and check the rest."""
+    migrate_untimed_steps(cfg)
     ws = cfg.world_size
     if ws is None:
         if under_torchrun():
@@ -94,16 +112,18 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "world_size")
     _int(cfg, "seed", 0)
     _int(cfg, "train.steps")
-    _int(cfg, "train.warmup_steps", 0)
+    _int(cfg, "train.untimed_steps", 0)
     _int(cfg, "train.micro_batch_size")
     _int(cfg, "train.grad_accum")
     _num(cfg, "train.grad_clip")
     _int(cfg, "train.timeout_s", 1, allow_none=True)
     _num(cfg, "optim.lr")
     _num(cfg, "optim.weight_decay")
-    if cfg.train.warmup_steps >= cfg.train.steps:
-        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} leaves no timed step of "
-                          f"train.steps={cfg.train.steps}: lower warmup_steps or raise steps")
+    if cfg.train.untimed_steps >= cfg.train.steps:
+        raise ConfigError(f"train.untimed_steps={cfg.train.untimed_steps} leaves no timed step of "
+                          f"train.steps={cfg.train.steps}: lower train.untimed_steps or raise train.steps")
+    if not isinstance(cfg.train.get("instrument", False), bool):
+        raise ConfigError(f"train.instrument={cfg.train.instrument!r}: must be true or false")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.train.precision == "fp16" and not cuda_available():
@@ -112,7 +132,9 @@ def validate(cfg: DictConfig) -> None:
     for k in ("n_layer", "n_head", "d_model", "vocab_size", "seq_len"):
         _int(cfg, f"model.{k}")
     if m.d_model % m.n_head:
-        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+        fits = [h for h in range(1, min(m.d_model, 64) + 1) if m.d_model % h == 0]
+        raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}: use model.n_head="
+                          f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}, or a model.d_model divisible by {m.n_head}")
     if cfg.data.name == "text":
         p = cfg.data.get("path")
         if not p or not Path(p).exists():
@@ -126,20 +148,17 @@ def validate(cfg: DictConfig) -> None:
     if gpu_mem is not None and not isinstance(gpu_mem, (int, float, str)):
         raise ConfigError(f"gpu_memory={gpu_mem!r}: give bytes or a size such as 80GB")
 
-    cls = strategy_class(cfg)
-    lay = cls.layout(cfg)
-    if lay["world"] % (lay["tp"] * lay["pp"]):
-        raise ConfigError(f"world_size={cfg.world_size} is not divisible by tp x pp = {lay['tp']} x {lay['pp']}")
+    cls, opts, lay = plan(cfg)
     gbs = OmegaConf.select(cfg, "train.global_batch_size")
     if gbs is not None:
-        dp = max(lay["dp"], lay.get("virtual_dp", 1))  # single / one-process pipes run world_size ranks' batches
+        dp = lay.data_ranks  # single / one-process pipes run world_size ranks' batches
         per_step = cfg.train.micro_batch_size * dp
         if not isinstance(gbs, int) or gbs % per_step:
             raise ConfigError(f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x dp = "
                               f"{cfg.train.micro_batch_size} x {dp} = {per_step}: change either")
         cfg.train.grad_accum = gbs // per_step
-    cls.check(cfg)
-    if under_torchrun() and not getattr(cls, "one_process", False):
-        if int(os.environ["WORLD_SIZE"]) != lay["processes"]:
+    cls.check(cfg, opts)
+    if under_torchrun() and not cls.one_process:
+        if int(os.environ["WORLD_SIZE"]) != lay.processes:
             raise ConfigError(f"world_size={cfg.world_size} but torchrun started {os.environ['WORLD_SIZE']} processes: "
                               f"set world_size=null or match --nnodes x --nproc_per_node")

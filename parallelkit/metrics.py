@@ -26,7 +26,7 @@ CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
     "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .precision import DTYPES  # noqa: E402 - re-exported for the backends
 
 
 def peak_tflops(device: torch.device, precision: str) -> float:
@@ -82,14 +82,23 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def comm_kind(op: str) -> str:
+    """The collective family of a torch.distributed entry point (all_gather_into_tensor -> all_gather)."""
+    for kind in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "reduce"):
+        if kind in op:
+            return kind
+    return "send_recv"  # send, recv, isend, irecv
+
+
 class CommCounter:
-    """Counts the bytes handed to torch.distributed collectives and point-to-point ops.
+    """Counts the calls and bytes handed to torch.distributed collectives and point-to-point ops, by kind.
 
     It wraps the Python entry points (``torch.distributed.all_reduce`` and friends), which
-    DeepSpeed, FairScale and FSDP all call. DDP's C++ reducer does not go through them, so
-    the DDP strategy counts its buckets in a comm hook (``add``). The figure is the payload
-    per rank (what a rank contributes), not wire traffic: a ring all-reduce of S bytes moves
-    about 2 S (n-1)/n bytes per rank.
+    DeepSpeed, FairScale and FSDP call, only while installed: the loop installs it for the
+    untimed probe step (or for every step with ``train.instrument=true``), so timed steps run the
+    backends' own code. DDP's C++ reducer does not go through Python: its strategy reports its
+    buckets itself (``Strategy.probe_comm``). The figure is the payload per rank (what a rank
+    contributes), not wire traffic: a ring all-reduce of S bytes moves about 2 S (n-1)/n per rank.
     """
 
     OPS = {  # op -> index of the tensor argument whose size is the payload
@@ -101,24 +110,34 @@ class CommCounter:
     }
 
     def __init__(self) -> None:
-        self.bytes, self.active, self._saved = 0, True, []
+        self.kinds: dict[str, list[int]] = {}  # kind -> [calls, bytes]
+        self._saved: list = []
         self._depth = threading.local()  # the deprecated names call the new ones: count the outermost call only
 
-    def add(self, nbytes: int) -> None:
-        if self.active:
-            self.bytes += nbytes
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.kinds.values())
 
-    def _wrap(self, fn, idx: int):
+    def add(self, kind: str, nbytes: int, calls: int = 1) -> None:
+        c = self.kinds.setdefault(kind, [0, 0])
+        c[0] += calls
+        c[1] += nbytes
+
+    def reset(self) -> None:
+        self.kinds = {}
+
+    def _wrap(self, fn, name: str, idx: int):
         try:
             key = list(inspect.signature(fn).parameters)[idx]  # the payload may come as a keyword
         except (TypeError, ValueError, IndexError):
             key = None
+        kind = comm_kind(name)
 
         @functools.wraps(fn)
         def counted(*args, **kwargs):
             depth = getattr(self._depth, "n", 0)
-            if self.active and depth == 0:
-                self.bytes += _payload(args[idx] if len(args) > idx else kwargs.get(key))
+            if depth == 0:
+                self.add(kind, _payload(args[idx] if len(args) > idx else kwargs.get(key)))
             self._depth.n = depth + 1
             try:
                 return fn(*args, **kwargs)
@@ -135,7 +154,7 @@ class CommCounter:
                 fn = getattr(mod, name, None)
                 if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
                     self._saved.append((mod, name, fn))
-                    setattr(mod, name, self._wrap(fn, idx))
+                    setattr(mod, name, self._wrap(fn, name, idx))
         return self
 
     def uninstall(self) -> None:
@@ -144,12 +163,16 @@ class CommCounter:
         self._saved.clear()
 
     @contextlib.contextmanager
-    def paused(self):
-        prev, self.active = self.active, False
+    def counting(self):
+        """Count what runs inside (installed for the duration)."""
+        self.install()
         try:
-            yield
+            yield self
         finally:
-            self.active = prev
+            self.uninstall()
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.kinds.items())}
 
 
 def _payload(x) -> int:

@@ -5,13 +5,19 @@
 * Every matmul of a block is a plain ``nn.Linear`` with a fixed name (``attn.qkv``,
   ``attn.proj``, ``mlp.fc``, ``mlp.proj``), so tensor parallelism can swap them; attention
   derives its local head count from ``qkv``'s width, so a column-split ``qkv`` just works.
-* Initialisation depends only on the seed (``torch.manual_seed`` before construction),
-  so every rank builds the same weights.
+* Initialisation (``GPT.init_weights``) draws each parameter from its own generator, seeded
+  by the run's seed and the parameter's name. It can be re-run on any built instance: a whole
+  model, a model built on the meta device and sharded (FSDP2: each rank keeps its slice of the
+  same full tensor), or one partitioned by ZeRO-3. Every strategy starts from bit-identical
+  weights however the model is cut.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +42,31 @@ class GPTConfig:
     def from_cfg(cls, m) -> "GPTConfig":
         return cls(**{k: m[k] for k in cls.__dataclass_fields__ if k in m})
 
+    def block_params(self) -> int:
+        """One transformer block: two LayerNorms, qkv, proj, fc, proj (weights and biases)."""
+        d = self.d_model
+        return 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+
+    def block_matmul_params(self) -> int:
+        """The part of a block that tensor parallelism splits (the four linears' weights and column biases)."""
+        d = self.d_model
+        return 12 * d * d + 7 * d
+
+    def embed_params(self) -> int:
+        return self.vocab_size * self.d_model + self.seq_len * self.d_model
+
+    def head_params(self, own_copy: bool = False) -> int:
+        """The final LayerNorm, plus the output matrix unless it is the (tied) token embedding."""
+        return 2 * self.d_model + (0 if self.tie_weights and not own_copy else self.vocab_size * self.d_model)
+
+    def layer_params(self, own_head: bool = True) -> list[int]:
+        """Parameters of each entry of ``GPT.layers()``; ``own_head``: a pipeline's last stage holds the
+        tied matrix again (as its own copy), so it counts there too."""
+        return [self.embed_params(), *[self.block_params()] * self.n_layer, self.head_params(own_head)]
+
     def num_params(self) -> int:
         """Parameter count from the shapes alone (no allocation); equals ``GPT.num_params``."""
-        d, L, V, T = self.d_model, self.n_layer, self.vocab_size, self.seq_len
-        block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-        head = 2 * d + (0 if self.tie_weights else V * d)
-        return V * d + T * d + L * block + head
+        return self.embed_params() + self.n_layer * self.block_params() + self.head_params()
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N + 12 L d T (PaLM appendix B; nanoGPT ``estimate_mfu``).
@@ -128,17 +153,27 @@ class GPT(nn.Module):
         self.embed = Embedding(c)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.head = Head(c, self.embed if c.tie_weights else None)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * c.n_layer))
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+    def tie(self) -> None:
+        """Share the token embedding with the output projection again (a move to a new device can split them)."""
+        if self.config.tie_weights:
+            self.head.out.weight = self.embed.tok.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, assign: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> None:
+        """Give every parameter its initial value; ``assign(param, full_value)`` stores it (default: copy,
+        or this rank's slice of a DTensor). GPT-2 init: N(0, 0.02) matrices and embeddings, residual
+        projections scaled by 1/sqrt(2 n_layer), zero biases, unit LayerNorm gains."""
+        assign = assign or assign_full
+        seen = set()
+        for mod_name, m in self.named_modules():
+            for p_name, p in m.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 placeholders keep the full shape aside
+                assign(p, initial_value(m, name, shape, seed, self.config.n_layer))
 
     def layers(self) -> list[nn.Module]:
         return [self.embed, *self.blocks, self.head]
@@ -158,9 +193,43 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def build_model(model_cfg, seed: int, activation_checkpointing: bool = False) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_cfg(model_cfg))
+def initial_value(module: nn.Module, name: str, shape: tuple[int, ...], seed: int, n_layer: int) -> torch.Tensor:
+    """The full fp32 initial value of one parameter: a function of (seed, name) only."""
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if isinstance(module, nn.LayerNorm):
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))  # the CPU generator keeps 32 bits
+    std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+    return torch.empty(shape).normal_(0.0, std, generator=g)
+
+
+def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy ``full`` into ``p``, or into this rank's slice of it when ``p`` is a DTensor (FSDP2)."""
+    if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
+        local = p.to_local()
+        if local.numel():
+            local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
+        return
+    p.copy_(full)
+
+
+def build_model(model_cfg, seed: int, activation_checkpointing: bool = False, device: str | torch.device | None = "cpu",
+                init: bool = True) -> GPT:
+    """The GPT, built without drawing any default init (on the meta device, then materialised), then
+    initialised by ``init_weights``. ``device="meta"`` with ``init=False`` leaves it for a strategy to shard
+    first and initialise after (FSDP2); ``device=None`` constructs it in the caller's context (DeepSpeed's
+    zero.Init partitions each parameter as it is created)."""
+    with torch.device("meta") if device is not None else contextlib.nullcontext():
+        model = GPT(GPTConfig.from_cfg(model_cfg))
     for b in model.blocks:
         b.checkpoint = activation_checkpointing
+    if device is not None and str(device) != "meta":
+        model.to_empty(device=device)
+        model.tie()
+        if init:
+            model.init_weights(seed)
     return model

@@ -6,15 +6,15 @@ import os
 import platform
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-STATUSES = ("ok", "oom", "failed", "timeout")
-
 
 def write_json(path: Path, obj: Any) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -67,29 +67,80 @@ def machine() -> dict[str, Any]:
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem}
 
 
-def base_summary(cfg) -> dict[str, Any]:
+@dataclass
+class Summary:
+    """summary.json: the run's result, one typed record (see CONTRACT.md for the fields users rely on)."""
+
+    status: str = "failed"  # ok | oom | failed | timeout | killed | interrupted | skipped
+    error: str | None = None
+    strategy: str | None = None
+    label: str | None = None
+    model: str | None = None
+    params: int | None = None
+    world_size: int | None = None
+    dp: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    processes: int | None = None
+    precision: str | None = None
+    device: str | None = None
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+    global_batch: int | None = None
+    seq_len: int | None = None
+    steps: int | None = None
+    timed_steps: int = 0
+    tokens_per_step: int | None = None
+    tokens_per_s: float | None = None
+    step_time_s: float | None = None
+    step_times_s: list[float] = field(default_factory=list)  # every timed step, for the spread
+    tflops: float | None = None
+    mfu: float | None = None
+    peak_tflops: float | None = None
+    peak_mem_bytes: list[int] | None = None
+    peak_mem_kind: str | None = None
+    peak_reserved_bytes: list[int] | None = None
+    model_state_bytes: list[int] | None = None
+    model_state_breakdown: list[dict] | None = None
+    comm_bytes_per_step: list[int] | None = None
+    comm_by_kind: list[dict] | None = None  # per rank: {kind: {"calls": n, "bytes": b}} on the probe step
+    measured_on: str | None = None  # which step counted communication (the probe step, or every timed step)
+    losses: list[float] = field(default_factory=list)
+    final_loss: float | None = None
+    strategy_facts: dict | None = None
+    one_process: bool = False
+    versions: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+
+    def update(self, **values: Any) -> "Summary":
+        for k, v in values.items():
+            if k not in self.__dataclass_fields__:
+                raise AttributeError(f"Summary has no field {k!r}")
+            setattr(self, k, v)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def base_summary(cfg) -> Summary:
     """The fields known before training; a failed run's summary is this plus status and error."""
-    from .config import strategy_class
+    from .config import plan
     from .model import GPTConfig
 
-    cls = strategy_class(cfg)
-    layout, label, params = cls.layout(cfg), cls.label(cfg), GPTConfig.from_cfg(cfg.model).num_params()
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * max(layout["dp"], layout.get("virtual_dp", 1)) * cfg.model.seq_len
-    return {
-        "status": "failed", "error": None,
-        "strategy": cfg.strategy.name, "label": label,
-        "model": cfg.model.name, "params": params,
-        "world_size": layout["world"], "dp": layout["dp"], "tp": layout["tp"], "pp": layout["pp"],
-        "processes": layout["processes"],
-        "precision": cfg.train.precision, "device": None,
-        "micro_batch_size": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
-        "global_batch": tokens_per_step // cfg.model.seq_len, "seq_len": cfg.model.seq_len,
-        "steps": cfg.train.steps, "timed_steps": 0, "tokens_per_step": tokens_per_step,
-        "tokens_per_s": None, "step_time_s": None, "tflops": None, "mfu": None, "peak_tflops": None,
-        "peak_mem_bytes": None, "peak_mem_kind": None, "model_state_bytes": None, "model_state_breakdown": None,
-        "comm_bytes_per_step": None, "losses": [], "final_loss": None,
-        "versions": versions(), "machine": machine(),
-    }
+    cls, opts, lay = plan(cfg)
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * lay.data_ranks
+    return Summary(
+        strategy=cfg.strategy.name, label=cls.label(cfg, opts), model=cfg.model.name,
+        params=GPTConfig.from_cfg(cfg.model).num_params(), world_size=lay.world, dp=lay.dp, tp=lay.tp, pp=lay.pp,
+        processes=lay.processes, precision=t.precision, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+        global_batch=global_batch, seq_len=cfg.model.seq_len, steps=t.steps, tokens_per_step=global_batch * cfg.model.seq_len,
+        one_process=cls.one_process, versions=versions(), machine=machine())
 
 
 def one_line(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ place instead, so multi-node jobs go through torchrun's rendezvous.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, adopt_slurm_env, resolve, strategy_class, under_torchrun
+from .config import ConfigError, adopt_slurm_env, plan, resolve, under_torchrun
 from .results import base_summary, read_json, write_json
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -23,7 +24,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def _failed_summary(cfg, error: str) -> dict:
     """A summary for a run that never started: as many known fields as the config allows."""
     try:
-        s = base_summary(cfg)
+        s = base_summary(cfg).to_dict()
     except Exception:  # noqa: BLE001 - the config itself may be what is broken
         s = {"strategy": OmegaConf.select(cfg, "strategy.name"), "label": OmegaConf.select(cfg, "strategy.name"),
              "model": OmegaConf.select(cfg, "model.name"), "losses": []}
@@ -67,12 +68,11 @@ def task(cfg: DictConfig) -> str:
 
     from .launch import launch
 
-    cls = strategy_class(cfg)
-    layout = cls.layout(cfg)
+    layout = plan(cfg)[2]
     base = base_summary(cfg)
-    print(f"parallelkit: {base['label']} on {layout['processes']} process(es), model {cfg.model.name} "
-          f"({base['params']:,} params), {cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
-    summary = launch(cfg, out, layout["processes"], base)
+    print(f"parallelkit: {base.label} on {layout.processes} process(es), model {cfg.model.name} "
+          f"({base.params:,} params), {cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
+    summary = launch(cfg, out, layout.processes, base.to_dict())
     print(result_line(summary, out), flush=True)
     if summary["status"] != "ok" and not multirun:
         print(f"parallelkit: {summary['status']}: {summary['error']}", file=sys.stderr)
@@ -127,8 +127,16 @@ def check_keys(argv: list[str]) -> str | None:
     return None
 
 
+def open_strategy_keys(argv: list[str]) -> list[str]:
+    """``strategy.KEY=V`` -> ``++strategy.KEY=V``. A backend's options and their defaults live in its schema
+    (``Options`` in its file), not in its YAML, so Hydra must be let to add them; the schema then refuses a
+    wrong type or an unknown option in one line (``Strategy.options``)."""
+    return [f"++{a}" if re.match(r"strategy\.[\w.]+=", a) else a for a in argv]
+
+
 def main() -> None:
     adopt_slurm_env()
+    sys.argv[1:] = open_strategy_keys(sys.argv[1:])
     if (err := check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])) is not None:
         print(f"parallelkit: config error: {err}", file=sys.stderr)
         sys.exit(2)

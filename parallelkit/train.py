@@ -5,6 +5,7 @@ agent; ``run.py`` calls ``worker`` directly when the user's own torchrun started
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,48 +16,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from . import metrics
-from .config import strategy_class
+from .config import plan
 from .data import Batches, make_dataset
+from .layout import Layout
 from .model import GPTConfig, build_model
-from .results import base_summary, one_line, write_json
+from .optim import lr_at
+from .results import Summary, base_summary, one_line, write_json
 from .strategies.base import Context, Strategy
 
 
-def lr_at(step: int, optim, total_steps: int) -> float:
-    """Linear warmup over optim.warmup_steps, then cosine decay to lr * min_lr_ratio."""
-    warm = optim.warmup_steps
-    if step < warm:
-        return optim.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, total_steps - warm)
-    return optim.lr * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices, not biases, LayerNorms or position tables (GPT-2/nanoGPT practice)."""
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and "pos" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def optimizer_kwargs(optim) -> dict:
-    return {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-
-
-def make_optimizer(optim, model_or_groups) -> torch.optim.Optimizer:
-    groups = (param_groups(model_or_groups, optim.weight_decay) if isinstance(model_or_groups, torch.nn.Module)
-              else model_or_groups)
-    return torch.optim.AdamW(groups, **optimizer_kwargs(optim))
-
-
-def init_distributed() -> Context:
+def init_distributed(layout: Layout) -> Context:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if torch.cuda.is_available():
@@ -67,17 +39,52 @@ def init_distributed() -> Context:
         torch.set_num_threads(metrics.cpu_threads(local_world))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Context(cfg=None, rank=rank, world_size=world, local_rank=local_rank, device=device)
+    return Context(rank=rank, world_size=world, local_rank=local_rank, device=device, layout=layout)
 
 
-def gather(values: list[float], device: torch.device) -> list[list[float]]:
-    """All ranks' small float vectors, rank by rank (float64 keeps byte counts exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def gather_named(values: dict) -> list[dict]:
+    """Every rank's dict of named values, rank by rank (once, after the timed steps)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [values]
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [o.tolist() for o in out]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, values)
+    return out
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(strategy: Strategy, cfg, step: int) -> None:
+    """``checkpoint.dir/step_N``: the strategy writes its state, then rank 0 writes meta.json (step, layout,
+    config), so a folder with meta.json is one whose state was written by every rank."""
+    path = Path(cfg.checkpoint.dir) / f"step_{step}"
+    if strategy.ctx.rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    barrier()
+    strategy.save(path)
+    barrier()
+    if strategy.ctx.rank == 0:
+        write_json(path / "meta.json", {"step": step, "strategy": cfg.strategy.name,
+                                        "layout": strategy.ctx.layout.as_dict(),
+                                        "config": OmegaConf.to_container(cfg, resolve=True)})
+
+
+def load_checkpoint(strategy: Strategy, path: Path) -> int:
+    meta = path / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} is missing: checkpoint.resume needs a step_N folder written by checkpoint.dir")
+    strategy.load(path)
+    return int(json.loads(meta.read_text())["step"])
 
 
 class Progress:
@@ -104,93 +111,102 @@ class Progress:
             self.bar.close()
 
 
-def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
-    cls = strategy_class(cfg)
-    layout = cls.layout(cfg)
-    strategy: Strategy = instantiate(cfg.strategy, _recursive_=False, _convert_="all")
-    ctx.cfg, ctx.precision = cfg, cfg.train.precision
-    ctx.extra.setdefault("run_dir", run_dir)  # strategies may write files beside the summary (e.g. DeepSpeed's config)
-    ctx.comm = metrics.CommCounter().install()
-    summary["device"] = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
+    cls, opts, layout = plan(cfg)
+    strategy: Strategy = cls(opts)
+    t = cfg.train
+    ctx.precision, ctx.seed, ctx.optim, ctx.train, ctx.cfg = t.precision, cfg.seed, cfg.optim, t, cfg
+    ctx.model, ctx.run_dir, ctx.instrument = GPTConfig.from_cfg(cfg.model), run_dir, bool(t.get("instrument", False))
+    summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     peak = cfg.get("peak_tflops") or metrics.peak_tflops(ctx.device, ctx.precision)
 
-    model_factory = lambda: build_model(cfg.model, cfg.seed, cfg.train.activation_checkpointing)  # noqa: E731 - same weights on every rank
-    strategy.setup(ctx, model_factory, lambda m: make_optimizer(cfg.optim, m))
+    strategy.setup(ctx, functools.partial(build_model, cfg.model, cfg.seed, t.activation_checkpointing))
     dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
-    dp_size = layout.get("virtual_dp", layout["dp"])
-    batches = [Batches(dataset, cfg.train.micro_batch_size, cfg.train.grad_accum, dp_size, r)
-               for r in strategy.dp_ranks_per_process()]
+    batches = [Batches(dataset, t.micro_batch_size, t.grad_accum, layout.data_ranks, r) for r in strategy.data_ranks()]
 
-    start = 0
-    if cfg.checkpoint.resume:
-        start = strategy.load(Path(cfg.checkpoint.resume))
-    steps, warm = cfg.train.steps, cfg.train.warmup_steps
-    gcfg = GPTConfig.from_cfg(cfg.model)
-    tokens_per_step = summary["tokens_per_step"]
+    start = load_checkpoint(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
+    steps, untimed = t.steps, t.untimed_steps
+    probe = start + untimed - 1 if untimed else start  # the last untimed step counts communication
+    tokens_per_step = summary.tokens_per_step
     rank0 = ctx.rank == 0
     mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 else None
-    progress = Progress(steps - start, summary["label"], rank0)
+    progress = Progress(steps - start, summary.label, rank0)
+    counter, probe_kinds = metrics.CommCounter(), {}
     times, losses = [], []
-    ctx.comm.active = False
     metrics.reset_peak_memory(ctx.device)
     for step in range(start, steps):
-        if step == start + warm:  # timing, memory and communication count from here on
+        timed = step >= start + untimed
+        if step == start + untimed:  # timing and the memory peak count from here on
             metrics.reset_peak_memory(ctx.device)
-            ctx.comm.bytes, ctx.comm.active = 0, ctx.world_size > 1  # one process: collectives move nothing
-        micro = [b.micro_batch(step, m) for m in range(cfg.train.grad_accum) for b in batches]
+        counting = timed if ctx.instrument else step == probe
+        strategy.measuring = counting
+        micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
         strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
+        if counting:
+            counter.install()
         t0 = time.perf_counter()
-        loss = strategy.train_step(micro, cfg.train.grad_clip)
+        loss = strategy.train_step(micro, t.grad_clip)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
-        with ctx.comm.paused():
-            mem = next(iter(metrics.peak_memory(ctx.device).values()))
-            rows = gather([float(loss), mem], ctx.device)
-        step_loss = sum(r[0] for r in rows) / len(rows)
-        if step >= start + warm:
+        counter.uninstall()
+        if counting:
+            for kind, (calls, nbytes) in strategy.probe_comm().items():
+                counter.add(kind, nbytes, calls)
+        if counting and not ctx.instrument:
+            probe_kinds = counter.by_kind()
+        strategy.measuring = False
+        step_loss = strategy.global_loss(loss)
+        mem = max_over_ranks(next(iter(metrics.peak_memory(ctx.device).values())), ctx.device)
+        if timed:
             times.append(dt)
         losses.append(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss} at step {step}: lower optim.lr or use train.precision=fp32")
         if rank0:
             rec = {"step": step, "loss": step_loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                   "peak_mem_bytes": int(max(r[1] for r in rows))}
+                   "peak_mem_bytes": int(mem)}
             mfile.write(json.dumps(rec) + "\n")
             mfile.flush()
         progress.update(step - start, step_loss, tokens_per_step / dt)
         if cfg.checkpoint.dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-            with ctx.comm.paused():
-                strategy.save(Path(cfg.checkpoint.dir) / f"step_{step + 1}", step + 1)
+            save_checkpoint(strategy, cfg, step + 1)
     progress.close()
-    comm = ctx.comm.bytes / max(1, len(times))
-    ctx.comm.active = False
-    state = strategy.state_tensors()
-    breakdown = {k: metrics.tensor_bytes(v) for k, v in state.items()}
-    mem = metrics.peak_memory(ctx.device)
-    rows = gather([metrics.tensor_bytes(t for v in state.values() for t in v), comm, peak,
-                   *(breakdown[k] for k in ("params", "grads", "optimizer")), *mem.values()], ctx.device)
     if mfile:
         mfile.close()
+    if ctx.instrument:  # the mean over the timed steps
+        n = max(1, len(times))
+        kinds = {k: {"calls": v["calls"] / n, "bytes": v["bytes"] / n} for k, v in counter.by_kind().items()}
+        measured_on = f"every timed step (train.instrument=true; mean of {n})"
+    else:
+        kinds = probe_kinds
+        measured_on = f"step {probe + 1} ({'untimed probe step' if untimed else 'the first step, also timed: train.untimed_steps=0'})"
+    if layout.processes == 1:  # one process: collectives move nothing
+        kinds = {}
+    state = strategy.state_tensors()
+    mine = {"breakdown": {k: metrics.tensor_bytes(v) for k, v in state.items()},
+            "state": metrics.tensor_bytes(x for v in state.values() for x in v),
+            "comm": sum(v["bytes"] for v in kinds.values()), "kinds": kinds, "peak": peak,
+            "mem": metrics.peak_memory(ctx.device)}
+    ranks = gather_named(mine)
     step_time = statistics.median(times)
     tps = tokens_per_step / step_time
-    peak_dev = statistics.mean(r[2] for r in rows)
-    tflops = gcfg.flops_per_token() * tps / layout["world"] / 1e12
-    summary.update({
-        "status": "ok", "timed_steps": len(times), "tokens_per_s": tps, "step_time_s": step_time,
-        "tflops": tflops, "peak_tflops": peak_dev, "mfu": tflops / peak_dev if peak_dev else None,
-        "peak_mem_bytes": [int(r[6]) for r in rows], "peak_mem_kind": "cuda_max_allocated" if ctx.device.type == "cuda" else "cpu_peak_rss",
-        "model_state_bytes": [int(r[0]) for r in rows],
-        "model_state_breakdown": [{"params": int(r[3]), "grads": int(r[4]), "optimizer": int(r[5])} for r in rows],
-        "comm_bytes_per_step": [int(r[1]) for r in rows], "losses": losses, "final_loss": losses[-1],
-        "strategy_facts": strategy.describe(), "one_process": cls.one_process,
-    })
+    peak_dev = statistics.mean(r["peak"] for r in ranks)
+    tflops = ctx.model.flops_per_token() * tps / layout.world / 1e12
+    summary.update(
+        status="ok", timed_steps=len(times), tokens_per_s=tps, step_time_s=step_time, step_times_s=times,
+        tflops=tflops, peak_tflops=peak_dev, mfu=tflops / peak_dev if peak_dev else None,
+        peak_mem_bytes=[int(next(iter(r["mem"].values()))) for r in ranks],
+        peak_mem_kind="cuda_max_allocated" if ctx.device.type == "cuda" else "cpu_peak_rss",
+        model_state_bytes=[int(r["state"]) for r in ranks],
+        model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
+        comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
+        measured_on=measured_on, losses=losses, final_loss=losses[-1], strategy_facts=strategy.describe())
     if ctx.device.type == "cuda":
-        summary["peak_reserved_bytes"] = [int(r[7]) for r in rows]
+        summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]
     if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):
-        strategy.save(Path(cfg.checkpoint.dir) / f"step_{steps}", steps)
+        save_checkpoint(strategy, cfg, steps)
     strategy.teardown()
-    ctx.comm.uninstall()
     return summary
 
 
@@ -200,7 +216,7 @@ def worker(cfg, run_dir: Path) -> int:
     summary = base_summary(cfg)
     ctx = None
     try:
-        ctx = init_distributed()
+        ctx = init_distributed(plan(cfg)[2])
         summary = train(cfg, ctx, run_dir, summary)
         code = 0
     except BaseException as e:  # noqa: BLE001 - every failure becomes a status and one line
@@ -208,8 +224,8 @@ def worker(cfg, run_dir: Path) -> int:
         summary.update(status="oom" if oom else "failed", error=one_line(e))
         rank = ctx.rank if ctx else int(os.environ.get("RANK", 0))
         (run_dir / "errors").mkdir(exist_ok=True)
-        (run_dir / "errors" / f"rank{rank}.txt").write_text(summary["error"] + "\n")
-        print(f"parallelkit: rank {rank}: {summary['error']}", file=sys.stderr, flush=True)
+        (run_dir / "errors" / f"rank{rank}.txt").write_text(summary.error + "\n")
+        print(f"parallelkit: rank {rank}: {summary.error}", file=sys.stderr, flush=True)
         if not isinstance(e, Exception):
             raise
         import traceback

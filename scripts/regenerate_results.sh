@@ -5,7 +5,7 @@
 #
 #   bash scripts/regenerate_results.sh                    # all experiments (~30 min on 2 cores)
 #   bash scripts/regenerate_results.sh zero_stages        # only some
-#   EXTRA="model=tiny train.steps=4 train.warmup_steps=1" bash scripts/regenerate_results.sh   # a smoke test
+#   EXTRA="model=tiny train.steps=4 train.untimed_steps=1" bash scripts/regenerate_results.sh   # a smoke test
 #   RESULTS=/tmp/res bash scripts/regenerate_results.sh   # somewhere else
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 # Small and fast: tiny model, few steps. Tests add or override keys.
-FAST = ["model=tiny", "train.steps=6", "train.warmup_steps=1", "train.micro_batch_size=2", "peak_tflops=1"]
+FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1"]
 
 
 def run_cli(out: Path, *overrides: str, module: str = "parallelkit.run", timeout: int = 600,
@@ -47,3 +47,55 @@ def assert_close_trajectory(a: list[float], b: list[float], rtol: float) -> None
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---- in-process ranks: the loop itself on 2 gloo ranks, without the CLI, Hydra or torch's agent ----
+# For parity tests, where the subprocess launch is not what is tested.
+
+def compose_run(*overrides: str, checked: bool = True):
+    """The resolved run config for these overrides, as ``python -m parallelkit.run`` would build it
+    (``checked=False``: composed only, no checks)."""
+    from hydra import compose, initialize_config_dir
+
+    from parallelkit.config import resolve
+    from parallelkit.run import open_strategy_keys
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=open_strategy_keys(["world_size=2", *FAST, *overrides]))
+    return resolve(cfg) if checked else cfg
+
+
+def _rank_main(rank: int, world: int, port: int, run_dir: str) -> None:
+    from omegaconf import OmegaConf
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from parallelkit.train import worker
+
+    code = worker(OmegaConf.load(Path(run_dir) / "config.yaml"), Path(run_dir))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as the real worker: skip interpreter teardown, where backend threads can abort
+
+
+def train_ranks(tmp_path: Path, name: str, *overrides: str) -> dict:
+    """Run the training loop on the layout's processes (spawned, gloo) and return rank 0's summary."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from omegaconf import OmegaConf
+
+    from parallelkit.config import plan
+
+    cfg = compose_run(*overrides)
+    out = tmp_path / name
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nproc = plan(cfg)[2].processes
+    mp.spawn(_rank_main, args=(nproc, port, str(out)), nprocs=nproc, join=True)
+    s = summary(out)
+    assert s["status"] == "ok", s
+    return s

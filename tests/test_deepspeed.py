@@ -6,13 +6,13 @@ stage 1 (which keeps full gradients while it accumulates) differs from stage 2 i
 import json
 
 import pytest
-from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train
+from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train, train_ranks
 from hydra import compose, initialize_config_dir
 
 pytest.importorskip("deepspeed")
 
-from parallelkit.config import ConfigError  # noqa: E402
-from parallelkit.strategies.deepspeed import DeepSpeedStrategy  # noqa: E402
+from parallelkit.config import ConfigError, validate  # noqa: E402
+from parallelkit.run import open_strategy_keys  # noqa: E402
 from parallelkit.strategies.deepspeed_config import aio_available, build_config, sizes  # noqa: E402
 
 PARITY = ["train.steps=12", "train.grad_accum=2", "world_size=2"]
@@ -25,17 +25,17 @@ RTOL = 1e-5
 
 def cfg_of(*overrides: str):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["world_size=2", *overrides])
+        return compose("config", overrides=["world_size=2", *open_strategy_keys(list(overrides))])
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """ddp and ZeRO 0-3 on the same 12 steps; stage 3 also writes checkpoints at steps 6 and 12."""
     tmp = tmp_path_factory.mktemp("ds")
-    out = {"tmp": tmp, "ddp": train(tmp, "ddp", "strategy=ddp", *PARITY)}
+    out = {"tmp": tmp, "ddp": train_ranks(tmp, "ddp", "strategy=ddp", *PARITY)}
     for s in range(4):
         ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6"] if s == 3 else []
-        out[s] = train(tmp, f"zero{s}", "strategy=deepspeed", f"strategy.zero_stage={s}", *PARITY, *ck)
+        out[s] = train_ranks(tmp, f"zero{s}", "strategy=deepspeed", f"strategy.zero_stage={s}", *PARITY, *ck)
     return out
 
 
@@ -77,7 +77,7 @@ def test_stage3_checkpoint_round_trip(runs):
     """Resume at step 6 from the DeepSpeed checkpoint (each rank's shards) and continue exactly."""
     tmp = runs["tmp"]
     assert (tmp / "ck" / "step_6" / "deepspeed").is_dir()
-    resumed = train(tmp, "resumed", "strategy=zero3", *PARITY, f"checkpoint.resume={tmp / 'ck' / 'step_6'}")
+    resumed = train_ranks(tmp, "resumed", "strategy=zero3", *PARITY, f"checkpoint.resume={tmp / 'ck' / 'step_6'}")
     assert_close_trajectory(resumed["losses"], runs[3]["losses"][6:], rtol=1e-6)
 
 
@@ -85,7 +85,7 @@ def test_cpu_offload_trains(runs):
     """Parameters and optimizer state on the CPU, stepped by DeepSpeedCPUAdam (its AdamW rounds differently
     from torch's in the 6th digit, hence 1e-4), the model built already partitioned (deepspeed.zero.Init,
     as for big models): the same weights and the same trajectory as ddp."""
-    s = train(runs["tmp"], "offload", "strategy=zero3_offload", "strategy.zero_init=true", *PARITY)
+    s = train_ranks(runs["tmp"], "offload", "strategy=zero3_offload", "strategy.zero_init=true", *PARITY)
     f = s["strategy_facts"]
     assert (f["offload_optimizer"], f["offload_param"], f["zero_init"]) == ("cpu", "cpu", True)
     assert "CPUAdam" in f["optimizer"] and s["label"] == "deepspeed zero3 offload"
@@ -101,7 +101,7 @@ def test_bf16_with_a_users_config_file(tmp_path):
         "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
         "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 2, "total_num_steps": 10}},
         "zero_optimization": {"stage": 2, "reduce_bucket_size": 50000, "overlap_comm": "auto"}}))
-    s = train(tmp_path, "bf16", "strategy=zero2", f"strategy.config_file={f}", "train.precision=bf16",
+    s = train_ranks(tmp_path, "bf16", "strategy=zero2", f"strategy.config_file={f}", "train.precision=bf16",
               "train.steps=10", "optim.lr=3e-3")
     assert s["losses"][-1] < s["losses"][0] - 0.05, s["losses"]
     ds = json.loads((tmp_path / "bf16" / "deepspeed_config.json").read_text())
@@ -132,7 +132,7 @@ def test_conflicting_batch_size_fails_before_workers(tmp_path):
 ])
 def test_bad_config_is_one_line(overrides, key):
     with pytest.raises(ConfigError) as e:
-        DeepSpeedStrategy.check(cfg_of(*overrides))
+        validate(cfg_of(*overrides))
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
@@ -151,7 +151,7 @@ def test_nvme_offload_trains(runs):
     """ZeRO-Infinity (params and optimizer state swapped to disk, model built under zero.Init) follows ddp;
     its swap folder is removed at the end. The first run on a machine builds DeepSpeed's async_io op."""
     nvme = runs["tmp"] / "nvme"
-    s = train(runs["tmp"], "nvme", "strategy=zero3_nvme", f"strategy.nvme_path={nvme}", "strategy.zero_init=true", *PARITY)
+    s = train_ranks(runs["tmp"], "nvme", "strategy=zero3_nvme", f"strategy.nvme_path={nvme}", "strategy.zero_init=true", *PARITY)
     assert s["label"] == "deepspeed zero3 nvme" and s["strategy_facts"]["zero_init"] is True
     assert_close_trajectory(s["losses"], runs["ddp"]["losses"], rtol=1e-4)
     assert not any(nvme.glob("parallelkit_*"))
@@ -159,7 +159,7 @@ def test_nvme_offload_trains(runs):
 
 @gpu
 def test_fp16_dynamic_loss_scaling_on_gpu(tmp_path):
-    s = train(tmp_path, "fp16", "strategy=zero2", "train.precision=fp16", "train.steps=10", "optim.lr=3e-3",
+    s = train_ranks(tmp_path, "fp16", "strategy=zero2", "train.precision=fp16", "train.steps=10", "optim.lr=3e-3",
               "world_size=null")
     ds = json.loads((tmp_path / "fp16" / "deepspeed_config.json").read_text())
     assert ds["fp16"]["enabled"] is True and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
@@ -168,6 +168,6 @@ def test_fp16_dynamic_loss_scaling_on_gpu(tmp_path):
 
 @gpu
 def test_zero3_bf16_on_gpu(tmp_path):
-    s = train(tmp_path, "bf16", "strategy=zero3", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3",
+    s = train_ranks(tmp_path, "bf16", "strategy=zero3", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3",
               "world_size=null")
     assert s["losses"][-1] < s["losses"][0] and s["peak_mem_kind"] == "cuda_max_allocated"

@@ -8,7 +8,9 @@ from parallelkit.config import ConfigError
 import torch
 from omegaconf import OmegaConf
 
-from parallelkit.estimate import GiB, _acts, deepspeed_state, estimate_all, main, parse_bytes, stage_split
+from parallelkit.estimate import GiB, estimate_all, main, parse_bytes
+from parallelkit.layout import split_stages as stage_split
+from parallelkit.memory_model import activation_values as _acts, deepspeed_state
 from parallelkit.model import GPTConfig, build_model, lm_loss
 
 PSI_1B = 1_313_722_368  # gpt_1b: 24 layers, d_model 2048, vocab 50304, seq 1024, tied

@@ -125,9 +125,11 @@ def test_wrong_pipe_balance_fails_fast(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["strategy=fairscale_tp", "strategy.tp_size=8", "world_size=8"], "model.n_head=4 is not divisible by strategy.tp_size=8"),
+    (["strategy=fairscale_tp", "strategy.tp_size=8", "world_size=8"], "strategy.tp_size=8 does not divide model.n_head=4"),
     (["strategy=fairscale_tp", "model.vocab_size=511"], "model.vocab_size=511 is not divisible by strategy.tp_size=2"),
     (["strategy=fairscale_pipe", "strategy.chunks=3"], "strategy.chunks=3 does not divide train.micro_batch_size=2"),
+    (["strategy=fairscale_pipe", "strategy.chunks=abc"], "strategy.chunks='abc': must be an integer"),
+    (["strategy=fairscale_tp", "strategy.tp_size=3"], "strategy.tp_size=3 does not divide world_size=2: use strategy.tp_size=1 or 2"),
     (["strategy=fairscale_pipe", "strategy.pp_size=3", "strategy.balance=[2,2]"], "must be 3 positive layer counts"),
     (["strategy=fairscale_pipe", "strategy.pp_size=5"], "strategy.pp_size=5 is more stages than the model's 4 layers"),
 ])
@@ -136,9 +138,10 @@ def test_bad_layouts_are_config_errors(overrides, message):
     from hydra import compose, initialize_config_dir
 
     from parallelkit.config import ConfigError, resolve
+    from parallelkit.run import open_strategy_keys
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, *overrides])
+        cfg = compose("config", overrides=open_strategy_keys([*FAST, *overrides]))
     with pytest.raises(ConfigError, match=re.escape(message)):
         resolve(cfg)
 

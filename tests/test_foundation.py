@@ -2,7 +2,7 @@
 import json
 import math
 
-from conftest import FAST, assert_close_trajectory, run_cli, summary, train
+from conftest import FAST, assert_close_trajectory, run_cli, summary, train, train_ranks
 
 CONTRACT_FIELDS = {
     "status", "error", "strategy", "label", "model", "params", "world_size", "dp", "tp", "pp", "precision",
@@ -13,8 +13,8 @@ CONTRACT_FIELDS = {
 
 def test_ddp_matches_single_step_by_step(tmp_path):
     common = ["train.steps=12", "train.grad_accum=2", "world_size=2"]
-    ref = train(tmp_path, "single", "strategy=single", *common)
-    ddp = train(tmp_path, "ddp", "strategy=ddp", *common)
+    ref = train_ranks(tmp_path, "single", "strategy=single", *common)
+    ddp = train_ranks(tmp_path, "ddp", "strategy=ddp", *common)
     assert ref["tokens_per_step"] == ddp["tokens_per_step"]
     assert len(ref["losses"]) == 12
     assert_close_trajectory(ddp["losses"], ref["losses"], rtol=1e-5)
@@ -39,7 +39,7 @@ def test_cli_writes_contract_summary_and_metrics(tmp_path):
 
 def test_synthetic_loss_falls_well_below_ln_vocab(tmp_path):
     s = train(tmp_path, "learn", "strategy=ddp", "train.steps=150", "train.micro_batch_size=8", "optim.lr=3e-3",
-              "train.warmup_steps=1")
+              "train.untimed_steps=1")
     assert s["losses"][0] > math.log(512) - 0.3
     assert s["final_loss"] < 0.6 * math.log(512), s["losses"][-10:]
 
@@ -97,7 +97,7 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
         "train.global_batch_size=7": "train.global_batch_size=7 is not a multiple",
         "data=text data.path=/no/such/file": "data.path='/no/such/file' does not exist",
         "model.n_head=5": "model.n_head=5",
-        "train.warmup_steps=6": "train.warmup_steps=6",
+        "train.untimed_steps=6": "train.untimed_steps=6",
         "train.stepz=5": "train.stepz: no such key",
     }
     for override, message in cases.items():
@@ -130,3 +130,27 @@ def test_one_rank_counts_no_communication(tmp_path):
     """DDP on one rank still calls all_reduce, but nothing leaves the process: 0 bytes."""
     s = train(tmp_path, "w1", "strategy=ddp", "world_size=1")
     assert s["world_size"] == 1 and s["comm_bytes_per_step"] == [0]
+
+
+def test_probe_step_counts_what_instrumented_steps_count(tmp_path):
+    """Communication counted on the untimed probe step (timed steps run the backend's own path) equals the
+    per-step count of the old instrumented path, for DDP's C++ buckets and for DeepSpeed's Python calls."""
+    for strategy in ("ddp", "zero2"):
+        plain = train_ranks(tmp_path, f"{strategy}_plain", f"strategy={strategy}", "train.untimed_steps=2")
+        inst = train_ranks(tmp_path, f"{strategy}_inst", f"strategy={strategy}", "train.untimed_steps=2",
+                           "train.instrument=true")
+        assert plain["losses"] == inst["losses"]  # measuring changes nothing that is computed
+        assert plain["measured_on"].startswith("step 2 (untimed probe step)") and "every timed step" in inst["measured_on"]
+        assert plain["comm_bytes_per_step"] == inst["comm_bytes_per_step"], strategy
+        assert plain["comm_bytes_per_step"][0] >= 4 * plain["params"]  # every gradient reduced once
+        kinds = plain["comm_by_kind"][0]
+        assert sum(k["bytes"] for k in kinds.values()) == plain["comm_bytes_per_step"][0]
+    assert set(plain["comm_by_kind"][0]) >= {"reduce_scatter"} or set(plain["comm_by_kind"][0]) >= {"all_reduce"}
+
+
+def test_old_untimed_step_key_still_works_with_a_note(tmp_path):
+    p = run_cli(tmp_path / "old", *FAST, "train.warmup_steps=2")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "train.warmup_steps is deprecated" in p.stderr and "train.untimed_steps=2" in p.stderr
+    s = summary(tmp_path / "old")
+    assert s["timed_steps"] == 4 and s["measured_on"].startswith("step 2 ")

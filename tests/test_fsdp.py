@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from conftest import assert_close_trajectory, gpu, run_cli, summary, train
+from conftest import assert_close_trajectory, gpu, run_cli, summary, train, train_ranks
 
 # 10 steps, two micro-batches per step (no_sync path), clipping on: the parity configuration.
 PARITY = ["train.steps=10", "train.grad_accum=2", "train.grad_clip=0.5", "world_size=2"]
@@ -18,14 +18,14 @@ PARITY = ["train.steps=10", "train.grad_accum=2", "train.grad_clip=0.5", "world_
 
 @pytest.fixture(scope="module")
 def ddp_ref(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("ref"), "ddp", "strategy=ddp", *PARITY)
+    return train_ranks(tmp_path_factory.mktemp("ref"), "ddp", "strategy=ddp", *PARITY)
 
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
     """fsdp_zero3 with a DCP checkpoint every 5 steps (saving must not change the trajectory)."""
     tmp = tmp_path_factory.mktemp("zero3")
-    s = train(tmp, "zero3", "strategy=fsdp_zero3", *PARITY, f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=5")
+    s = train_ranks(tmp, "zero3", "strategy=fsdp_zero3", *PARITY, f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=5")
     return s, tmp / "ck"
 
 
@@ -44,7 +44,7 @@ def test_zero3_matches_ddp_with_half_the_state(ddp_ref, zero3):
 
 
 def test_zero2_matches_ddp_and_gathers_once(tmp_path, ddp_ref):
-    s = train(tmp_path, "zero2", "strategy=fsdp_zero2", *PARITY)
+    s = train_ranks(tmp_path, "zero2", "strategy=fsdp_zero2", *PARITY)
     assert s["label"] == "fsdp2 zero2" and s["strategy_facts"]["mirrors"] == "ZeRO-2"
     assert_close_trajectory(s["losses"], ddp_ref["losses"], rtol=1e-5)
     assert all(0.48 < f / d < 0.53 for f, d in zip(s["model_state_bytes"], ddp_ref["model_state_bytes"]))
@@ -57,12 +57,12 @@ def test_zero2_matches_ddp_and_gathers_once(tmp_path, ddp_ref):
 def test_dcp_checkpoint_round_trips(tmp_path, zero3):
     full, ck = zero3
     assert (ck / "step_5" / ".metadata").exists() and len(list((ck / "step_5").glob("*.distcp"))) == 2
-    resumed = train(tmp_path, "resumed", "strategy=fsdp_zero3", *PARITY, f"checkpoint.resume={ck}/step_5")
+    resumed = train_ranks(tmp_path, "resumed", "strategy=fsdp_zero3", *PARITY, f"checkpoint.resume={ck}/step_5")
     assert_close_trajectory(resumed["losses"], full["losses"][5:], rtol=1e-5)
 
 
 def test_bf16_mixed_precision_trains(tmp_path):
-    s = train(tmp_path, "bf16", "strategy=fsdp", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3")
+    s = train_ranks(tmp_path, "bf16", "strategy=fsdp", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3")
     assert s["strategy_facts"]["param_dtype"] == "bfloat16" and s["strategy_facts"]["reduce_dtype"] == "float32"
     assert s["losses"][-1] < s["losses"][0] - 0.05, s["losses"]
 
@@ -70,9 +70,9 @@ def test_bf16_mixed_precision_trains(tmp_path):
 def test_activation_checkpointing_same_losses_less_memory(tmp_path):
     # Many narrow layers, long sequences, a big micro-batch: activations dominate the state (0.45M params).
     big = ["strategy=fsdp", "model.n_layer=8", "model.d_model=64", "model.seq_len=256", "train.micro_batch_size=32",
-           "train.steps=3", "train.warmup_steps=1"]
-    plain = train(tmp_path, "plain", *big)
-    ac = train(tmp_path, "ac", *big, "train.activation_checkpointing=true")
+           "train.steps=3", "train.untimed_steps=1"]
+    plain = train_ranks(tmp_path, "plain", *big)
+    ac = train_ranks(tmp_path, "ac", *big, "train.activation_checkpointing=true")
     assert_close_trajectory(ac["losses"], plain["losses"], rtol=1e-6)
     # CPU peak RSS after warm-up; measured ~0.74x here (saved block activations vs block inputs only)
     assert max(ac["peak_mem_bytes"]) < 0.88 * max(plain["peak_mem_bytes"]), (ac["peak_mem_bytes"], plain["peak_mem_bytes"])
@@ -90,7 +90,7 @@ def test_fsdp1_refused_on_cpu_build(tmp_path):
 
 @gpu
 def test_fsdp1_matches_ddp(tmp_path, ddp_ref):
-    s = train(tmp_path, "fsdp1", "strategy=fsdp1", *PARITY)
+    s = train_ranks(tmp_path, "fsdp1", "strategy=fsdp1", *PARITY)
     assert_close_trajectory(s["losses"], ddp_ref["losses"], rtol=1e-5)
 
 
@@ -102,20 +102,23 @@ def _clip_worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
+        from functools import partial
+
+        from parallelkit.layout import Layout
         from parallelkit.model import build_model, lm_loss
         from parallelkit.strategies.base import Context
-        from parallelkit.strategies.fsdp import FSDPStrategy
-        from parallelkit.train import make_optimizer
+        from parallelkit.strategies.fsdp import FSDPOptions, FSDPStrategy
 
         mcfg = OmegaConf.create({"n_layer": 2, "d_model": 64, "n_head": 4, "vocab_size": 512, "seq_len": 64})
         ocfg = OmegaConf.create({"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1})
-        ctx = Context(cfg=None, rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-        s = FSDPStrategy("fsdp", reshard_after_forward=True)
-        s.setup(ctx, lambda: build_model(mcfg, 0), lambda m: make_optimizer(ocfg, m))
+        ctx = Context(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
+                      layout=Layout.data_parallel(world), optim=ocfg)
+        s = FSDPStrategy(FSDPOptions(name="fsdp", reshard_after_forward=True))
+        s.setup(ctx, partial(build_model, mcfg, 0))
         g = torch.Generator().manual_seed(1)
         x, y = torch.randint(0, 512, (2, 2 * world, 64), generator=g)
         s.backward(s.forward_loss(x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]))
-        s.clip_grad_norm(0.1)
+        s.clip(0.1)
         clipped = {n: p.grad.full_tensor() for n, p in s.model.named_parameters()}
 
         ref = build_model(mcfg, 0)  # one unsharded model on the whole global batch

@@ -1,103 +1,193 @@
-"""The Strategy interface: everything that differs between backends, and nothing else."""
+"""The Strategy template: the common work once, hooks where backends differ.
+
+A backend is one file: an ``Options`` dataclass (its typed options and their defaults, the
+only place a default lives), the class methods that run before any worker starts
+(``layout``, ``check``, ``label``, ``memory``), and the hooks it overrides. The base class
+does device placement, precision (autocast, fp16 scaler, unscale before clip), clipping,
+the optimizer from ``optim.py``, accumulation with ``no_sync`` and the optimizer step.
+
+Hooks, in the order ``setup`` calls them: ``build_model`` (default: the whole GPT on the
+device), ``wrap`` (DDP, FSDP, ...), ``make_optimizer`` (default: AdamW over
+``param_groups``), ``wrap_with_optimizer`` (DeepSpeed's engine, ShardedDDP). Per step: ``forward_loss`` / ``loss_fn``, ``backward``, ``no_sync``,
+``clip``, ``optimizer_step``; pipelines replace ``train_step`` whole. ``global_loss`` turns
+what a rank holds into the global batch's loss: the loop records that value for every
+strategy, whatever ranks hold the loss.
+"""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
 from ..config import ConfigError
-from ..model import lm_loss
-from ..metrics import DTYPES
+from ..layout import Layout
+from ..model import GPTConfig, lm_loss
+from ..optim import build_optimizer, param_groups
+from ..precision import Precision
+
+
+@dataclass
+class Options:
+    """Options every strategy has. A backend subclasses this with its own fields."""
+
+    name: str = ""  # the preset's name, shown in tables
+
+    def validate(self) -> None:
+        """Checks of values the types allow but the backend does not (choices, ranges)."""
+
+    def choice(self, key: str, allowed: tuple) -> None:
+        """Refuse a value outside ``allowed`` in one line naming the key and the choices."""
+        v = getattr(self, key)
+        if v not in allowed:
+            raise ConfigError(f"strategy.{key}={v!r}: choose one of {', '.join(map(str, allowed))}")
+
+    def at_least(self, key: str, minimum: int) -> None:
+        v = getattr(self, key)
+        if v is not None and v < minimum:
+            raise ConfigError(f"strategy.{key}={v!r}: must be an integer >= {minimum}")
 
 
 @dataclass
 class Context:
-    """What a strategy needs to know about the run and the process it is in."""
+    """What a strategy may know about the run and the process it is in."""
 
-    cfg: Any  # the resolved run config (OmegaConf)
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    layout: Layout
     precision: str = "fp32"
-    comm: Any = None  # metrics.CommCounter
-    extra: dict = field(default_factory=dict)
+    seed: int = 0
+    model: GPTConfig | None = None
+    optim: Any = None  # optim.* (lr, betas, eps, weight_decay, schedule)
+    train: Any = None  # train.* (micro_batch_size, grad_accum, grad_clip, ...)
+    run_dir: Path | None = None
+    instrument: bool = False  # count communication on every step (the slower, instrumented path)
+    cfg: Any = None  # the whole run config, for backends whose own config mirrors the run's (DeepSpeed)
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return None if self.precision == "fp32" else DTYPES[self.precision]
+
+ModelBuilder = Callable[..., nn.Module]  # (device=..., init=...) -> GPT
 
 
-ModelFactory = Callable[[], nn.Module]
-OptimizerFactory = Callable[[Any], torch.optim.Optimizer]  # params or param groups -> optimizer
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false", "String": "a string"}
 
 
 class Strategy:
-    """Default behaviour is plain PyTorch on one process; subclasses override what differs.
+    Options = Options
+    one_process = False  # one process drives every device (FairScale Pipe)
+    autocast_forward = True  # False when the backend casts the model itself
+    scaler_class = None  # fp16 loss scaler; None: torch.amp.GradScaler (sharded gradients need a sharded one)
 
-    The training loop only calls: ``setup``, ``train_step``, ``set_lr``, ``state_tensors``,
-    ``save`` / ``load``, ``describe`` and ``teardown``. ``train_step`` is built from
-    ``forward_loss``, ``backward``, ``no_sync`` and ``optimizer_step``, which most
-    backends override one at a time; pipelines override ``train_step`` whole.
-    """
-
-    one_process = False  # True when one process drives every device (e.g. FairScale Pipe)
-
-    def __init__(self, name: str, **options: Any):
-        self.name, self.options = name, options
-        self.model: nn.Module | None = None
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.model: nn.Module | None = None  # what forward calls (the wrapper)
+        self.module: nn.Module | None = None  # the GPT inside it
         self.optimizer: torch.optim.Optimizer | None = None
-        self.scaler = None
+        self.measuring = False  # set by the loop on the untimed probe step
 
-    # ---- checks before any worker starts (run in the launching process) ----
+    # ---- before any worker starts (in the launching process; again in each worker) ----
     @classmethod
-    def check(cls, cfg) -> None:
-        """Raise ConfigError for a layout or option this backend cannot run."""
+    def options(cls, cfg) -> Options:
+        """``cfg.strategy`` checked against ``Options``: one line for a wrong type or an unknown option.
+        The defaults are written back into ``cfg.strategy``, so the saved config is complete."""
+        raw = OmegaConf.to_container(cfg.strategy, resolve=True) if isinstance(cfg.strategy, DictConfig) else dict(cfg.strategy)
+        raw.pop("_target_", None)
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cls.Options), raw)
+            opts = OmegaConf.to_object(merged)
+        except ConfigKeyError as e:
+            names = ", ".join(f.name for f in dataclasses.fields(cls.Options) if f.name != "name")
+            raise ConfigError(f"strategy.{e.key}: no such option of strategy {raw.get('name')}; its options are "
+                              f"{names or '(none)'}") from None
+        except OmegaConfBaseException as e:
+            first = str(e).splitlines()[0]
+            want = next((w for k, w in _TYPE_WORDS.items() if k in first), "of the documented type")
+            value = OmegaConf.select(OmegaConf.create(raw), str(e.full_key).split("[")[0])
+            raise ConfigError(f"strategy.{e.full_key}={value!r}: must be {want}") from None
+        opts.name = opts.name or OmegaConf.select(cfg, "strategy.name") or cls.__name__
+        opts.validate()
+        with open_dict(cfg.strategy):
+            for f in dataclasses.fields(opts):
+                cfg.strategy[f.name] = getattr(opts, f.name)
+        return opts
 
     @classmethod
-    def layout(cls, cfg) -> dict[str, int]:
-        """Degrees of parallelism for the configured world size: world, dp, tp, pp, processes."""
-        w = cfg.world_size
-        return {"world": w, "dp": w, "tp": 1, "pp": 1, "processes": w}
+    def layout(cls, cfg, o: Options) -> Layout:
+        return Layout.data_parallel(cfg.world_size)
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return cfg.strategy.name
+    def check(cls, cfg, o: Options) -> None:
+        """Raise ConfigError for a layout or an option this backend cannot run."""
 
-    # ---- in the worker ----
-    def setup(self, ctx: Context, model_factory: ModelFactory, optimizer_factory: OptimizerFactory) -> None:
+    @classmethod
+    def label(cls, cfg, o: Options) -> str:
+        return o.name
+
+    @classmethod
+    def memory(cls, cfg, o: Options, layout: Layout, mem: int | None) -> dict:
+        """Predicted bytes per rank by part (see memory_model.py); the default is a full replica."""
+        from ..memory_model import replica
+
+        return replica(cfg, layout, ddp_buckets=False)
+
+    # ---- in the worker: the template ----
+    def setup(self, ctx: Context, build: ModelBuilder) -> None:
         self.ctx = ctx
-        self.model = model_factory().to(ctx.device)
-        self.optimizer = optimizer_factory(self.model)
-        if ctx.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(ctx.device.type)
+        self.precision = Precision(ctx.precision, ctx.device, self.scaler_class)
+        self.module = self.build_model(build)
+        self.model = self.wrap(self.module)
+        self.optimizer = self.make_optimizer(self.module)
+        self.model, self.optimizer = self.wrap_with_optimizer(self.model, self.optimizer)
+
+    def build_model(self, build: ModelBuilder) -> nn.Module:
+        return build(device=self.ctx.device)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def param_groups(self, module: nn.Module) -> list[dict]:
+        return param_groups(module, self.ctx.optim.weight_decay)
+
+    def make_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(self.ctx.optim, self.param_groups(module))
+
+    def wrap_with_optimizer(self, model: nn.Module, optimizer) -> tuple[nn.Module, Any]:
+        """For backends that wrap model and optimizer together (DeepSpeed's engine, ShardedDDP + OSS)."""
+        return model, optimizer
+
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose state this rank holds (a sharding wrapper's inner one)."""
+        return self.optimizer
+
+    def data_ranks(self) -> list[int]:
+        """The sampler ranks whose micro-batches this process consumes."""
+        return self.ctx.layout.data_ranks_of(self.dp_rank)
 
     @property
     def dp_rank(self) -> int:
-        return self.ctx.rank
-
-    def dp_ranks_per_process(self) -> list[int]:
-        """The data-parallel ranks whose micro-batches this process consumes."""
-        return [self.dp_rank]
+        return self.ctx.rank // (self.ctx.layout.tp * self.ctx.layout.pp)
 
     def autocast(self):
-        dt = self.ctx.autocast_dtype
-        if dt is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=dt)
+        return self.precision.autocast() if self.autocast_forward else contextlib.nullcontext()
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits, y)
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             logits = self.model(x)
-        return lm_loss(logits, y)
+        return self.loss_fn(logits, y)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.precision.backward(loss)
 
     def no_sync(self):
         return contextlib.nullcontext()
@@ -105,22 +195,18 @@ class Strategy:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+    def clip(self, max_norm: float) -> None:
+        """Clip to the global gradient norm (gradients already unscaled)."""
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def optimizer_step(self, grad_clip: float) -> None:
         if grad_clip:
-            self.clip_grad_norm(grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            self.precision.unscale(self.optimizer)
+            self.clip(grad_clip)
+        self.precision.step(self.optimizer)
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float) -> torch.Tensor:
-        """One optimizer step over this process's micro-batches; returns their mean loss."""
+        """One optimizer step over this process's micro-batches; returns their mean loss (this rank's view)."""
         self.zero_grad()
         total = torch.zeros((), device=self.ctx.device)
         n = len(micro_batches)
@@ -129,43 +215,49 @@ class Strategy:
             with self.no_sync() if i < n - 1 else contextlib.nullcontext():
                 loss = self.forward_loss(x, y)
                 self.backward(loss / n)
-            total += loss.detach()
+            total += loss.detach().float()
         self.optimizer_step(grad_clip)
         return total / n
+
+    def global_loss(self, local: torch.Tensor) -> float:
+        """The global batch's loss from each rank's mean: the mean over ranks (tensor-parallel peers hold
+        the same value, so the world mean is the data-parallel mean). Pipelines override it."""
+        if self.ctx.layout.processes > 1 and dist.is_initialized():
+            local = local.detach().clone()
+            dist.all_reduce(local)
+            local /= dist.get_world_size()
+        return float(local)
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def reduce_loss(self, loss: torch.Tensor) -> float:
-        """Mean of the step's loss over the data-parallel ranks (the global batch's loss)."""
-        if dist.is_initialized() and self.ctx.world_size > 1:
-            loss = loss.clone()
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss /= self.ctx.world_size  # tp/pp peers hold the same value, so world mean = dp mean
-        return float(loss)
-
+    # ---- measurement, on untimed steps ----
     def state_tensors(self) -> dict[str, list[torch.Tensor]]:
         """This rank's parameters, gradients and optimizer state, for ``model_state_bytes``."""
-        params = list(self.model.parameters())
-        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        params = list(self.module.parameters())
+        state = self.inner_optimizer().state
+        optim = [v for s in state.values() for v in s.values() if torch.is_tensor(v)]
         return {"params": params, "grads": [p.grad for p in params], "optimizer": optim}
 
-    def model_for_export(self) -> nn.Module:
-        return self.model
+    def probe_comm(self) -> dict[str, tuple[int, int]]:
+        """{kind: (calls, bytes)} moved on the probe step by C++ paths the Python counter cannot see."""
+        return {}
 
-    # ---- checkpoints: rank 0 writes one consolidated file; every rank reads it ----
-    def save(self, path: Path, step: int) -> None:
+    # ---- checkpoints: the loop writes step and metadata (meta.json); a strategy its own state ----
+    def save(self, path: Path) -> None:
+        """Default: rank 0 writes the whole model and optimizer as one file."""
         if self.ctx.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            state = {"model": self.model_for_export().state_dict(), "optimizer": self.optimizer.state_dict(), "step": step}
-            torch.save(state, path / "state.pt")
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, path / "state.pt")
 
-    def load(self, path: Path) -> int:
-        state = torch.load(path / "state.pt", map_location=self.ctx.device, weights_only=False)
-        self.model_for_export().load_state_dict(state["model"])
+    def load(self, path: Path) -> None:
+        f = path / "state.pt"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: checkpoint.resume needs a checkpoint written by a strategy "
+                                    f"with the same checkpoint format")
+        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return state["step"]
 
     def describe(self) -> dict[str, Any]:
         """Facts for the report: what is sharded, anything the reader should know."""
@@ -173,9 +265,3 @@ class Strategy:
 
     def teardown(self) -> None:
         pass
-
-
-def check_positive_int(value, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    return value

@@ -11,7 +11,7 @@ one local (sharded) file per rank.
 """
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,71 +19,70 @@ from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
 from fairscale.optim.grad_scaler import ShardedGradScaler
 
 from ..config import ConfigError, cuda_available
-from ..metrics import DTYPES
-from ..train import param_groups
-from .base import Strategy
+from ..precision import DTYPES
+from .base import Options, Strategy
+from .fsdp import fsdp_memory
+
+
+@dataclass
+class FairScaleFSDPOptions(Options):
+    reshard_after_forward: bool = True  # true: ZeRO-3 (gather again in backward); false: keep gathered params (ZeRO-2)
+    cpu_offload: bool = False  # keep the fp32 shards and the optimizer step on the CPU
 
 
 class FairScaleFSDPStrategy(Strategy):
+    Options = FairScaleFSDPOptions
+    scaler_class = ShardedGradScaler
+    autocast_forward = False  # FSDP casts parameters to compute_dtype itself
+
     @classmethod
-    def check(cls, cfg) -> None:
+    def check(cls, cfg, o) -> None:
         if not cuda_available():
             raise ConfigError("strategy=fairscale_fsdp needs a CUDA GPU (FairScale's FSDP allocates on CUDA): "
                               "on CPU use strategy=fsdp (PyTorch FSDP2) or strategy=fairscale_oss")
-        for key in ("reshard_after_forward", "cpu_offload"):
-            if not isinstance(cfg.strategy.get(key, False), bool):
-                raise ConfigError(f"strategy.{key}={cfg.strategy.get(key)!r}: must be true or false")
 
     @classmethod
-    def label(cls, cfg) -> str:
-        s = cfg.strategy
-        return (f"fairscale fsdp {'zero3' if s.get('reshard_after_forward', True) else 'zero2'}"
-                + (" offload" if s.get("cpu_offload", False) else ""))
+    def label(cls, cfg, o) -> str:
+        return f"fairscale fsdp {'zero3' if o.reshard_after_forward else 'zero2'}" + (" offload" if o.cpu_offload else "")
 
-    def setup(self, ctx, model_factory, optimizer_factory) -> None:
-        self.ctx = ctx
-        model = model_factory().to(ctx.device)
-        groups = param_groups(model, ctx.cfg.optim.weight_decay)  # before sharding flattens every tensor to 1-D
-        low = ctx.precision != "fp32"
-        kw = {"reshard_after_forward": bool(self.options.get("reshard_after_forward", True)),
-              "mixed_precision": low, "compute_dtype": DTYPES[ctx.precision] if low else None,
+    @classmethod
+    def memory(cls, cfg, o, layout, mem):
+        return fsdp_memory(cfg, o, layout.dp)
+
+    def wrap(self, model):
+        self._groups = super().param_groups(model)  # before sharding flattens every tensor to 1-D
+        low = self.ctx.precision != "fp32"
+        kw = {"reshard_after_forward": self.opts.reshard_after_forward,
+              "mixed_precision": low, "compute_dtype": DTYPES[self.ctx.precision] if low else None,
               "fp32_reduce_scatter": low, "flatten_parameters": False,
-              "move_params_to_cpu": bool(self.options.get("cpu_offload", False)),
-              "compute_device": ctx.device}
+              "move_params_to_cpu": self.opts.cpu_offload, "compute_device": self.ctx.device}
         for i, block in enumerate(model.blocks):
             model.blocks[i] = FSDP(block, **kw)
-        self.model = FSDP(model, **kw)
-        self.optimizer = optimizer_factory(groups)  # the same Parameter objects, now holding this rank's shard
-        if ctx.precision == "fp16":
-            self.scaler = ShardedGradScaler()
+        return FSDP(model, **kw)
 
-    def autocast(self):
-        return contextlib.nullcontext()  # FSDP casts parameters to compute_dtype itself
+    def param_groups(self, module) -> list[dict]:
+        return self._groups  # the same Parameter objects, now holding this rank's shard
 
     def no_sync(self):
         return self.model.no_sync()
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+    def clip(self, max_norm: float) -> None:
         self.model.clip_grad_norm_(max_norm)  # norms of the gradient shards, all-reduced
 
-    def save(self, path: Path, step: int) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.local_state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
+    def save(self, path: Path) -> None:
+        state = {"model": self.model.local_state_dict(), "optimizer": self.optimizer.state_dict(),
                  "world_size": self.ctx.world_size}
         torch.save(state, path / f"rank{self.ctx.rank}.pt")
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path) -> None:
         f = Path(path) / f"rank{self.ctx.rank}.pt"
         if not f.exists():
             raise FileNotFoundError(f"{f} missing: resume a fairscale_fsdp checkpoint with the same world_size")
         state = torch.load(f, map_location=self.ctx.device, weights_only=False)
         self.model.load_local_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return state["step"]
 
     def describe(self) -> dict:
         return {"sharded": "parameters, gradients and optimizer state (FairScale FSDP per block + root)",
-                "reshard_after_forward": bool(self.options.get("reshard_after_forward", True)),
+                "reshard_after_forward": self.opts.reshard_after_forward,
                 "checkpoint": "local shards, one file per rank"}

@@ -13,6 +13,7 @@ so a local ``clip_grad_norm_`` would scale each shard by a different factor.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,49 +21,68 @@ import torch.distributed as dist
 from fairscale.nn.data_parallel import ShardedDataParallel
 from fairscale.optim import OSS
 from fairscale.optim.grad_scaler import ShardedGradScaler
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import ConfigError
-from ..train import optimizer_kwargs, param_groups
-from .base import Strategy
-from .ddp import _python_allreduce
+from ..memory_model import activations, replica_state
+from ..model import GPTConfig
+from ..optim import adamw_kwargs
+from .base import Options, Strategy
+from .ddp import ddp_probe_comm, ddp_wrap
+
+
+@dataclass
+class OSSOptions(Options):
+    sharded_ddp: bool = True  # false: plain torch DDP instead (the fairscale_oss_ddp preset)
+    reduce_buffer_size: int = 0  # ShardedDDP bucket, in elements; 0 = no buckets, gradients of other ranks' params freed
+    broadcast_fp16: bool = False  # send updated parameters as fp16 (only with bf16/fp16 training)
+
+    def validate(self) -> None:
+        if self.reduce_buffer_size < 0:
+            raise ConfigError(f"strategy.reduce_buffer_size={self.reduce_buffer_size}: must be an integer >= 0 "
+                              "(elements; 0 = no buckets)")
 
 
 class FairScaleOSSStrategy(Strategy):
+    Options = OSSOptions
+    scaler_class = ShardedGradScaler  # torch's GradScaler would see only this rank's shard
+
     @classmethod
-    def check(cls, cfg) -> None:
-        size = cfg.strategy.get("reduce_buffer_size", 0)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ConfigError(f"strategy.reduce_buffer_size={size!r}: must be an integer >= 0 (elements; 0 = no buckets)")
-        if cfg.strategy.get("broadcast_fp16") and cfg.train.precision == "fp32":
+    def check(cls, cfg, o) -> None:
+        if o.broadcast_fp16 and cfg.train.precision == "fp32":
             raise ConfigError("strategy.broadcast_fp16=true rounds the parameters to fp16 on every step: "
                               "use it with train.precision=bf16/fp16, or set it to false")
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return "fairscale oss + sharded ddp" if cfg.strategy.get("sharded_ddp", True) else "fairscale oss + ddp (zero-1)"
+    def label(cls, cfg, o) -> str:
+        return "fairscale oss + sharded ddp" if o.sharded_ddp else "fairscale oss + ddp (zero-1)"
 
-    @property
-    def sharded_ddp(self) -> bool:
-        return bool(self.options.get("sharded_ddp", True))
+    @classmethod
+    def memory(cls, cfg, o, layout, mem):
+        n, psi = layout.dp, GPTConfig.from_cfg(cfg.model).num_params()
+        r = replica_state(cfg, psi)
+        r["optimizer"] /= n
+        if not o.sharded_ddp:
+            r["buffers"] += 4 * psi  # DDP's buckets
+        elif not o.reduce_buffer_size:
+            r["grads"] /= n  # gradients of other ranks' parameters are dropped once reduced
+        return {**r, "activations": activations(cfg)}
 
-    def setup(self, ctx, model_factory, optimizer_factory) -> None:
-        self.ctx = ctx
-        module = model_factory().to(ctx.device)
-        optim = ctx.cfg.optim
-        # OSS turns the parameters into views of per-rank flat buffers, so it comes before the wrapper.
-        self.optimizer = OSS(param_groups(module, optim.weight_decay), optim=torch.optim.AdamW,
-                             broadcast_fp16=bool(self.options.get("broadcast_fp16", False)), **optimizer_kwargs(optim))
-        if self.sharded_ddp:
-            self.model = ShardedDataParallel(module, self.optimizer,
-                                             reduce_buffer_size=int(self.options.get("reduce_buffer_size", 0)))
-        else:
-            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.model = DDP(module, device_ids=ids)
-            if ctx.comm is not None:  # route DDP's buckets through Python so the CommCounter sees them
-                self.model.register_comm_hook(None, _python_allreduce)
-        if ctx.precision == "fp16":
-            self.scaler = ShardedGradScaler()  # torch's GradScaler would see only this rank's shard
+    def make_optimizer(self, module):
+        # OSS wraps the optimizer class and turns the parameters into views of per-rank flat buffers,
+        # so it comes before the wrapper (wrap below uses it).
+        return OSS(self.param_groups(module), optim=torch.optim.AdamW, broadcast_fp16=self.opts.broadcast_fp16,
+                   **adamw_kwargs(self.ctx.optim))
+
+    def wrap(self, module):
+        return module if self.opts.sharded_ddp else ddp_wrap(module, self.ctx)
+
+    def wrap_with_optimizer(self, model, optimizer):
+        if self.opts.sharded_ddp:  # ShardedDDP needs the OSS instance
+            model = ShardedDataParallel(model, optimizer, reduce_buffer_size=self.opts.reduce_buffer_size)
+        return model, optimizer
+
+    def inner_optimizer(self):
+        return self.optimizer.optim  # the AdamW over this rank's shard: the only optimizer state held here
 
     def no_sync(self):
         return self.model.no_sync()
@@ -70,29 +90,20 @@ class FairScaleOSSStrategy(Strategy):
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)  # ShardedDDP zeroes its bucket views instead of dropping them
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        self.optimizer.clip_grad_norm(max_norm)
+    def clip(self, max_norm: float) -> None:
+        self.optimizer.clip_grad_norm(max_norm)  # a rank holds only its shard's gradients: OSS reduces the norm
 
-    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        params = list(self.model.module.parameters())
-        inner = self.optimizer.optim  # the AdamW over this rank's shard: the only optimizer state held here
-        optim = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
-        return {"params": params, "grads": [p.grad for p in params], "optimizer": optim}
+    def probe_comm(self):
+        return ddp_probe_comm(self.model, self.ctx.instrument)
 
-    def model_for_export(self):
-        return self.model.module
-
-    def save(self, path: Path, step: int) -> None:
+    def save(self, path: Path) -> None:
         """Every rank sends its optimizer shard to rank 0, which writes one plain PyTorch checkpoint."""
         self.optimizer.consolidate_state_dict(recipient_rank=0)
-        super().save(path, step)
-        dist.barrier()
+        super().save(path)
 
     def describe(self) -> dict:
-        if self.sharded_ddp:
-            grads = ("gradients (reduced to their owner rank, others dropped)" if not self.options.get("reduce_buffer_size")
+        if self.opts.sharded_ddp:
+            grads = ("gradients (reduced to their owner rank, others dropped)" if not self.opts.reduce_buffer_size
                      else "nothing else (ShardedDDP reduce buckets keep full-size gradients)")
             return {"sharded": f"optimizer state (OSS) and {grads}", "wrapper": "fairscale ShardedDataParallel"}
         return {"sharded": "optimizer state (OSS); gradients all-reduced in full by torch DDP", "wrapper": "torch DDP"}

@@ -16,37 +16,41 @@ optimizer and the gradient norm see the tied weight once, as in ``single``.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from fairscale.nn import Pipe
-from fairscale.nn.pipe.balance import blockpartition
 from torch import nn
 
 from ..config import ConfigError, cuda_available, under_torchrun
+from ..layout import Layout, split_stages
+from ..memory_model import activation_values
 from ..model import GPTConfig, lm_loss
-from ..train import param_groups
-from .base import Strategy, check_positive_int
-
-CHECKPOINT_MODES = ("never", "except_last", "always")
+from .base import Options, Strategy
 
 
-def layer_costs(c: GPTConfig) -> list[int]:
-    """Parameters per layer of ``GPT.layers()``; the tied head counts its V x d matmul too."""
-    d, V = c.d_model, c.vocab_size
-    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-    return [V * d + c.seq_len * d, *[block] * c.n_layer, 2 * d + V * d]
+@dataclass
+class PipeOptions(Options):
+    pp_size: int = 2  # pipeline stages (= devices)
+    balance: Optional[list[int]] = None  # layers per stage (embedding + n_layer blocks + head); null = by parameter count
+    chunks: int = 2  # pipeline micro-batches per micro-batch; must divide train.micro_batch_size
+    checkpoint: str = "never"  # never | except_last | always: recompute activations of pipeline micro-batches
+
+    def validate(self) -> None:
+        self.at_least("pp_size", 1)
+        self.at_least("chunks", 1)
+        self.choice("checkpoint", ("never", "except_last", "always"))
 
 
-def stage_balance(cfg) -> list[int]:
-    """The configured balance, or a contiguous split of the layers by parameter count."""
-    pp = cfg.strategy.get("pp_size", 2)
-    balance = cfg.strategy.get("balance")
-    if balance is None:
-        return [len(p) for p in blockpartition.solve(layer_costs(GPTConfig.from_cfg(cfg.model)), pp)]
-    return list(balance)
+def stage_balance(c: GPTConfig, o: PipeOptions) -> list[int]:
+    """The configured balance, or the split of the layers by parameter count (the same function the
+    estimator uses); the last stage holds its own copy of a tied head, so it counts there."""
+    if o.balance is not None:
+        return list(o.balance)
+    return split_stages(c.layer_params(own_head=True), o.pp_size)
 
 
 class _Autocast(nn.Module):
@@ -62,28 +66,30 @@ class _Autocast(nn.Module):
 
 
 class FairScalePipeStrategy(Strategy):
+    Options = PipeOptions
     one_process = True
+    autocast_forward = False  # done per stage (_Autocast)
 
     @classmethod
-    def check(cls, cfg) -> None:
-        pp = check_positive_int(cfg.strategy.get("pp_size", 2), "strategy.pp_size")
-        chunks = check_positive_int(cfg.strategy.get("chunks", 1), "strategy.chunks")
-        n = cfg.model.n_layer + 2
+    def layout(cls, cfg, o) -> Layout:
+        return Layout(world=o.pp_size, dp=1, pp=o.pp_size, processes=1, ranks_per_process=cfg.world_size)
+
+    @classmethod
+    def check(cls, cfg, o) -> None:
+        pp, n = o.pp_size, cfg.model.n_layer + 2
         if pp > n:
             raise ConfigError(f"strategy.pp_size={pp} is more stages than the model's {n} layers "
-                              f"(embedding + {cfg.model.n_layer} blocks + head)")
-        if cfg.train.micro_batch_size % chunks:
-            raise ConfigError(f"strategy.chunks={chunks} does not divide train.micro_batch_size="
-                              f"{cfg.train.micro_batch_size}: each micro-batch is cut into chunks pipeline micro-batches")
-        if cfg.strategy.get("checkpoint", "never") not in CHECKPOINT_MODES:
-            raise ConfigError(f"strategy.checkpoint={cfg.strategy.get('checkpoint')!r}: choose one of {', '.join(CHECKPOINT_MODES)}")
-        balance = cfg.strategy.get("balance")
-        if balance is not None:
-            ok = all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in balance)
-            if not ok or len(balance) != pp or sum(balance) != n:
-                raise ConfigError(f"strategy.balance={list(balance)} must be {pp} positive layer counts (strategy.pp_size) "
-                                  f"summing to the model's {n} layers (embedding + {cfg.model.n_layer} blocks + head); "
-                                  f"or null to split by parameter count")
+                              f"(embedding + {cfg.model.n_layer} blocks + head): use strategy.pp_size <= {n}")
+        if cfg.train.micro_batch_size % o.chunks:
+            fits = [d for d in range(1, cfg.train.micro_batch_size + 1) if cfg.train.micro_batch_size % d == 0]
+            raise ConfigError(f"strategy.chunks={o.chunks} does not divide train.micro_batch_size="
+                              f"{cfg.train.micro_batch_size}: each micro-batch is cut into chunks pipeline micro-batches; "
+                              f"use strategy.chunks={' or '.join(map(str, fits))}")
+        if o.balance is not None and (len(o.balance) != pp or sum(o.balance) != n or min(o.balance) < 1):
+            raise ConfigError(f"strategy.balance={list(o.balance)} must be {pp} positive layer counts (strategy.pp_size) "
+                              f"summing to the model's {n} layers (embedding + {cfg.model.n_layer} blocks + head), "
+                              f"e.g. {split_stages(GPTConfig.from_cfg(cfg.model).layer_params(), pp)}; "
+                              f"or null to split by parameter count")
         if under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
             raise ConfigError("strategy=fairscale_pipe is one process driving every stage: start it with "
                               "python -m parallelkit.run, or torchrun --nproc_per_node=1")
@@ -92,87 +98,92 @@ class FairScalePipeStrategy(Strategy):
                               f"lower strategy.pp_size")
 
     @classmethod
-    def layout(cls, cfg) -> dict[str, int]:
-        pp = check_positive_int(cfg.strategy.get("pp_size", 2), "strategy.pp_size")  # layout runs before check
-        return {"world": pp, "dp": 1, "tp": 1, "pp": pp, "processes": 1, "virtual_dp": cfg.world_size}
+    def label(cls, cfg, o) -> str:
+        return f"fairscale pipe pp{o.pp_size} (1 process)"
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return f"fairscale pipe pp{cfg.strategy.get('pp_size', 2)} (1 process)"
+    def memory(cls, cfg, o, layout, mem):
+        """The largest stage: its layers' state (the last also its head copy, not stepped by the optimizer) and
+        GPipe's activations: every chunk's stage inputs, plus whole chunks where checkpointing keeps them."""
+        c, t = GPTConfig.from_cfg(cfg.model), cfg.train
+        d, V, T, L, b = c.d_model, c.vocab_size, c.seq_len, c.n_layer, t.micro_batch_size
+        costs, mp, ckpt = c.layer_params(own_head=True), t.precision != "fp32", bool(t.activation_checkpointing)
+        rows, start = [], 0
+        for n in stage_balance(c, o):
+            layers = range(start, start + n)
+            start += n
+            psi = sum(costs[j] for j in layers)
+            blocks = sum(1 for j in layers if 0 < j <= L)
+            no_opt = V * d if c.tie_weights and L + 1 in layers else 0
+            r = {"params": 4 * psi, "grads": 4 * psi, "optimizer": 8 * (psi - no_opt), "buffers": 2 * psi if mp else 0,
+                 "offloaded": 0}
+            if ckpt or o.checkpoint == "never":
+                act = activation_values(c, b, blocks, 1, ckpt)
+            else:  # stage inputs of every chunk + the chunks kept whole (except_last: the last one) + one recomputed
+                act = blocks * T * b * d + (2 if o.checkpoint == "except_last" else 1) * activation_values(c, b / o.chunks, blocks)
+            act = (act + (2 * T * b * d if L + 1 in layers else 0)) * (2 if mp else 4)  # + the head's two inputs
+            if L + 1 in layers:
+                act += 8 * b * T * V
+            rows.append({**r, "activations": act})
+        return max(rows, key=sum_parts)
 
-    def setup(self, ctx, model_factory, optimizer_factory) -> None:
-        self.ctx = ctx
-        cfg = ctx.cfg
-        pp = self.options.get("pp_size", 2)
-        self.gpt = model_factory()  # on the CPU; Pipe moves each stage to its device
-        head, embed = self.gpt.head.out, self.gpt.embed.tok
-        self.tied = head.weight is embed.weight
-        self.params = list(self.gpt.parameters())  # what the optimizer steps: the tied weight once
+    def build_model(self, build):
+        gpt = build(device="cpu")  # Pipe moves each stage to its device
+        self.tied = gpt.head.out.weight is gpt.embed.tok.weight
         if self.tied:
-            head.weight = nn.Parameter(embed.weight.detach().clone())
-        layers = self.gpt.layers()
-        if ctx.autocast_dtype is not None:
-            layers = [_Autocast(layer, ctx.autocast_dtype) for layer in layers]
+            gpt.head.out.weight = nn.Parameter(gpt.embed.tok.weight.detach().clone())
+        return gpt
+
+    def wrap(self, gpt):
+        ctx, pp = self.ctx, self.opts.pp_size
+        layers = gpt.layers()
+        if self.precision.dtype is not None:
+            layers = [_Autocast(layer, self.precision.dtype) for layer in layers]
         self.devices = [f"cuda:{i}" for i in range(pp)] if ctx.device.type == "cuda" else ["cpu"] * pp
-        self.balance = stage_balance(cfg)
+        self.balance = stage_balance(ctx.model, self.opts)
         with warnings.catch_warnings():  # "deprecated, upstreamed to torch.distributed.pipeline.sync" (since removed)
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.model = Pipe(nn.Sequential(*layers), balance=self.balance, devices=self.devices,
-                              chunks=self.options.get("chunks", 1), checkpoint=self.options.get("checkpoint", "never"))
-        groups = param_groups(self.gpt, cfg.optim.weight_decay)
+            return Pipe(nn.Sequential(*layers), balance=self.balance, devices=self.devices, chunks=self.opts.chunks,
+                        checkpoint=self.opts.checkpoint)
+
+    def param_groups(self, module):
+        groups = super().param_groups(module)
+        head = module.head.out.weight
         for g in groups:  # the head's copy of a tied weight is refreshed, not stepped
-            g["params"] = [p for p in g["params"] if not (self.tied and p is head.weight)]
-        self.optimizer = optimizer_factory(groups)
-        if ctx.precision == "fp16":
-            self.scaler = torch.amp.GradScaler("cuda")
-
-    def dp_ranks_per_process(self) -> list[int]:
-        return list(range(self.ctx.cfg.world_size))
-
-    def autocast(self):
-        return contextlib.nullcontext()  # done per stage (_Autocast)
+            g["params"] = [p for p in g["params"] if not (self.tied and p is head)]
+        return groups
 
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.model(x.to(self.devices[0]))
         return lm_loss(logits, y.to(logits.device)).to(self.ctx.device)
 
     def optimizer_step(self, grad_clip: float) -> None:
-        head, embed = self.gpt.head.out.weight, self.gpt.embed.tok.weight
+        head, embed = self.module.head.out.weight, self.module.embed.tok.weight
         if self.tied and head.grad is not None:  # d loss / d tied weight = sum of both uses
             embed.grad = head.grad.to(embed.device) if embed.grad is None else embed.grad.add_(head.grad.to(embed.device))
             head.grad = None
-        super().optimizer_step(grad_clip)
+        super().optimizer_step(grad_clip)  # clips over the tied weight once, as single does
         if self.tied:
             with torch.no_grad():
                 head.copy_(embed)
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-
-    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
-        params = list(self.gpt.parameters())  # all stages, on all devices: this one process holds them
-        optim = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        return {"params": params, "grads": [p.grad for p in params], "optimizer": optim}
-
-    def model_for_export(self):
-        return self.gpt  # same keys as single's GPT (the head copy saves under head.out.weight)
-
-    def load(self, path) -> int:
-        step = super().load(path)
+    def load(self, path) -> None:
+        super().load(path)
         if self.tied:
             with torch.no_grad():
-                self.gpt.head.out.weight.copy_(self.gpt.embed.tok.weight)
-        return step
+                self.module.head.out.weight.copy_(self.module.embed.tok.weight)
 
     def describe(self) -> dict:
-        pp = len(self.devices)
+        pp, n = len(self.devices), self.ctx.layout.ranks_per_process
         return {
             "sharded": f"layers split into {pp} pipeline stages, balance {self.balance}",
-            "one_process": True, "devices": self.devices, "chunks": self.options.get("chunks", 1),
+            "one_process": True, "devices": self.devices, "chunks": self.opts.chunks,
             "note": (f"one process driving {pp} devices ({', '.join(self.devices)}) over the global batch of "
-                     f"{self.ctx.cfg.world_size} data-parallel ranks; throughput is not comparable with data-parallel runs"
+                     f"{n} data-parallel ranks; throughput is not comparable with data-parallel runs"
                      + ("; on CPU the stages share the same cores, so nothing overlaps" if self.devices[0] == "cpu" else "")
                      + ("; peak memory is cuda:0's only" if self.devices[0] != "cpu" else "")),
         }
+
+
+def sum_parts(r: dict) -> float:
+    return sum(r[k] for k in ("params", "grads", "optimizer", "buffers", "activations"))

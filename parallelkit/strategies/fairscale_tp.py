@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +28,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config import ConfigError
-from ..model import GPT, lm_loss
-from .base import Strategy, check_positive_int
+from ..layout import Layout, divisors
+from ..memory_model import activations, replica_state
+from ..model import GPT, GPTConfig
+from .base import Options, Strategy
+from .ddp import ddp_probe_comm, ddp_wrap
+
+
+@dataclass
+class TPOptions(Options):
+    tp_size: int = 2  # ranks per model; world_size / tp_size data-parallel replicas
+    vocab_parallel: bool = True  # split embedding + tied head over the vocabulary; false = keep them replicated
+
+    def validate(self) -> None:
+        self.at_least("tp_size", 1)
 
 
 def _keep(w: torch.Tensor) -> torch.Tensor:  # init_method: the weights are copied in afterwards
@@ -83,77 +96,65 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
             gpt.head.out.weight = emb.weight  # same vocabulary slice on both sides: tying survives
 
 
-def _dp_allreduce(group, bucket):  # no annotations: DDP checks them at runtime
-    """Mean all-reduce over the data-parallel group, through Python so the CommCounter sees it."""
-    buf = bucket.buffer().div_(dist.get_world_size(group))
-    return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
-
-
 class FairScaleTPStrategy(Strategy):
+    Options = TPOptions
+
     @classmethod
-    def check(cls, cfg) -> None:
-        tp = check_positive_int(cfg.strategy.get("tp_size", 2), "strategy.tp_size")
-        if cfg.world_size % tp:
-            raise ConfigError(f"world_size={cfg.world_size} is not divisible by strategy.tp_size={tp}: "
-                              f"the ranks form world_size / tp_size data-parallel replicas")
+    def layout(cls, cfg, o) -> Layout:
+        return Layout.model_parallel(cfg.world_size, tp=o.tp_size)
+
+    @classmethod
+    def check(cls, cfg, o) -> None:
+        tp = o.tp_size
         if cfg.model.n_head % tp:
-            raise ConfigError(f"model.n_head={cfg.model.n_head} is not divisible by strategy.tp_size={tp}: "
-                              f"each tensor-parallel rank computes whole attention heads")
-        if not isinstance(cfg.strategy.get("vocab_parallel", True), bool):
-            raise ConfigError(f"strategy.vocab_parallel={cfg.strategy.get('vocab_parallel')!r}: must be true or false")
-        if cfg.strategy.get("vocab_parallel", True) and cfg.model.vocab_size % tp:
+            fits = [d for d in divisors(cfg.model.n_head) if cfg.world_size % d == 0]
+            raise ConfigError(f"strategy.tp_size={tp} does not divide model.n_head={cfg.model.n_head}: each tensor-parallel "
+                              f"rank computes whole attention heads; use strategy.tp_size={' or '.join(map(str, fits))}")
+        if o.vocab_parallel and cfg.model.vocab_size % tp:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not divisible by strategy.tp_size={tp}: "
                               f"pad the vocabulary or set strategy.vocab_parallel=false")
 
     @classmethod
-    def layout(cls, cfg) -> dict[str, int]:
-        w, tp = cfg.world_size, check_positive_int(cfg.strategy.get("tp_size", 2), "strategy.tp_size")  # before check
-        return {"world": w, "dp": w // tp, "tp": tp, "pp": 1, "processes": w}
+    def label(cls, cfg, o) -> str:
+        return f"fairscale tp{o.tp_size}"
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return f"fairscale tp{cfg.strategy.get('tp_size', 2)}"
+    def memory(cls, cfg, o, layout, mem):
+        """The block matmuls (and with vocab_parallel the embedding and head) split over tp; the rest replicated."""
+        c, tp = GPTConfig.from_cfg(cfg.model), layout.tp
+        vocab = o.vocab_parallel and tp > 1
+        split = c.n_layer * c.block_matmul_params() + (c.vocab_size * c.d_model if vocab else 0)
+        psi = c.num_params() - split * (1 - 1 / tp)
+        r = replica_state(cfg, psi)
+        if layout.dp > 1:
+            r["buffers"] += 4 * psi  # DDP's buckets over the data-parallel group
+        return {**r, "activations": activations(cfg, tp, vocab)}
 
-    def setup(self, ctx, model_factory, optimizer_factory) -> None:
-        self.ctx = ctx
-        self.tp = self.options.get("tp_size", 2)
-        self.vocab_parallel = bool(self.options.get("vocab_parallel", True))
+    def build_model(self, build):
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its group sizes on rank 0
-            mp.initialize_model_parallel(self.tp)
-        if ctx.device.type == "cuda":  # the model-parallel RNG streams (dropout in tp regions); CUDA only
-            mp.model_parallel_cuda_manual_seed(ctx.cfg.seed)
+            mp.initialize_model_parallel(self.opts.tp_size)
+        if self.ctx.device.type == "cuda":  # the model-parallel RNG streams (dropout in tp regions); CUDA only
+            mp.model_parallel_cuda_manual_seed(self.ctx.seed)
         self.tp_rank, self.mp_group = mp.get_model_parallel_rank(), mp.get_model_parallel_group()
-        gpt = model_factory()  # the full reference model, then cut
-        shard_gpt(gpt, self.tp_rank, self.tp, self.vocab_parallel)
-        self.module = gpt.to(ctx.device)
-        self.model = self.module
-        if mp.get_data_parallel_world_size() > 1:
-            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            group = mp.get_data_parallel_group()
-            self.model = DDP(self.module, device_ids=ids, process_group=group)
-            self.model.register_comm_hook(group, _dp_allreduce)
-        self.optimizer = optimizer_factory(self.module)
-        if ctx.precision == "fp16":
-            self.scaler = torch.amp.GradScaler("cuda")
+        gpt = build(device="cpu")  # the full reference model, then cut
+        shard_gpt(gpt, self.tp_rank, self.opts.tp_size, self.opts.vocab_parallel)
+        return gpt.to(self.ctx.device)
 
-    @property
-    def dp_rank(self) -> int:
-        return mp.get_data_parallel_rank()  # the same for every rank of a tensor-parallel group
+    def wrap(self, module):
+        if mp.get_data_parallel_world_size() == 1:
+            return module
+        return ddp_wrap(module, self.ctx, group=mp.get_data_parallel_group())
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            logits = self.model(x)
-        if not self.vocab_parallel:
-            return lm_loss(logits, y)
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.opts.vocab_parallel:
+            return super().loss_fn(logits, y)
         return mp.vocab_parallel_cross_entropy(logits.float(), y).mean()  # logits: this rank's vocabulary slice
 
     def no_sync(self):
         return self.model.no_sync() if isinstance(self.model, DDP) else contextlib.nullcontext()
 
-    def clip_grad_norm(self, max_norm: float) -> None:
+    def clip(self, max_norm: float) -> None:
         """Global norm: split parameters' squares summed over the tp group, replicated ones once."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
         zero = torch.zeros((), device=self.ctx.device)
         split = sum((p.grad.float().pow(2).sum() for p in params if getattr(p, "tp_split", False)), zero.clone())
@@ -164,34 +165,31 @@ class FairScaleTPStrategy(Strategy):
         for p in params:
             p.grad.mul_(coef.to(p.grad.dtype))
 
-    def model_for_export(self):
-        return self.module
+    def probe_comm(self):
+        return ddp_probe_comm(self.model, self.ctx.instrument)
 
     # ---- checkpoints: one file per tensor-parallel rank, written by data-parallel replica 0 ----
-    def save(self, path: Path, step: int) -> None:
+    def save(self, path: Path) -> None:
         if self.dp_rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                     "tp_size": self.tp}
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "tp_size": self.opts.tp_size}
             torch.save(state, path / f"tp_rank{self.tp_rank}.pt")
-        dist.barrier()
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path) -> None:
         f = Path(path) / f"tp_rank{self.tp_rank}.pt"
         if not f.exists():
             raise FileNotFoundError(f"{f} missing: checkpoint.resume needs a fairscale_tp checkpoint "
-                                    f"written with strategy.tp_size={self.tp}")
+                                    f"written with strategy.tp_size={self.opts.tp_size}")
         state = torch.load(f, map_location=self.ctx.device, weights_only=False)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return state["step"]
 
     def describe(self) -> dict:
-        what = "attention heads and MLP units" + (", vocabulary (embedding + tied head)" if self.vocab_parallel else "")
-        return {"sharded": f"{what} over {self.tp} tensor-parallel ranks; {mp.get_data_parallel_world_size()} "
+        what = "attention heads and MLP units" + (", vocabulary (embedding + tied head)" if self.opts.vocab_parallel else "")
+        return {"sharded": f"{what} over {self.opts.tp_size} tensor-parallel ranks; {mp.get_data_parallel_world_size()} "
                            f"data-parallel replicas",
                 "replicated": "LayerNorms, position embedding, row-parallel biases"
-                              + ("" if self.vocab_parallel else ", token embedding and head"),
+                              + ("" if self.opts.vocab_parallel else ", token embedding and head"),
                 "checkpoint": "one file per tensor-parallel rank (resume with the same tp_size)"}
 
     def teardown(self) -> None:

@@ -6,6 +6,10 @@ LayerNorm. ``reshard_after_forward`` picks the ZeRO stage it mirrors: true frees
 block's gathered parameters after forward and gathers them again in backward (ZeRO-3);
 false keeps them until backward (ZeRO-2, FSDP1's SHARD_GRAD_OP).
 
+The model is built on the meta device, sharded, then materialised: each rank allocates and
+initialises only its own shards (``GPT.init_weights`` gives them their slice of the same full
+values every other strategy starts from), so no rank ever holds the whole fp32 model.
+
 Mixed precision is FSDP's own: the fp32 shards are the master weights, parameters are
 all-gathered in ``param_dtype`` and every op of the forward runs in it, gradients are
 reduce-scattered in ``reduce_dtype`` (fp32 by default). No ``torch.autocast`` on top by
@@ -15,81 +19,102 @@ keep softmax/LayerNorm in fp32 as autocast does for DDP). The loss is always fp3
 from __future__ import annotations
 
 import contextlib
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from ..config import ConfigError
-from ..metrics import DTYPES
-from .base import Strategy
-
-REDUCE_DTYPES = (None, "fp32", "bf16", "fp16")
-
-
-def check_options(cfg) -> None:
-    """Options shared by FSDP2 and FSDP1: one line naming the key on a bad value."""
-    s = cfg.strategy
-    for key in ("reshard_after_forward", "cpu_offload", "autocast"):
-        if not isinstance(s.get(key, False), bool):
-            raise ConfigError(f"strategy.{key}={s.get(key)!r}: must be true or false")
-    if s.get("reduce_dtype") not in REDUCE_DTYPES:
-        raise ConfigError(f"strategy.reduce_dtype={s.get('reduce_dtype')!r}: choose null (fp32), fp32, bf16 or fp16")
-    if s.get("reduce_dtype") == "fp16" and cfg.train.precision != "fp16":
-        raise ConfigError("strategy.reduce_dtype=fp16 needs train.precision=fp16: use fp32 or bf16")
+from ..memory_model import activations, replica_state
+from ..model import GPTConfig
+from ..precision import DTYPES
+from .base import Options, Strategy
 
 
-def stage_label(cfg, prefix: str) -> str:
-    s = cfg.strategy
-    label = f"{prefix} {'zero3' if s.get('reshard_after_forward', True) else 'zero2'}"
-    return label + (" offload" if s.get("cpu_offload", False) else "")
+@dataclass
+class FSDPOptions(Options):
+    reshard_after_forward: bool = True  # true: free gathered params after forward (ZeRO-3); false: keep them (ZeRO-2)
+    cpu_offload: bool = False  # sharded params, grads and optimizer step on the CPU
+    reduce_dtype: Optional[str] = None  # gradient reduce-scatter dtype under bf16/fp16 training: null = fp32
+    autocast: bool = False  # also run the forward under torch.autocast (FSDP already computes in param_dtype)
+
+    def validate(self) -> None:
+        self.choice("reduce_dtype", (None, "fp32", "bf16", "fp16"))
+
+
+def fsdp_memory(cfg, o: FSDPOptions, n: int) -> dict:
+    """Sharded state; buffers: the gathered units (the root stays gathered; ZeRO-2 keeps every block) and
+    one unit's unsharded gradient before its reduce-scatter."""
+    c, mp = GPTConfig.from_cfg(cfg.model), cfg.train.precision != "fp32"
+    psi, block = c.num_params(), c.block_params()
+    root = psi - c.n_layer * block
+    r = {k: v / n for k, v in replica_state(cfg, psi).items() if k in ("params", "grads", "optimizer")}
+    units = root + (2 * block if o.reshard_after_forward else c.n_layer * block)
+    grad = 2 if getattr(o, "reduce_dtype", None) in ("bf16", "fp16") else 4
+    r.update(buffers=(2 if mp else 4) * units + grad * (root + block), offloaded=0)
+    if o.cpu_offload:
+        r["offloaded"] = r["params"] + r["grads"] + r["optimizer"]
+        r.update(params=0, grads=0, optimizer=0)
+    return {**r, "activations": activations(cfg)}
+
+
+def stage_label(o: FSDPOptions, prefix: str) -> str:
+    return f"{prefix} {'zero3' if o.reshard_after_forward else 'zero2'}" + (" offload" if o.cpu_offload else "")
 
 
 class FSDPStrategy(Strategy):
-    @classmethod
-    def check(cls, cfg) -> None:
-        check_options(cfg)
+    Options = FSDPOptions
+    scaler_class = ShardedGradScaler  # all-reduces found_inf: each rank only sees its gradient shard
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return stage_label(cfg, "fsdp2")
+    def check(cls, cfg, o) -> None:
+        if o.reduce_dtype == "fp16" and cfg.train.precision != "fp16":
+            raise ConfigError("strategy.reduce_dtype=fp16 needs train.precision=fp16: use fp32 or bf16")
+
+    @classmethod
+    def label(cls, cfg, o) -> str:
+        return stage_label(o, "fsdp2")
+
+    @classmethod
+    def memory(cls, cfg, o, layout, mem):
+        return fsdp_memory(cfg, o, layout.dp)
+
+    @property
+    def autocast_forward(self) -> bool:
+        return self.opts.autocast
 
     def mp_dtypes(self) -> tuple[torch.dtype | None, torch.dtype]:
         """(param_dtype, reduce_dtype): None/fp32 in fp32 runs; low-precision compute, fp32 reduction by default."""
         param = None if self.ctx.precision == "fp32" else DTYPES[self.ctx.precision]
-        reduce = self.options.get("reduce_dtype") or "fp32"
-        return param, DTYPES[reduce]
+        return param, DTYPES[self.opts.reduce_dtype or "fp32"]
 
-    def setup(self, ctx, model_factory, optimizer_factory) -> None:
-        self.ctx = ctx
-        model = model_factory().to(ctx.device)
+    def build_model(self, build):
+        return build(device="meta", init=False)  # sharded first, materialised in wrap
+
+    def wrap(self, model):
+        ctx, o = self.ctx, self.opts
         param_dtype, reduce_dtype = self.mp_dtypes()
         kw: dict[str, Any] = {
             "mesh": init_device_mesh(ctx.device.type, (ctx.world_size,)),
-            "reshard_after_forward": self.options.get("reshard_after_forward", True),
+            "reshard_after_forward": o.reshard_after_forward,
             "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-            "offload_policy": (CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")
-                               if self.options.get("cpu_offload", False) else OffloadPolicy()),
+            "offload_policy": CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if o.cpu_offload else OffloadPolicy(),
         }
         for block in model.blocks:
             fully_shard(block, **kw)
         # root: embeddings, tied head, final LayerNorm. Kept gathered after forward in both modes: backward
         # needs the head first thing (what fully_shard's default, None, does for a root).
         fully_shard(model, **{**kw, "reshard_after_forward": False})
-        self.model = model
-        self.optimizer = optimizer_factory(model)  # after sharding: the optimizer sees (and holds state for) the shards
-        if ctx.precision == "fp16":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            self.scaler = ShardedGradScaler()  # all-reduces found_inf: each rank only sees its gradient shard
-
-    def autocast(self):
-        return super().autocast() if self.options.get("autocast", False) else contextlib.nullcontext()
+        model.to_empty(device="cpu" if o.cpu_offload else ctx.device)
+        model.tie()
+        model.init_weights(ctx.seed)  # each rank fills its shards with its slice of the full initial values
+        return model
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -107,35 +132,31 @@ class FSDPStrategy(Strategy):
             self.model.set_requires_gradient_sync(True)
             self.model.set_reshard_after_backward(True)
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        # Gradients are DTensor shards: clip_grad_norm_ reduces the partial norms over the mesh,
-        # so the norm (and the clipping coefficient) is the global one on every rank.
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+    # clip: the base's clip_grad_norm_ over DTensor gradient shards reduces the partial norms over the mesh,
+    # so the norm (and the clipping coefficient) is the global one on every rank.
 
     # ---- checkpoints: torch.distributed.checkpoint, each rank writes and reads its own shards ----
-    def save(self, path: Path, step: int) -> None:
+    def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
-        if self.ctx.rank == 0:
-            (path / "step.json").write_text(json.dumps({"step": step}))
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path) -> None:
+        if not (Path(path) / ".metadata").is_file():
+            raise FileNotFoundError(f"{path} holds no torch.distributed.checkpoint (.metadata): resume an fsdp run's "
+                                    "checkpoint under fsdp")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        return json.loads((path / "step.json").read_text())["step"]
 
     def describe(self) -> dict[str, Any]:
         param_dtype, reduce_dtype = self.mp_dtypes()
-        raf = self.options.get("reshard_after_forward", True)
+        raf = self.opts.reshard_after_forward
         return {
             "sharded": "parameters, gradients and optimizer state (fully_shard per block + root)",
             "reshard_after_forward": raf, "mirrors": "ZeRO-3" if raf else "ZeRO-2",
             "param_dtype": str(param_dtype or torch.float32).removeprefix("torch."),
             "reduce_dtype": str(reduce_dtype).removeprefix("torch."),
-            "cpu_offload": self.options.get("cpu_offload", False),
+            "cpu_offload": self.opts.cpu_offload, "built": "on the meta device, sharded, then initialised per shard",
             "checkpoint": "torch.distributed.checkpoint (sharded)",
         }

@@ -13,7 +13,9 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from ..config import ConfigError
 from ..model import Block
-from .fsdp import FSDPStrategy, check_options, stage_label
+from ..optim import decays
+from .base import Strategy
+from .fsdp import FSDPStrategy, stage_label
 
 
 def has_accelerator_build() -> bool:
@@ -23,58 +25,53 @@ def has_accelerator_build() -> bool:
 
 class FSDP1Strategy(FSDPStrategy):
     @classmethod
-    def check(cls, cfg) -> None:
-        check_options(cfg)
+    def check(cls, cfg, o) -> None:
+        super().check(cfg, o)
         if not has_accelerator_build():
-            raise ConfigError(f"strategy={cfg.strategy.name}: FSDP1 (FullyShardedDataParallel) needs a non-CPU accelerator "
+            raise ConfigError(f"strategy={o.name}: FSDP1 (FullyShardedDataParallel) needs a non-CPU accelerator "
                               f"device and torch {torch.__version__} is a CPU-only build: use strategy=fsdp (FSDP2), which runs on CPU")
 
     @classmethod
-    def label(cls, cfg) -> str:
-        return stage_label(cfg, "fsdp1")
+    def label(cls, cfg, o) -> str:
+        return stage_label(o, "fsdp1")
 
-    def setup(self, ctx, model_factory, optimizer_factory) -> None:
-        self.ctx = ctx
-        offload = self.options.get("cpu_offload", False)
-        model = model_factory()
-        if not offload:
-            model = model.to(ctx.device)
+    build_model = Strategy.build_model  # FSDP1 wraps a materialised model
+
+    def wrap(self, model):
+        offload = self.opts.cpu_offload
+        if offload:
+            model = model.cpu()
         # Weight-decay groups by name from the unwrapped model: after wrapping, FSDP1's (use_orig_params)
         # parameters are 1-D views of flat shards, so their shapes no longer tell matrices from vectors.
-        decay = {n for n, p in model.named_parameters() if p.dim() >= 2 and "pos" not in n}
+        self._decay = {n for n, p in model.named_parameters() if decays(n, p.shape)}
         param_dtype, reduce_dtype = self.mp_dtypes()
-        self.model = FSDP(
+        return FSDP(
             model,
             auto_wrap_policy=ModuleWrapPolicy({Block}),
-            sharding_strategy=(ShardingStrategy.FULL_SHARD if self.options.get("reshard_after_forward", True)
-                               else ShardingStrategy.SHARD_GRAD_OP),
+            sharding_strategy=ShardingStrategy.FULL_SHARD if self.opts.reshard_after_forward else ShardingStrategy.SHARD_GRAD_OP,
             mixed_precision=(MixedPrecision(param_dtype=param_dtype, reduce_dtype=reduce_dtype, buffer_dtype=param_dtype)
                              if param_dtype or reduce_dtype != torch.float32 else None),
             cpu_offload=CPUOffload(offload_params=offload),
-            device_id=ctx.device if ctx.device.type != "cpu" else None,
+            device_id=self.ctx.device if self.ctx.device.type != "cpu" else None,
             use_orig_params=True,  # per-parameter names, so weight-decay groups and DCP keys stay the model's own
         )
-        wd = ctx.cfg.optim.weight_decay
+
+    def param_groups(self, module) -> list[dict]:
+        wd = self.ctx.optim.weight_decay
         groups: list[dict] = [{"params": [], "weight_decay": wd}, {"params": [], "weight_decay": 0.0}]
         for n, p in self.model.named_parameters():
-            groups[0 if n.replace("_fsdp_wrapped_module.", "") in decay else 1]["params"].append(p)
-        self.optimizer = optimizer_factory(groups)
-        if ctx.precision == "fp16":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-            self.scaler = ShardedGradScaler()
+            groups[0 if n.replace("_fsdp_wrapped_module.", "") in self._decay else 1]["params"].append(p)
+        return groups
 
     def no_sync(self):
         return self.model.no_sync()
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+    def clip(self, max_norm: float) -> None:
         self.model.clip_grad_norm_(max_norm)  # FSDP1's own: all-reduces the norm of the flat gradient shards
 
     def describe(self) -> dict:
         facts = super().describe()
-        raf = self.options.get("reshard_after_forward", True)
+        raf = self.opts.reshard_after_forward
         facts.update(sharded="parameters, gradients and optimizer state (FSDP1 flat parameters, one unit per block)",
-                     sharding_strategy="FULL_SHARD" if raf else "SHARD_GRAD_OP")
+                     sharding_strategy="FULL_SHARD" if raf else "SHARD_GRAD_OP", built="whole, then wrapped")
         return facts

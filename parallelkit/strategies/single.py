@@ -6,16 +6,15 @@ strategy is compared against.
 """
 from __future__ import annotations
 
+from ..layout import Layout
 from .base import Strategy
 
 
 class SingleStrategy(Strategy):
     @classmethod
-    def layout(cls, cfg) -> dict[str, int]:
-        return {"world": 1, "dp": 1, "tp": 1, "pp": 1, "processes": 1, "virtual_dp": cfg.world_size}
-
-    def dp_ranks_per_process(self) -> list[int]:
-        return list(range(self.ctx.cfg.world_size))
+    def layout(cls, cfg, o) -> Layout:
+        return Layout(world=1, dp=1, processes=1, ranks_per_process=cfg.world_size)
 
     def describe(self) -> dict:
-        return {"sharded": "nothing", "note": f"one process running the global batch of {self.ctx.cfg.world_size} ranks"}
+        n = self.ctx.layout.ranks_per_process
+        return {"sharded": "nothing", "note": f"one process running the global batch of {n} ranks"}

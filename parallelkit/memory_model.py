@@ -1,0 +1,63 @@
+"""Shared arithmetic of the memory model; each backend's ``Strategy.memory`` composes it.
+
+Per rank, in bytes, by part: model state by the ZeRO paper (Rajbhandari et al. 2020, sec. 3:
+fp32 AdamW 4+4+8 bytes/param; 16-bit 2+2+K=12), buffers (DDP buckets, gathered units,
+autocast's weight cache), activations (Korthikanti et al. 2022: 34·s·b·h bytes per block in
+16-bit, less two dropout masks = 16·s·b·h values; SDPA keeps no a·s² scores). Parameter
+counts come from ``GPTConfig``, the same arithmetic the model is built from.
+"""
+from __future__ import annotations
+
+from .layout import Layout
+from .model import GPTConfig
+
+
+def activation_values(c: GPTConfig, b: int, layers: int, tp: int = 1, ckpt: bool = False) -> float:
+    """Activation values (not bytes) ``layers`` blocks keep for backward at micro-batch ``b``."""
+    sbh = c.seq_len * b * c.d_model
+    full = sbh * (4 + 12 / tp)  # LayerNorm, qkv and fc inputs (replicated under TP); qkv, attention, fc, GELU outputs
+    return layers * sbh + (full if layers else 0) if ckpt else layers * full
+
+
+def activations(cfg, tp: int = 1, vocab_split: bool = False) -> float:
+    """A whole model's activations for one micro-batch, plus the head's inputs and fp32 logits (and gradient)."""
+    c, t = GPTConfig.from_cfg(cfg.model), cfg.train
+    b, word = t.micro_batch_size, (4 if t.precision == "fp32" else 2)
+    logits = 8 * b * c.seq_len * c.vocab_size / (tp if vocab_split else 1)
+    acts = activation_values(c, b, c.n_layer, tp, bool(t.activation_checkpointing)) + 2 * c.seq_len * b * c.d_model
+    return acts * word + logits
+
+
+def replica_state(cfg, psi: float) -> dict:
+    """A full fp32 AdamW replica of ``psi`` parameters; autocast's 16-bit weight cache as a buffer."""
+    mp = cfg.train.precision != "fp32"
+    return {"params": 4 * psi, "grads": 4 * psi, "optimizer": 8 * psi, "buffers": 2 * psi if mp else 0, "offloaded": 0}
+
+
+def replica(cfg, layout: Layout, ddp_buckets: bool) -> dict:
+    """single / ddp: every rank holds everything; DDP's buckets are a second copy of the gradients."""
+    psi = GPTConfig.from_cfg(cfg.model).num_params()
+    r = replica_state(cfg, psi)
+    if ddp_buckets and layout.dp > 1:
+        r["buffers"] += 4 * psi
+    return {**r, "activations": activations(cfg)}
+
+
+def deepspeed_state(o: dict, psi: float, n: int, prec: str, zc: dict, accum: int = 1) -> dict:
+    """ZeRO stage 0-3 partitioning, offload, buckets (Rajbhandari et al. 2020, fig. 1). Stage 1 holds full
+    gradients only while it accumulates (grad_accum > 1); at grad_accum=1 it reduces them as stage 2 does."""
+    stage, p = int(o.get("zero_stage", 2)), (4 if prec == "fp32" else 2)
+    k = 8 if stage == 0 and prec == "fp32" else 12  # stage 0 in fp32 steps the params directly: no master copy
+    sharded_grads = stage >= 2 or (stage == 1 and accum == 1)
+    r = {"params": p * psi / (n if stage == 3 else 1), "grads": p * psi / (n if sharded_grads else 1),
+         "optimizer": k * psi / (n if stage >= 1 else 1), "offloaded": 0}
+    if o.get("offload_optimizer") not in (None, False, "none"):
+        r["offloaded"] += r["optimizer"] + (r["grads"] if stage >= 2 else 0)
+        r["optimizer"], r["grads"] = 0, (0 if stage >= 2 else r["grads"])
+    if o.get("offload_param") not in (None, False, "none") and stage == 3:
+        r["offloaded"] += r["params"]
+        r["params"] = 0
+    bucket = p * zc["reduce_bucket_size"] * (2 if zc["overlap_comm"] else 1)
+    live = min(psi, zc["stage3_max_live_parameters"] + zc["stage3_prefetch_bucket_size"])
+    r["buffers"] = bucket + (p * live if stage == 3 else 0)
+    return r
