@@ -69,6 +69,7 @@ def machine() -> dict[str, Any]:
 
 def base_summary(cfg) -> dict[str, Any]:
     """The fields known before training; a failed run's summary is this plus status and error."""
+    from .calibrate import host_facts  # measure (issue 10)
     from .config import strategy_class
     from .model import GPTConfig
 
@@ -89,6 +90,7 @@ def base_summary(cfg) -> dict[str, Any]:
         "peak_mem_bytes": None, "peak_mem_kind": None, "model_state_bytes": None, "model_state_breakdown": None,
         "comm_bytes_per_step": None, "losses": [], "final_loss": None,
         "versions": versions(), "machine": machine(),
+        "host": host_facts(), "repeat": cfg.get("repeat"),  # measure (issue 10): CPU facts (the loop adds the GPU), repeats=N index
     }
 
 

@@ -112,7 +112,10 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
     ctx.extra.setdefault("run_dir", run_dir)  # strategies may write files beside the summary (e.g. DeepSpeed's config)
     ctx.comm = metrics.CommCounter().install()
     summary["device"] = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    peak = cfg.get("peak_tflops") or metrics.peak_tflops(ctx.device, ctx.precision)
+    from .noise import RunProbe  # measure (issue 10): calibrated peak and precision warning now, noise fields at the end
+
+    probe = RunProbe(cfg, ctx.device, ctx.precision, verbose=ctx.rank == 0)
+    peak = probe.peak
 
     model_factory = lambda: build_model(cfg.model, cfg.seed, cfg.train.activation_checkpointing)  # noqa: E731 - same weights on every rank
     strategy.setup(ctx, model_factory, lambda m: make_optimizer(cfg.optim, m))
@@ -185,6 +188,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: dict) -> dict:
         "comm_bytes_per_step": [int(r[1]) for r in rows], "losses": losses, "final_loss": losses[-1],
         "strategy_facts": strategy.describe(), "one_process": cls.one_process,
     })
+    summary.update(probe.finish(times, tflops, peak_dev))  # measure (issue 10): step times, spread, drift, host, MFU <= 1
     if ctx.device.type == "cuda":
         summary["peak_reserved_bytes"] = [int(r[7]) for r in rows]
     if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):
