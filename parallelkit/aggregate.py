@@ -44,7 +44,8 @@ def merge_repeats(records: list[dict]) -> list[dict]:
         if s.get("repeat") is None:
             order.append(with_spread(s))
             continue
-        key = s.get("config_key") or s["run"]
+        key = json.dumps([s.get(k) for k in ("config_key", "strategy", "label", "model", "world_size", "dp", "tp", "pp",
+                                             "precision", "global_batch", "seq_len", "steps")], default=str)
         if key not in groups:
             order.append(key)
         groups.setdefault(key, []).append(s)
