@@ -27,7 +27,7 @@ import torch
 
 from .metrics import CUDA_PEAK_TFLOPS, DTYPES, cpu_threads
 
-SIZES = (256, 512, 1024, 2048)  # CPU: the best is often the smallest that fits the caches
+SIZES = (128, 256, 512, 1024, 2048)  # CPU: the best is often a small one (caches; emulated bf16)
 CUDA_SIZES = (4096, 8192)
 FULL_S, FULL_TRIALS = 2.0, 5  # calibration: ~2 s, best of 5 (then cached)
 CHECK_S, CHECK_TRIALS = 0.6, 3  # the re-check after a run: shorter, best of 3
@@ -147,6 +147,9 @@ def measure(precision: str, device: torch.device, threads: int | None = None, se
         ops = _operands(n, dtype, device)
         _rate(*ops, 0.0)
         rates = [_rate(*ops, seconds / trials) for _ in range(trials)]
+    if device.type == "cuda":  # leave no cached blocks behind to count as the run's reserved memory
+        del ops
+        torch.cuda.empty_cache()
     return {"tflops": max(rates), "size": n, "trials_tflops": rates,
             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -194,7 +197,11 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
     if precision != "bf16":
         return None
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.5: no emulation to tell apart
+            native = torch.cuda.is_bf16_supported()
+        if native:
             return None
         return f"bf16 is emulated on {torch.cuda.get_device_name(device)} (no native bf16): use train.precision=fp16"
     bf16, fp32 = calibration(device, "bf16")["tflops"], calibration(device, "fp32")["tflops"]
@@ -202,8 +209,8 @@ def precision_warning(device: torch.device, precision: str) -> str | None:
         return None
     why = ("no native bf16 (neither avx512_bf16 nor amx_bf16)" if not host_facts()["native_bf16"]
            else "its bf16 matmul kernels are slow here although the CPU has bf16 instructions")
-    return (f"bf16 runs {fp32 / bf16:.0f}x slower than fp32 on this CPU: {why}; matmul {bf16 * 1e3:.1f} vs "
-            f"{fp32 * 1e3:.1f} GFLOP/s: use train.precision=fp32")
+    return (f"bf16 matmuls run {fp32 / bf16:.0f}x slower than fp32 on this CPU: {why} ({bf16 * 1e3:.1f} vs "
+            f"{fp32 * 1e3:.1f} GFLOP/s measured): use train.precision=fp32")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -121,11 +121,11 @@ def machine_line(records: list[dict], hosts: list[str | None] | None = None) -> 
     s = next((r for r in records if r.get("machine")), {})
     m, v = s.get("machine") or {}, s.get("versions") or {}
     distinct = list(dict.fromkeys(h for h in hosts or [] if h))
+    soft = ", ".join(f"{k} {x}" for k, x in v.items() if x)
     if len(distinct) > 1:
-        return f"{len(distinct)} different hosts: " + " | ".join(distinct) + "; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
-    parts = [distinct[0] if distinct else m.get("cpu"), None if distinct else (f"{m['cores']} cores" if m.get("cores") else None),
-             f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None,
-             ", ".join(f"{k} {x}" for k, x in v.items() if x)]
+        return f"{len(distinct)} different hosts: " + " | ".join(distinct) + "; " + soft
+    cpu = distinct[0] if distinct else "; ".join(filter(None, [m.get("cpu"), m.get("cores") and f"{m['cores']} cores"]))
+    parts = [cpu, f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None, soft]
     return "; ".join(p for p in parts if p)
 
 
@@ -156,13 +156,14 @@ def html_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Pa
                      f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
     foot = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     cmd = "<br>command: " + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(command)) if command else ""
+    machine = html.escape(machine_line(records, list(df["host"])))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>parallelkit comparison: {html.escape(root.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#eee}}
 img{{max-width:100%}} .meta{{color:#555}}</style></head>
 <body><h1>parallelkit comparison: {html.escape(root.name)}</h1>
-<p class="meta">machine: {html.escape(machine_line(records, list(df['host'])))}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
+<p class="meta">machine: {machine}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
 {t.to_html(index=False, escape=True, border=0)}
 <p class="meta">{html.escape(SPREAD_NOTE)}</p>
 <ol class="notes">{foot}</ol>

@@ -90,7 +90,7 @@ def test_bf16_without_native_kernels_is_warned_about_with_the_measured_ratio(tmp
     env = {**os.environ, "PARALLELKIT_CACHE": str(tmp_path), "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "bf16 runs" in out.stdout and "x slower than fp32 on this CPU" in out.stdout, out.stdout
+    assert "bf16 matmuls run" in out.stdout and "x slower than fp32 on this CPU" in out.stdout, out.stdout
     assert "train.precision=fp32" in out.stdout
 
 
@@ -143,35 +143,43 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 def test_a_run_beside_a_busy_loop_is_flagged_and_a_quiet_one_is_not(tmp_path):
     """Both runs see the same box; only the second has our busy loops beside it.
 
-    The quiet run calibrates into a fresh cache under the box's current conditions, so the
-    machine's own background (other tests on a CI box) is in the calibration too. If
-    another load comes or goes during it, the run is rightly noisy: try it up to 3 times.
+    The quiet run calibrates into a fresh cache under the box's current conditions, so a
+    steady background (other tests on a CI box) is in the calibration too. A load that
+    comes or goes during the run rightly flags it: the quiet run gets 3 tries, and where
+    the box itself stays busier than its cores through all three, no quiet run can be
+    had and that half is skipped (the busy half is asserted in any case).
     """
     env = {"PARALLELKIT_CACHE": str(tmp_path / "cache")}
     args = [*FAST, "peak_tflops=null", "strategy=ddp", "train.steps=25", "train.warmup_steps=3"]
+    cores = os.cpu_count() or 1
 
     def run(name: str) -> dict:
         p = run_cli(tmp_path / name, *args, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
         return summary(tmp_path / name)
 
+    quiet, loads = [], []
     for attempt in range(3):
-        quiet = run(f"quiet{attempt}")
-        if not quiet["noisy"]:
+        loads.append(os.getloadavg()[0])
+        quiet.append(run(f"quiet{attempt}"))
+        if not quiet[-1]["noisy"]:
             break
-    assert not quiet["noisy"], quiet["noise_reason"]
-    assert quiet["peak_before_tflops"] > 0 and abs(quiet["peak_drift"]) <= DRIFT_LIMIT
-
-    hogs = _busy(2 * (os.cpu_count() or 1))  # two busy loops per core: each rank gets about a third of one
+    hogs = _busy(2 * cores)  # two busy loops per core: each rank gets about a third of one
     try:
         busy = run("busy")
     finally:
         _stop(hogs)
     assert busy["noisy"] and busy["noise_reason"].startswith("machine busy"), busy
     assert busy["peak_drift"] < -DRIFT_LIMIT  # steady contention shows in the check after the run
-    for s in (quiet, busy):
+    for s in (*quiet, busy):
         assert len(s["step_times_s"]) == s["timed_steps"] == 22 and 0 < s["mfu"] <= 1
-        assert s["host"]["cpu"] and "calibration" in s["peak_source"]
+        assert s["host"]["cpu"] and "calibration" in s["peak_source"] and s["peak_before_tflops"] > 0
+
+    if quiet[-1]["noisy"] and min(loads) > cores:
+        pytest.skip(f"the box was busy without us (load {', '.join(f'{x:.1f}' for x in loads)} on {cores} cores): "
+                    f"{quiet[-1]['noise_reason']}")
+    assert not quiet[-1]["noisy"], [(q["noise_reason"], load) for q, load in zip(quiet, loads)]
+    assert abs(quiet[-1]["peak_drift"]) <= DRIFT_LIMIT
 
 
 def test_repeats_run_interleaved_and_report_one_row_per_strategy(tmp_path):
