@@ -13,6 +13,7 @@ merges the repeats of one configuration into one row.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -38,7 +39,10 @@ def interleave_repeats(argv: list[str]) -> list[str]:
     except Exception:  # noqa: BLE001 - a broken command line: Hydra reports it as usual
         return argv
     repeats = cfg.get("repeats", 1)
-    if not isinstance(repeats, int) or repeats <= 1:
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        print(f"parallelkit: config error: repeats={repeats!r}: must be an integer >= 1", file=sys.stderr)
+        sys.exit(2)
+    if repeats == 1:
         return argv
     # the experiment's parameters in their place; a command-line value for the same key replaces it there
     mine = {o.get_key_element(): o.input_line for o in parsed}

@@ -218,6 +218,9 @@ def test_repeats_vary_slowest_through_an_experiment_and_command_line():
     assert interleave_repeats(["-m", "strategy=ddp,single"]) == ["-m", "strategy=ddp,single"]  # repeats=1: unchanged
     assert interleave_repeats(["-m", "experiment=zero_stages", "repeats=2"])[1:3] == [
         "+repeat=0,1", "strategy=ddp,zero0,zero1,zero2,zero3,zero2_offload,zero3_offload"]
+    with pytest.raises(SystemExit) as e:
+        interleave_repeats(["-m", "strategy=ddp,single", "repeats=0"])
+    assert e.value.code == 2
 
 
 def test_report_cli_on_an_empty_folder_says_so(tmp_path):
