@@ -6,7 +6,8 @@ report said nothing. Two signs of another load, recorded in every summary:
 - spread = p90 / median of the timed step times. Contention comes and goes, so some
   steps take much longer than the median. A quiet 2-rank tiny run on 2 cores shows
   1.1-1.3 (gloo's all-reduce jitters); above SPREAD_LIMIT = 1.5 a tenth of the steps took
-  half as long again as the median, which a quiet machine does not do.
+  half as long again as the median, which a quiet machine does not do. With under ~10 timed
+  steps p90 is close to the slowest step, so one hiccup can flag a short run.
 - drift = the matmul rate after the run / the calibrated peak - 1. Steady contention
   (a busy loop for the whole run) slows every step alike and leaves the spread small,
   but it takes its share of the matmul check after the run. A quiet re-check lands
