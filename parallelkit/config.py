@@ -111,6 +111,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     _int(cfg, "world_size")
     _int(cfg, "seed", 0)
+    _int(cfg, "repeats")
     _int(cfg, "train.steps")
     _int(cfg, "train.untimed_steps", 0)
     _int(cfg, "train.micro_batch_size")

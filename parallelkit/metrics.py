@@ -29,27 +29,6 @@ CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
 from .precision import DTYPES  # noqa: E402 - re-exported for the backends
 
 
-def peak_tflops(device: torch.device, precision: str) -> float:
-    """The device's peak: a table for known GPUs, a short matmul measurement on CPU."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for frag, peaks in CUDA_PEAK_TFLOPS.items():
-            if frag in name:
-                return peaks[precision]
-        return 0.0  # unknown GPU: MFU is left empty unless peak_tflops is given
-    return measure_matmul_tflops(DTYPES[precision] if precision != "fp16" else torch.float32)
-
-
-def measure_matmul_tflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    reps, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / elapsed / 1e12
-
-
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new high-water mark: CUDA's counters, or the kernel's VmHWM via clear_refs."""
     if device.type == "cuda":

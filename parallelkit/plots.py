@@ -76,8 +76,20 @@ def plot_memory(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
 def plot_throughput(df: pd.DataFrame, path: Path) -> Path:
     fig, (a, b) = plt.subplots(2, 1, figsize=(_width(len(df)), 8))
     hatch = ["//" if ok and not fair else "" for ok, fair in zip(df["status"] == "ok", df["like_for_like"])]
-    a.bar(range(len(df)), df["tokens_per_s"].astype(float).fillna(0), color="#4c72b0", hatch=hatch, edgecolor="white")
-    a.set_title("tokens/s (median over timed steps; hatched: not like for like, see the report's notes)")
+    noisy = [v is not None and v == v and bool(v) for v in df["noisy"]]  # None/NaN: an older summary
+    edge = ["#c44e52" if z else "white" for z in noisy]
+    tps = df["tokens_per_s"].astype(float).fillna(0)
+    lo, hi = df["tokens_per_s_lo"].astype(float), df["tokens_per_s_hi"].astype(float)
+    a.bar(range(len(df)), tps, color="#4c72b0", hatch=hatch, edgecolor=edge, lw=1.5)
+    has = lo.notna() & hi.notna()
+    if has.any():  # the spread: p10-p90 of the steps, or min-max of the repeats
+        a.errorbar([i for i, h in enumerate(has) if h], tps[has], yerr=[(tps - lo)[has].clip(lower=0),
+                   (hi - tps)[has].clip(lower=0)], fmt="none", ecolor="black", capsize=3, lw=1)
+    for x, z in enumerate(noisy):
+        if z:
+            a.text(x, max(tps.iloc[x], hi.fillna(0).iloc[x]), "noisy", ha="center", va="bottom", fontsize=8, color="#c44e52")
+    a.set_title("tokens/s: median; bars: p10-p90 of the steps, or min-max of the repeats\n"
+                "hatched: not like for like; red 'noisy': the machine was busy (see the report's notes)", fontsize=10)
     _xaxis(a, df)
     b.bar(range(len(df)), df["mfu"].astype(float).fillna(0) * 100, color="#55a868", hatch=hatch, edgecolor="white")
     b.set_title("MFU per device")

@@ -2,9 +2,11 @@
 
 Writes ``comparison.md``, ``comparison.csv``, a self-contained ``comparison.html`` and PNG
 plots (see plots.py) into DIR, and prints a narrow table. Runs that cannot be compared
-fairly (failed, a different global batch, one process driving every device) get a
-footnote; the loss deviation is taken against a ``single`` (else ``ddp``) run of the same
-model, global batch, seed, steps, data and optimizer.
+fairly (failed, a different global batch, one process driving every device, another
+host) get a footnote; so do noisy runs (a busy machine, see noise.py). The loss deviation
+is taken against a ``single`` (else ``ddp``) run of the same model, global batch, seed,
+steps, data and optimizer. The repeats of a sweep with ``repeats=N`` are one row: the
+median of the repeats, their min-max, and ``n``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .aggregate import config_key, host_labels, merge_repeats
 from .results import read_json
 from .tables import display, html_page, markdown_page
 
@@ -38,7 +41,12 @@ def _run_config(run_dir: Path) -> dict:
 
 
 def load(root: Path) -> list[dict]:
-    """One record per summary.json below root, in job order (0_, 1_, ..., 10_)."""
+    """One record per configuration below root, in job order (0_, 1_, ..., 10_); repeats merged."""
+    return merge_repeats(load_runs(root))
+
+
+def load_runs(root: Path) -> list[dict]:
+    """One record per summary.json below root, in job order."""
     root = Path(root)
     records = []
     for p in sorted(root.rglob("summary.json"), key=_natural):
@@ -50,6 +58,9 @@ def load(root: Path) -> list[dict]:
         train = cfg.get("train") or {}
         s["run"] = str(p.parent.relative_to(root)) if p.parent != root else p.parent.name
         s["seed"] = s.get("seed", cfg.get("seed"))
+        s["config_key"] = config_key(cfg)
+        if s.get("repeat") is None and cfg.get("repeat") is not None:  # a summary written before the field
+            s["repeat"] = cfg["repeat"]
         # Everything besides the strategy that shapes the loss trajectory.
         s["fingerprint"] = json.dumps([s.get("model"), s.get("seq_len"), s.get("global_batch"), s.get("steps"), s["seed"],
                                        cfg.get("model"), cfg.get("data"), cfg.get("optim"), train.get("grad_clip")],
@@ -108,13 +119,22 @@ def build(records: list[dict]) -> pd.DataFrame:
     """The comparison in raw units (bytes, seconds): one row per run, notes for unfair rows."""
     names = _names(records)
     any_ref = any(r.get("status") == "ok" and r.get("strategy") in REFERENCES for r in records)
+    hosts = host_labels(records)
+    known = [h for h in hosts if h]
+    main_host = max(set(known), key=known.count) if known else None
     rows = []
     for i, s in enumerate(records):
         ok = s.get("status") == "ok"
         notes, dev, ref, fair = [], None, None, ok
         if not ok:
             notes.append(f"{s.get('status')}: {s.get('error') or 'no error recorded'}")
-        else:
+        notes += s.get("_extra_notes") or []
+        if len(set(known)) > 1 and hosts[i]:
+            fair = fair and hosts[i] == main_host
+            notes.append(f"ran on {hosts[i]}: this report mixes {len(set(known))} hosts, so speeds and MFU "
+                         f"across them are not like for like")
+        if ok:
+            notes += _measure_notes(s)
             base = _baseline_batch(s, records)
             if base is not None and s.get("global_batch") not in (None, base):
                 fair = False
@@ -144,7 +164,12 @@ def build(records: list[dict]) -> pd.DataFrame:
             "one_process": _one_process(s), "precision": s.get("precision"),
             "micro_batch": s.get("micro_batch_size"), "grad_accum": s.get("grad_accum"),
             "global_batch": s.get("global_batch"), "seq_len": s.get("seq_len"), "seed": s.get("seed"),
-            "tokens_per_s": s.get("tokens_per_s"), "step_time_s": s.get("step_time_s"), "tflops": s.get("tflops"),
+            "tokens_per_s": s.get("tokens_per_s"), "tokens_per_s_lo": s.get("tokens_per_s_lo"),
+            "tokens_per_s_hi": s.get("tokens_per_s_hi"), "step_time_s": s.get("step_time_s"),
+            "step_time_lo_s": s.get("step_time_lo_s"), "step_time_hi_s": s.get("step_time_hi_s"),
+            "spread": s.get("spread"), "spread_of": s.get("spread_of"), "n": s.get("n", 1),
+            "noisy": s.get("noisy"), "noise_reason": s.get("noise_reason"), "peak_drift": s.get("peak_drift"),
+            "peak_source": s.get("peak_source"), "host": hosts[i], "tflops": s.get("tflops"),
             "mfu": s.get("mfu"), "peak_mem_bytes": _max(s.get("peak_mem_bytes")),
             "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
             "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
@@ -155,13 +180,23 @@ def build(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _measure_notes(s: dict) -> list[str]:
+    notes = [f"noisy: {s['noise_reason']}"] if s.get("noisy") and s.get("noise_reason") else []
+    if s.get("precision_warning"):
+        notes.append(s["precision_warning"])
+    if s.get("peak_raised_from"):
+        notes.append(f"MFU: the measured peak ({s['peak_raised_from']:.3g} TFLOP/s) was below the rate this run "
+                     f"achieved, so the peak was raised to it: the calibration met a busy moment")
+    return notes
+
+
 def sweep_command(root: Path) -> str | None:
     """The command that made the sweep (markdown), from Hydra's multirun.yaml; None for a plain folder."""
     try:
         h = (yaml.safe_load((Path(root) / "multirun.yaml").read_text()) or {}).get("hydra") or {}
     except (OSError, yaml.YAMLError):
         return None
-    task = " ".join((h.get("overrides") or {}).get("task") or [])
+    task = " ".join(a for a in (h.get("overrides") or {}).get("task") or [] if not a.startswith("+repeat="))  # sweep.py adds it
     params = ((h.get("sweeper") or {}).get("params")) or {}
     swept = " ".join(f"{k}={v}" for k, v in params.items())
     return f"`python -m parallelkit.run -m {task}`".replace(" `", "`") + (f" (the experiment sweeps {swept})" if swept else "")

@@ -109,6 +109,23 @@ class Summary:
     final_loss: float | None = None
     strategy_facts: dict | None = None
     one_process: bool = False
+    # how far the timing can be trusted (noise.py, calibrate.py)
+    step_time_median_s: float | None = None
+    step_time_min_s: float | None = None
+    step_time_max_s: float | None = None
+    step_time_p10_s: float | None = None
+    step_time_p90_s: float | None = None
+    step_time_spread: float | None = None  # p90 / median of the timed steps
+    peak_before_tflops: float | None = None  # the calibrated peak before the run
+    peak_after_tflops: float | None = None  # a quick re-check after it
+    peak_drift: float | None = None  # after / before - 1
+    noisy: bool | None = None
+    noise_reason: str | None = None  # e.g. "machine busy: step times varied 3.1x"
+    peak_source: str | None = None
+    peak_raised_from: float | None = None  # the peak was below the achieved rate and was raised to it
+    precision_warning: str | None = None
+    host: dict = field(default_factory=dict)  # CPU model and capabilities (avx512_bf16, ...), GPU
+    repeat: int | None = None  # the repeat index in a sweep with repeats=N
     versions: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
 
@@ -129,6 +146,7 @@ class Summary:
 
 def base_summary(cfg) -> Summary:
     """The fields known before training; a failed run's summary is this plus status and error."""
+    from .calibrate import host_facts
     from .config import plan
     from .model import GPTConfig
 
@@ -140,7 +158,7 @@ def base_summary(cfg) -> Summary:
         params=GPTConfig.from_cfg(cfg.model).num_params(), world_size=lay.world, dp=lay.dp, tp=lay.tp, pp=lay.pp,
         processes=lay.processes, precision=t.precision, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
         global_batch=global_batch, seq_len=cfg.model.seq_len, steps=t.steps, tokens_per_step=global_batch * cfg.model.seq_len,
-        one_process=cls.one_process, versions=versions(), machine=machine())
+        one_process=cls.one_process, versions=versions(), machine=machine(), host=host_facts(), repeat=cfg.get("repeat"))
 
 
 def one_line(exc: BaseException) -> str:

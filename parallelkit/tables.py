@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .noise import DRIFT_LIMIT, SPREAD_LIMIT
+
+
 def _blank(v) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 
@@ -48,7 +51,8 @@ COLUMNS = [
     ("#", "#", "#", str), ("label", "label", "run", str), ("model", "model", "model", str),
     ("params", "params", "params", hcount), ("layout", "world/dp/tp/pp", "w/dp/tp/pp", str),
     ("precision", "precision", "prec", str), ("global_batch", "global batch", "gb", _num("{:.0f}")),
-    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("step_time_s", "step time", "step", htime),
+    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("tok_range", "tokens/s range", None, str),
+    ("step_time_s", "step time", "step", htime), ("spread_text", "spread", "spread", str), ("n", "runs", "n", "n={:.0f}".format),
     ("tflops", "TFLOP/s", "TFLOP/s", _num("{:.3g}")), ("mfu", "MFU", "MFU", _num("{:.1%}")),
     ("peak_mem_bytes", "peak mem/rank (max)", "mem/rank", hbytes),
     ("model_state_bytes", "model state/rank (max)", "state/rank", hbytes),
@@ -56,7 +60,21 @@ COLUMNS = [
     ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
     ("status", "status", "status", str), ("notes", "notes", "notes", str),
 ]
-CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status")
+CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status", "n")
+HIDDEN_WHEN_ALL = {"n": "n=1"}  # said by nobody when every row has it (one run per configuration)
+SPREAD_NOTE = (f"Median over the timed steps (of one run; with n > 1, the median of the repeats' medians). "
+               f"Range and spread: p10-p90 of the step times and p90/median for one run; min-max and slowest/fastest "
+               f"of the repeats where n > 1. A row is noisy when its spread is over {SPREAD_LIMIT}x or its matmul "
+               f"peak after the run moved over {DRIFT_LIMIT:.0%} from the calibration (see the notes).")
+
+
+def _range(lo, hi, fmt) -> str:
+    return "" if _blank(lo) or _blank(hi) else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def _spread(spread, noisy) -> str:
+    text = "" if _blank(spread) else f"{spread:.2f}x"
+    return f"{text} noisy".strip() if not _blank(noisy) and bool(noisy) else text
 
 
 def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -73,7 +91,9 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
             ids.append(str(notes.index(n) + 1))
         marks.append(",".join(ids))
     df = df.assign(notes=marks, loss_dev=[("ref" if r == nm and not _blank(d) else d)
-                                         for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])])
+                                         for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])],
+                   tok_range=[_range(lo, hi, hcount) for lo, hi in zip(df["tokens_per_s_lo"], df["tokens_per_s_hi"])],
+                   spread_text=[_spread(v, z) for v, z in zip(df["spread"], df["noisy"])])
     if terminal:  # the unique name (label + what tells same-label runs apart), cut to fit
         width = min(32, int(df["name"].str.len().max()))
         df = df.assign(label=[n[:width].ljust(width) for n in df["name"]])
@@ -81,23 +101,31 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
         df = df.assign(label=df["name"])
     out, common = {}, []
     for col, file_head, term_head, fmt in COLUMNS:
-        vals = [v if isinstance(v, str) and v == "ref" else ("" if _blank(v) else fmt(v)) for v in df[col]]
-        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
-            common.append(f"{file_head} {vals[0]}")
+        if terminal and term_head is None:
             continue
-        if terminal and col == "notes" and not any(vals):
+        vals = [v if isinstance(v, str) and v == "ref" else ("" if _blank(v) else fmt(v)) for v in df[col]]
+        if col in HIDDEN_WHEN_ALL and all(v == HIDDEN_WHEN_ALL[col] for v in vals):
+            continue
+        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
+            common.append(vals[0] if col == "n" else f"{file_head} {vals[0]}")
+            continue
+        if terminal and col in ("notes", "spread_text") and not any(vals):
             continue
         head = term_head if terminal else file_head
         out[head.ljust(len(vals[0])) if terminal and col == "label" else head] = vals
     return pd.DataFrame(out), notes, common
 
 
-def machine_line(records: list[dict]) -> str:
+def machine_line(records: list[dict], hosts: list[str | None] | None = None) -> str:
+    """The machine; when the rows ran on several hosts, every one of them (the notes say which row)."""
     s = next((r for r in records if r.get("machine")), {})
     m, v = s.get("machine") or {}, s.get("versions") or {}
-    parts = [m.get("cpu"), f"{m['cores']} cores" if m.get("cores") else None,
-             f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None,
-             ", ".join(f"{k} {x}" for k, x in v.items() if x)]
+    distinct = list(dict.fromkeys(h for h in hosts or [] if h))
+    soft = ", ".join(f"{k} {x}" for k, x in v.items() if x)
+    if len(distinct) > 1:
+        return f"{len(distinct)} different hosts: " + " | ".join(distinct) + "; " + soft
+    cpu = distinct[0] if distinct else "; ".join(filter(None, [m.get("cpu"), m.get("cores") and f"{m['cores']} cores"]))
+    parts = [cpu, f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None, soft]
     return "; ".join(p for p in parts if p)
 
 
@@ -110,10 +138,11 @@ def _markdown(t: pd.DataFrame) -> str:
 
 def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Path], command: str | None) -> str:
     t, notes, _ = display(df)
-    out = [f"# Comparison: {root.name}", "", f"Machine: {machine_line(records)}  ", f"Report written {datetime.now():%Y-%m-%d %H:%M}"]
+    out = [f"# Comparison: {root.name}", "", f"Machine: {machine_line(records, list(df['host']))}  ",
+           f"Report written {datetime.now():%Y-%m-%d %H:%M}"]
     if command:
         out += ["", f"Command: {command}"]
-    out += ["", _markdown(t), ""]
+    out += ["", _markdown(t), "", SPREAD_NOTE, ""]
     if notes:
         out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
     out += [f"![{p.stem}]({p.name})" for p in images]
@@ -127,14 +156,16 @@ def html_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Pa
                      f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
     foot = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     cmd = "<br>command: " + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(command)) if command else ""
+    machine = html.escape(machine_line(records, list(df["host"])))
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>parallelkit comparison: {html.escape(root.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#eee}}
 img{{max-width:100%}} .meta{{color:#555}}</style></head>
 <body><h1>parallelkit comparison: {html.escape(root.name)}</h1>
-<p class="meta">machine: {html.escape(machine_line(records))}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
+<p class="meta">machine: {machine}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
 {t.to_html(index=False, escape=True, border=0)}
+<p class="meta">{html.escape(SPREAD_NOTE)}</p>
 <ol class="notes">{foot}</ol>
 {imgs}
 </body></html>

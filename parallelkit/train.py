@@ -23,6 +23,7 @@ from .config import plan
 from .data import Batches, make_dataset
 from .layout import Layout
 from .model import GPTConfig, build_model
+from .noise import RunProbe
 from .optim import lr_at
 from .results import Summary, base_summary, one_line, write_json
 from .strategies.base import Context, Strategy
@@ -118,7 +119,8 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
     ctx.precision, ctx.seed, ctx.optim, ctx.train, ctx.cfg = t.precision, cfg.seed, cfg.optim, t, cfg
     ctx.model, ctx.run_dir, ctx.instrument = GPTConfig.from_cfg(cfg.model), run_dir, bool(t.get("instrument", False))
     summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    peak = cfg.get("peak_tflops") or metrics.peak_tflops(ctx.device, ctx.precision)
+    run_probe = RunProbe(cfg, ctx.device, ctx.precision, verbose=ctx.rank == 0)  # calibrated peak; precision warning
+    peak = run_probe.peak
 
     strategy.setup(ctx, functools.partial(build_model, cfg.model, cfg.seed, t.activation_checkpointing))
     dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
@@ -202,6 +204,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
         model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
         comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
         measured_on=measured_on, losses=losses, final_loss=losses[-1], strategy_facts=strategy.describe())
+    summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU <= 1
     if ctx.device.type == "cuda":
         summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]
     if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):

@@ -122,6 +122,107 @@ def test_human_units():
     assert htime(0.0085) == "8.5 ms" and htime(2.5) == "2.5 s"
 
 
+# ---- noise, repeats and hosts (issue 10) ------------------------------------------------------
+STEPS = [0.0085, 0.0084, 0.0086, 0.0085, 0.0087, 0.0083, 0.0085, 0.0086, 0.0084, 0.0088]
+HOST = {"cpu": "Test CPU", "avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False, "native_bf16": True,
+        "cores": 2, "gpu": None}
+
+
+def measured(steps: list[float], before: float | None = 0.06, after: float | None = 0.058, **fields) -> dict:
+    """The fields the loop adds (noise.RunProbe.finish) for these step times."""
+    from parallelkit.noise import noise_fields
+
+    return {"step_times_s": steps, "timed_steps": len(steps), "step_time_s": sorted(steps)[len(steps) // 2],
+            "tokens_per_s": 256 / sorted(steps)[len(steps) // 2], "host": HOST, "repeat": None,
+            **noise_fields(steps, before, after), **fields}
+
+
+def test_older_summaries_without_noise_fields_still_load(tmp_path):
+    write_run(tmp_path, "0_ddp")  # the fields of a summary written before issue 10
+    write_run(tmp_path, "1_single", strategy="single", label="single", world_size=1, dp=1, processes=1, **measured(STEPS))
+    r = rows(tmp_path)
+    old, new = r["0_ddp"], r["1_single"]
+    assert pd.isna(old["spread"]) and pd.isna(old["tokens_per_s_lo"]) and old["n"] == 1 and old["note"] == ""
+    assert new["n"] == 1 and new["spread"] == pytest.approx(new["step_time_hi_s"] / new["step_time_s"], rel=0.02)
+    assert new["tokens_per_s_lo"] < new["tokens_per_s"] < new["tokens_per_s_hi"] and new["note"] == ""
+    assert new["spread_of"] == "p10-p90 of 10 timed steps" and not new["noisy"]
+    assert old["host"] == new["host"] and old["like_for_like"]  # same CPU: the older one borrows its flags
+    text = terminal_report(build(load(tmp_path)))
+    assert "spread" in text and "noisy" not in text and "n=" not in text
+
+
+def test_a_noisy_row_is_flagged_with_its_reason(tmp_path):
+    write_run(tmp_path, "0_ddp", **measured(STEPS))
+    write_run(tmp_path, "1_fsdp", strategy="fsdp", label="fsdp2 zero3", **measured(STEPS[:7] + [0.026, 0.025, 0.027]))
+    write_run(tmp_path, "2_zero2", strategy="zero2", label="deepspeed zero2", **measured(STEPS, after=0.02))
+    r = rows(tmp_path)
+    assert [r[k]["noisy"] for k in ("0_ddp", "1_fsdp", "2_zero2")] == [False, True, True]
+    assert "noisy: machine busy: step times varied 3." in r["1_fsdp"]["note"]
+    assert "noisy: machine busy: matmul rate 67% below its calibration" in r["2_zero2"]["note"]
+    text = terminal_report(build(load(tmp_path)))
+    lines = text.splitlines()
+    assert "noisy" not in lines[2] and "noisy" in lines[3] and "noisy" in lines[4], text
+    assert "] noisy: machine busy: step times varied 3." in text and max(map(len, lines[1:5])) < 130, text
+    write_report(tmp_path, echo=False)
+    for f in ("comparison.md", "comparison.html"):
+        page = (tmp_path / f).read_text()
+        assert page.count(" noisy") >= 2 and "machine busy: step times varied 3." in page and "p10-p90" in page, f
+
+
+def test_rows_from_different_hosts_are_marked(tmp_path):
+    avx2_only = {**HOST, "cpu": "Other CPU", "avx512f": False, "avx512_bf16": False, "native_bf16": False}
+    write_run(tmp_path, "0_ddp", **measured(STEPS))
+    write_run(tmp_path, "1_single", strategy="single", label="single", world_size=1, dp=1, processes=1, **measured(STEPS))
+    write_run(tmp_path, "2_fsdp", strategy="fsdp", label="fsdp2 zero3", machine={"cpu": "Other CPU", "cores": 2},
+              **measured(STEPS, host=avx2_only))
+    r = rows(tmp_path)
+    assert [r[k]["like_for_like"] for k in ("0_ddp", "1_single", "2_fsdp")] == [True, True, False]
+    assert "ran on Other CPU, 2 cores, avx2: this report mixes 2 hosts" in r["2_fsdp"]["note"]
+    assert "ran on Test CPU, 2 cores, avx2 avx512f avx512_bf16" in r["0_ddp"]["note"]
+    write_report(tmp_path, echo=False)
+    md = (tmp_path / "comparison.md").read_text()
+    assert "Machine: 2 different hosts: Test CPU" in md and "Other CPU, 2 cores, avx2" in md
+
+
+def test_repeats_become_one_row_with_the_median_range_and_n(tmp_path):
+    for job, (strategy, rep, step) in enumerate([("ddp", 0, 0.010), ("single", 0, 0.020), ("ddp", 1, 0.012),
+                                                 ("single", 1, 0.021), ("ddp", 2, 0.011)]):
+        label = {"single": "single", "ddp": "ddp"}[strategy]
+        write_run(tmp_path, f"{job}_{strategy}", strategy=strategy, label=label, world_size=2 if strategy == "ddp" else 1,
+                  **measured([step] * 10, repeat=rep, step_time_s=step, tokens_per_s=256 / step))
+    write_run(tmp_path, "5_single", strategy="single", label="single", world_size=1, status="timeout",
+              error="run exceeded train.timeout_s=9 s and was stopped", repeat=2)
+    r = build(load(tmp_path)).set_index("strategy")
+    assert list(r.index) == ["ddp", "single"]
+    ddp, single = r.loc["ddp"], r.loc["single"]
+    assert ddp["n"] == 3 and ddp["step_time_s"] == pytest.approx(0.011) and ddp["run"] == "0_ddp, 2_ddp, 4_ddp"
+    assert ddp["tokens_per_s_lo"] == pytest.approx(256 / 0.012) and ddp["tokens_per_s_hi"] == pytest.approx(256 / 0.010)
+    assert ddp["spread"] == pytest.approx(1.2) and ddp["spread_of"] == "min-max of 3 repeats" and not ddp["noisy"]
+    assert single["n"] == 2 and single["status"] == "ok" and "1 of 3 repeats not ok: repeat 2: timeout" in single["note"]
+    text = terminal_report(build(load(tmp_path)))
+    assert text.startswith("2 run(s)") and "n=3" in text and "n=2" in text
+
+
+def test_repeats_vary_slowest_through_an_experiment_and_command_line():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from parallelkit.sweep import interleave_repeats
+
+    argv = ["-m", "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp", "repeats=2"]
+    new = interleave_repeats(argv)
+    assert new[:3] == ["-m", "+repeat=0,1", "strategy=ddp,single,fsdp"] and new[-1] == "hydra.sweeper.params=null"
+    overrides = OverridesParser.create().parse_overrides([a for a in new[1:] if not a.startswith("hydra.")])
+    jobs = BasicSweeper.split_arguments(overrides, None)[0]
+    assert [(j[0], j[1]) for j in jobs] == [(f"+repeat={r}", f"strategy={s}") for r in (0, 1) for s in ("ddp", "single", "fsdp")]
+    assert interleave_repeats(["-m", "strategy=ddp,single"]) == ["-m", "strategy=ddp,single"]  # repeats=1: unchanged
+    assert interleave_repeats(["-m", "experiment=zero_stages", "repeats=2"])[1:3] == [
+        "+repeat=0,1", "strategy=ddp,zero0,zero1,zero2,zero3,zero2_offload,zero3_offload"]
+    with pytest.raises(SystemExit) as e:
+        interleave_repeats(["-m", "strategy=ddp,single", "repeats=0"])
+    assert e.value.code == 2
+
+
 def test_report_cli_on_an_empty_folder_says_so(tmp_path):
     p = run_cli(tmp_path, str(tmp_path), module="parallelkit.report", timeout=120)
     assert p.returncode == 1 and "no summary.json below" in p.stderr
@@ -221,5 +322,6 @@ def test_sweep_with_failing_jobs_still_reports_every_row(tmp_path):
     status = [r["status"] for r in table]
     assert status == ["failed", "failed", "timeout", "ok"], table
     assert "config error: world_size=0" in table[0]["error"] and "train.timeout_s=1" in table[2]["error"]
-    assert [r["status"] for r in body] == status and body[2]["notes"] and not body[3]["notes"]
+    assert [r["status"] for r in body] == status and body[2]["notes"]
+    assert table[3]["note"] == "" or table[3]["note"].startswith("noisy: machine busy"), table[3]  # a busy box may say so
     assert "world_size=0" in (out / "comparison.md").read_text() and "world_size=0" in p.stdout
