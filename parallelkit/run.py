@@ -140,10 +140,10 @@ def main() -> None:
     if (err := check_group_choices(sys.argv[1:]) or check_keys(sys.argv[1:])) is not None:
         print(f"parallelkit: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    if {"-m", "--multirun"} & set(sys.argv):  # measure (issue 10): repeats=N, interleaved (parallelkit/sweep.py)
-        from .sweep import interleave_repeats
+    if {"-m", "--multirun"} & set(sys.argv):  # sweeps: each configuration once; repeats=N interleaved (sweep.py)
+        from .sweep import distinct_strategies, interleave_repeats
 
-        sys.argv[1:] = interleave_repeats(sys.argv[1:])
+        sys.argv[1:] = interleave_repeats(distinct_strategies(sys.argv[1:]))
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         # Only rank 0 writes results; the other ranks keep Hydra from writing a second .hydra/.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

@@ -49,3 +49,52 @@ def interleave_repeats(argv: list[str]) -> list[str]:
     params = [mine.pop(k, f"{k}={v}") for k, v in (cfg.hydra.sweeper.params or {}).items()]
     others = [a for a in argv if not _is_override(a)]
     return [*others, f"+repeat={','.join(map(str, range(repeats)))}", *params, *mine.values(), "hydra.sweeper.params=null"]
+
+
+def distinct_strategies(argv: list[str]) -> list[str]:
+    """``strategy=glob(...)`` expanded to presets that differ: a base preset whose options equal one of its
+    named variants (deepspeed = zero2, fsdp = fsdp_zero3) would run the same job twice under two names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key.lstrip("+") != "strategy" or not value.startswith("glob("):
+            out.append(arg)
+            continue
+        glob = OverridesParser.create().parse_overrides([arg])[0].value()
+        names = glob.filter(sorted(p.stem for p in (Path(CONF_DIR) / "strategy").glob("*.yaml"))) \
+            if isinstance(glob, Glob) else []
+        kept, same = {}, []
+        for name in names:
+            k = _preset_key(name)
+            if k in kept:
+                same.append(f"{name} = {kept[k]}")
+            else:
+                kept[k] = name
+        if same:
+            print(f"parallelkit: strategy={value}: running each configuration once ({', '.join(same)})", file=sys.stderr)
+        out.append(f"{key}={','.join(kept.values())}")
+    return out
+
+
+def _preset_key(name: str) -> str:
+    """A preset's class and options with the schema's defaults filled in: equal keys run equal jobs."""
+    import json
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from .estimate import preset
+
+    node = OmegaConf.to_container(preset(name), resolve=True)
+    target = node.pop("_target_", "")
+    node.pop("name", None)
+    try:
+        options = get_class(target).Options
+        full = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(options), node))
+        full.pop("name", None)
+    except Exception:  # noqa: BLE001 - a preset that cannot be read is kept as its own job (it fails as a row)
+        return name
+    return json.dumps([target, full], sort_keys=True, default=str)

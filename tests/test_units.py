@@ -124,3 +124,18 @@ def test_every_option_is_typed_and_unknown_ones_are_refused(preset):
         assert str(e.value).startswith(f"strategy.{f.name}='{bad}': must be") and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"^strategy.no_such_option: no such option"):
         plan(compose_run(f"strategy={preset}", "+strategy.no_such_option=1", checked=False))
+
+
+def test_compare_all_lists_every_configuration_once():
+    """The canned comparison covers every preset, each configuration once (a preset equal to a listed one,
+    like deepspeed = zero2, is left out), at one global batch for every layout."""
+    from parallelkit.sweep import _preset_key, distinct_strategies
+
+    exp = OmegaConf.load(ROOT / "conf" / "experiment" / "compare_all.yaml")
+    listed = exp.hydra.sweeper.params.strategy.split(",")
+    keys = {_preset_key(n) for n in listed}
+    assert len(keys) == len(listed)  # no two listed presets are the same job
+    assert all(_preset_key(n) in keys for n in PRESETS), "a preset is missing from compare_all"
+    assert exp.train.global_batch_size
+    expanded = distinct_strategies(["strategy=glob(*)"])[0].split("=")[1].split(",")
+    assert len(expanded) == len(listed) and "zero2" not in expanded and "deepspeed" in expanded
