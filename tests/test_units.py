@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import ROOT, compose_run
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from parallelkit.config import ConfigError, plan
 from parallelkit.layout import Layout, split_stages
@@ -119,11 +119,16 @@ def test_every_option_is_typed_and_unknown_ones_are_refused(preset):
         bad = BAD.get(f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}.get(str(f.type)))
         if bad is None:
             continue
+        c = cfg.copy()
+        c.strategy[f.name] = bad  # what Hydra hands over for strategy.<name>=<bad> on the command line
         with pytest.raises(ConfigError) as e:
-            plan(compose_run(f"strategy={preset}", f"strategy.{f.name}={bad}", checked=False))
+            plan(c)
         assert str(e.value).startswith(f"strategy.{f.name}='{bad}': must be") and "\n" not in str(e.value)
+    c = cfg.copy()
+    with open_dict(c.strategy):
+        c.strategy.no_such_option = 1
     with pytest.raises(ConfigError, match=r"^strategy.no_such_option: no such option"):
-        plan(compose_run(f"strategy={preset}", "+strategy.no_such_option=1", checked=False))
+        plan(c)
 
 
 def test_compare_all_lists_every_configuration_once():
