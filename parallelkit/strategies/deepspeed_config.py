@@ -3,7 +3,8 @@ machine, with the user's DeepSpeed JSON (``strategy.config_file``) and dict (``s
 merged over it.
 
 DeepSpeed's defaults (5e8-element buckets, 1e9 sub-groups and live parameters) allocate
-gigabytes per rank whatever the model's size, so every buffer is scaled here. A value the run
+gigabytes per rank whatever the model's size, so every buffer is scaled here (and rounded to meet
+DeepSpeed's alignment asserts, see ALIGN). A value the run
 also sets (batch sizes, precision, clipping, stage, offload) must agree or be ``"auto"``: a
 conflict is a ConfigError naming both values, raised before any worker starts.
 """
@@ -58,8 +59,29 @@ def machine_memory(cfg) -> int:
     return mem
 
 
+# What DeepSpeed 0.19 requires of the sizes generated here (read from its source):
+# - zero_optimization.allgather_bucket_size: a multiple of nccl_start_alignment_factor = 2, asserted when the
+#   stage 1/2 optimizer is built, in the workers (runtime/zero/stage_1_and_2.py); params // 10 is odd for
+#   some shapes (small at seq_len 256, tiny at 128).
+# - reduce_bucket_size > 0; every other size an integer >= 0 (pydantic fields in runtime/zero/config.py and
+#   offload_config.py).
+# - offload_param.buffer_size (NVMe): a buffer holds one parameter's partition (partitioned_param_swapper.py)
+#   and, with the optimizer on NVMe too, the largest optimizer sub-group's partition (swap_tensor/
+#   optimizer_utils.py asserts "numel of fp16 buffers ... is too small"). A sub-group collects parameter
+#   partitions until it reaches sub_group_size, so it can exceed it by one partition.
+# - Swapped tensors are padded by DeepSpeed to its AIO alignment (1 KiB): nothing to do here.
+# Every buffer size is rounded up to ALIGN elements, a multiple of all of these alignments (and of 2 x dp
+# for any power-of-two dp up to 256), so no model shape or seq_len can produce an odd size.
+ALIGN = 512
+
+
+def aligned(n: float, to: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``to`` (at least ``to``)."""
+    return max(to, math.ceil(n / to) * to)
+
+
 def sizes(cfg, mem: int | None = None) -> dict[str, int]:
-    """Buffer sizes (elements) scaled to the model and capped by the machine.
+    """Buffer sizes (elements) scaled to the model and capped by the machine, each a multiple of ALIGN.
 
     Buckets are a tenth of the model (few collectives per step), at least d_model^2 (Hugging
     Face's "auto") and at most 1/160 of a rank's memory in fp32; live parameters, reuse
@@ -68,12 +90,16 @@ def sizes(cfg, mem: int | None = None) -> dict[str, int]:
     train under ZeRO-3 NVMe offload where DeepSpeed's defaults (5e8 / 1e9 / 1e9) are killed.
     """
     c = GPTConfig.from_cfg(cfg.model)
-    d, n = c.d_model, c.num_params()
+    d, n, dp = c.d_model, c.num_params(), max(1, int(cfg.world_size or 1))
     cap = max(d * d, (mem or machine_memory(cfg)) // 640)
-    bucket = int(min(5e8, cap, max(d * d, n // 10)))
+    bucket = aligned(min(5e8, cap, max(d * d, n // 10)))
+    live, sub_group = aligned(min(1e9, 5 * cap)), aligned(min(1e9, 2.5 * cap))
     largest = max(c.vocab_size * d, c.seq_len * d, 4 * d * d)
-    return {"bucket": bucket, "prefetch": int(0.9 * bucket), "persistence": 10 * d, "live": int(min(1e9, 5 * cap)),
-            "sub_group": int(min(1e9, 2.5 * cap)), "param_buffer": max(10**6, math.ceil(largest * 1.07 / 1e6) * 10**6)}
+    # the largest sub-group's partition on one rank: sub_group plus one parameter's partition, at most all of
+    # this rank's partitions (each parameter is padded to a multiple of dp: + one element per tensor)
+    group = min(sub_group + math.ceil(largest / dp), math.ceil(n / dp) + 12 * c.n_layer + 8)
+    return {"bucket": bucket, "prefetch": aligned(0.9 * bucket), "persistence": 10 * d, "live": live,
+            "sub_group": sub_group, "param_buffer": aligned(max(10**6, 1.07 * largest, group))}
 
 
 def _user_config(cfg) -> tuple[dict, dict, str]:
@@ -100,6 +126,13 @@ def _merge(base: dict, over: dict) -> dict:
             continue
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _get(d: dict, keys: str):
+    """The value at dotted ``keys``; None where absent or "auto"."""
+    for k in keys.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return None if d == "auto" else d
 
 
 def _agree(user: dict, keys: str, run_value, run_text: str, origin: str):
@@ -165,7 +198,22 @@ def build_config(cfg) -> tuple[dict, list[str]]:
            "bf16": {"enabled": t.precision == "bf16"},
            "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                     "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
-    return _merge(gen, user), notes
+    ds = _merge(gen, user)
+    _check_sizes(ds["zero_optimization"], extra, origin)
+    return ds, notes
+
+
+def _check_sizes(zero: dict, extra: dict, origin: str) -> None:
+    """DeepSpeed's constraints (see ALIGN) on sizes the user's config set; the generated ones meet them."""
+    def src(key: str) -> str:
+        return "strategy.config" if _get(extra, f"zero_optimization.{key}") is not None else origin
+
+    ag, rb = zero.get("allgather_bucket_size"), zero.get("reduce_bucket_size")
+    if zero.get("stage") in (1, 2) and isinstance(ag, (int, float)) and ag % 2:
+        raise ConfigError(f"{src('allgather_bucket_size')} sets zero_optimization.allgather_bucket_size={ag}: DeepSpeed "
+                          f"needs a multiple of 2 (its nccl_start_alignment_factor), e.g. {aligned(ag)}")
+    if isinstance(rb, (int, float)) and rb <= 0:
+        raise ConfigError(f"{src('reduce_bucket_size')} sets zero_optimization.reduce_bucket_size={rb}: DeepSpeed needs > 0")
 
 
 def aio_available() -> bool:
