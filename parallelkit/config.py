@@ -77,8 +77,11 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def resolve(cfg: DictConfig) -> DictConfig:
-    """Fill the values that depend on the machine (world_size: null -> auto) and check the rest."""
+def resolve(cfg: DictConfig, explicit: set[str] | None = None) -> DictConfig:
+    """Fill the values that depend on the machine (world_size: null -> auto) and check the rest.
+
+    ``explicit``: the keys given on the command line; a user's DeepSpeed config fills the others.
+    """
     ws = cfg.world_size
     if ws is None:
         if under_torchrun():
@@ -86,6 +89,11 @@ def resolve(cfg: DictConfig) -> DictConfig:
         else:
             ws = max(1, __import__("torch").cuda.device_count()) if cuda_available() else 2
         cfg.world_size = ws
+    # ds-config: a user's DeepSpeed JSON (strategy.config_file / strategy.config) is the source of truth for
+    # what the command line does not say; adopted into cfg before the checks, one line on stderr says what.
+    from .strategies.deepspeed_config import adopt_user_config
+
+    adopt_user_config(cfg, explicit or set())
     validate(cfg)
     return cfg
 

@@ -225,7 +225,9 @@ def estimate_all(overrides: list[str]) -> dict:
     """Every preset in conf/strategy/ for these overrides; the configured one with its ``strategy.*`` overrides,
     the others as their yaml files say."""
     cfg, chosen = compose_config(overrides)
-    resolve(cfg)
+    from .strategies.deepspeed_config import explicit_keys  # ds-config: a DeepSpeed JSON fills what these leave unsaid
+
+    resolve(cfg, explicit=explicit_keys(overrides, chosen))
     limit, source = parse_bytes(cfg.get("gpu_memory")), f"gpu_memory={cfg.get('gpu_memory')}"
     if limit is None:
         import torch

@@ -45,7 +45,11 @@ def task(cfg: DictConfig) -> str:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        resolve(cfg)
+        # ds-config: the keys this run (a sweep: this job) set on the command line, and those its strategy preset
+        # sets; a user's DeepSpeed JSON (strategy.config_file) fills the rest
+        from .strategies.deepspeed_config import explicit_keys
+
+        resolve(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
     except ConfigError as e:
         write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
         print(f"parallelkit: config error: {e}", file=sys.stderr)

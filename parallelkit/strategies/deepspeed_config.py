@@ -3,22 +3,25 @@ machine, with the user's DeepSpeed JSON (``strategy.config_file``) and dict (``s
 merged over it.
 
 DeepSpeed's defaults (5e8-element buckets, 1e9 sub-groups and live parameters) allocate
-gigabytes per rank whatever the model's size, so every buffer is scaled here (and rounded to meet
-DeepSpeed's alignment asserts, see ALIGN). A value the run
-also sets (batch sizes, precision, clipping, stage, offload) must agree or be ``"auto"``: a
-conflict is a ConfigError naming both values, raised before any worker starts.
+gigabytes per rank whatever the model's size, so every buffer is scaled here, and rounded to meet
+DeepSpeed's alignment asserts (see ALIGN). The user's DeepSpeed config is the source of truth for
+what the command line does not say: adopt_user_config (called by config.resolve) takes its stage,
+offloads, batch sizes, precision and clipping into the run; what both still set must then agree
+(or be ``"auto"``): a conflict is a ConfigError naming both values, raised before any worker starts.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config import ConfigError
 from ..model import GPTConfig
@@ -135,41 +138,269 @@ def _get(d: dict, keys: str):
     return None if d == "auto" else d
 
 
+def _put(d: dict, keys: str, value) -> None:
+    *parents, last = keys.split(".")
+    for k in parents:
+        if not isinstance(d.get(k), dict):
+            d[k] = {}
+        d = d[k]
+    d[last] = value
+
+
 def _agree(user: dict, keys: str, run_value, run_text: str, origin: str):
     """The user's value at ``keys`` (dotted) if it agrees with the run's, else a ConfigError naming both."""
-    v = user
-    for k in keys.split("."):
-        v = v.get(k, "auto") if isinstance(v, dict) else "auto"
-    if v in ("auto", None) or v == run_value:
+    v = _get(user, keys)
+    if v is None or v == run_value:
         return
     raise ConfigError(f"{origin} sets {keys}={v!r} but the run has {run_text}: make them agree (or write \"auto\" in the DeepSpeed config)")
 
 
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def explicit_keys(overrides, strategy: str | None = None) -> set[str]:
+    """The keys set on the command line (``key=v``, ``+key=v``, ``++key=v``; a deletion ``~key`` sets nothing),
+    plus those the chosen strategy preset sets.
+
+    A preset is a choice made by name: ``strategy=zero3`` says "stage 3" as plainly as
+    ``strategy.zero_stage=3`` does, so what a preset sets beyond the base it extends (zero3 over
+    deepspeed.yaml: zero_stage) counts as given and wins over a DeepSpeed JSON. The base itself
+    (``strategy=deepspeed``) only carries defaults, so with it the JSON decides everything it states.
+    """
+    keys = {o.lstrip("+").split("=", 1)[0] for o in overrides if "=" in o and not o.startswith("~")}
+    return keys | {f"strategy.{k}" for k in _preset_keys(strategy)} if strategy else keys
+
+
+def _preset_keys(name: str) -> set[str]:
+    """Keys conf/strategy/<name>.yaml and the presets it extends set, less those of the base they extend."""
+    path = CONF / "strategy" / f"{name}.yaml"
+    if not path.is_file():
+        return set()
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    parents = [d for d in node.pop("defaults", None) or [] if isinstance(d, str) and d != "_self_"]
+    if not parents:  # a family's base (deepspeed.yaml): defaults, not choices
+        return set()
+    return (set(node) - {"name", "_target_"}).union(*map(_preset_keys, parents))
+
+
+class _Adoption:
+    """adopt_user_config's state: the user's DeepSpeed config, what the command line gave, and what was done."""
+
+    def __init__(self, cfg, explicit: set[str]):
+        self.cfg, self.explicit = cfg, explicit
+        self.file, self.extra, _ = _user_config(cfg)
+        self.user = _merge(self.file, self.extra)
+        path = option(cfg, "config_file")
+        names = ([f"strategy.config_file {path}"] if path else []) + (["strategy.config"] if self.extra else [])
+        self.origin = " + ".join(names)
+        self.adopted: list[str] = []
+        self.overridden: list[str] = []
+        self.ignored: list[str] = []
+        self.pins: dict = {}  # the command line's values where they win over the file, merged into strategy.config
+
+    def src(self, ds_key: str) -> str:
+        return "strategy.config" if _get(self.extra, ds_key) is not None else self.origin.split(" + ")[0]
+
+    def run(self, key: str):
+        v = OmegaConf.select(self.cfg, key)
+        return OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+
+    def take(self, run_key: str, ds_key: str, value, into: list[str] | None = None, pin: bool = True) -> None:
+        """The user's ``ds_key`` (``value``) into ``run_key`` unless the command line gave run_key: then the command
+        line wins over the file, and contradicting strategy.config (also given there) is an error."""
+        if value is None:
+            return
+        run = self.run(run_key)
+        if run_key in self.explicit:
+            if value != run:
+                if _get(self.extra, ds_key) is not None:
+                    raise ConfigError(f"strategy.config sets {ds_key}={value!r} but the command line has {run_key}={run}: "
+                                      "drop one of them")
+                self.overridden.append(f"{ds_key}={value} by {run_key}={run}")
+                if pin:
+                    _put(self.pins, ds_key, run)
+            return
+        OmegaConf.update(self.cfg, run_key, value, force_add=True)
+        (self.adopted if into is None else into).append(f"{run_key.split('.')[-1] if into is None else run_key}={value}")
+
+    def zero(self) -> None:
+        self.take("strategy.zero_stage", "zero_optimization.stage", _get(self.user, "zero_optimization.stage"))
+        stage = option(self.cfg, "zero_stage")
+        for key in ("offload_optimizer", "offload_param"):
+            section = _get(self.user, f"zero_optimization.{key}")
+            if not isinstance(section, dict):
+                continue
+            dev = str(section.get("device", "none")).lower()  # DeepSpeed's default device: none
+            if dev == "auto":
+                continue
+            if key == "offload_param" and stage != 3 and dev != "none" and f"strategy.{key}" not in self.explicit:
+                self.ignored.append(f"offload_param={dev} (stage {stage} does not partition parameters)")
+                continue
+            self.take(f"strategy.{key}", f"zero_optimization.{key}.device", dev)
+            if option(self.cfg, key) == "nvme" and section.get("nvme_path"):
+                self.take("strategy.nvme_path", f"zero_optimization.{key}.nvme_path", section["nvme_path"])
+
+    def batch(self) -> None:
+        """Micro-batch and accumulation; the global batch (train_batch_size) is kept as the file says, so a
+        config written for 8 GPUs runs the same global batch on 2 with more accumulation."""
+        from ..config import strategy_class
+
+        t, x = self.cfg.train, self.explicit
+        dp = strategy_class(self.cfg).layout(self.cfg)["dp"]
+        mb, gas, tbs = (_get(self.user, k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                      "train_batch_size"))
+        target, where = tbs, f"{self.src('train_batch_size')} train_batch_size"
+        gbs = t.get("global_batch_size")
+        if gbs is not None and ("train.global_batch_size" in x or tbs is None):
+            if tbs is not None and tbs != gbs:
+                self.overridden.append(f"train_batch_size={tbs} by train.global_batch_size={gbs}")
+            target, where = gbs, "train.global_batch_size"
+        elif gbs is not None:
+            t.global_batch_size = tbs  # the file's global batch instead of the config's (validate derives grad_accum)
+        if mb is None and target and gas and "train.micro_batch_size" not in x and target % (gas * dp) == 0:
+            mb = target // (gas * dp)  # as DeepSpeed derives it
+        self.take("train.micro_batch_size", "train_micro_batch_size_per_gpu", mb)
+        micro = t.micro_batch_size
+        if target is not None:
+            if not isinstance(target, int) or target % (micro * dp):
+                fits = [m for m in range(min(micro, int(target) // dp), 0, -1) if target % (m * dp) == 0]
+                fix = f"train.micro_batch_size={fits[0]}" if fits else f"a world_size (dp) that divides {target}"
+                raise ConfigError(f"{where}={target} is not a multiple of train.micro_batch_size x dp = {micro} x {dp} = "
+                                  f"{micro * dp}: use {fix} or change {where.split()[-1]}")
+            want = target // (micro * dp)
+            if "train.grad_accum" in x and t.grad_accum != want and where.endswith(" train_batch_size"):
+                raise ConfigError(f"{where}={target} disagrees with train.micro_batch_size x train.grad_accum x dp = "
+                                  f"{micro} x {t.grad_accum} x {dp} = {micro * t.grad_accum * dp}: drop train.grad_accum="
+                                  f"{t.grad_accum} (it follows from train_batch_size) or change train.micro_batch_size")
+            if gas is not None and gas != want:
+                self.overridden.append(f"gradient_accumulation_steps={gas} by train_batch_size / (micro x dp) = {want}")
+            if "train.grad_accum" not in x or where == "train.global_batch_size":
+                t.grad_accum = want
+                self.adopted.append(f"grad_accum={want}")
+        else:
+            self.take("train.grad_accum", "gradient_accumulation_steps", gas)
+        for key, value in (("train_batch_size", micro * t.grad_accum * dp), ("train_micro_batch_size_per_gpu", micro),
+                           ("gradient_accumulation_steps", t.grad_accum)):
+            if _get(self.user, key) not in (None, value):
+                _put(self.pins, key, value)
+
+    def precision(self) -> None:
+        fp16, bf16 = _get(self.user, "fp16.enabled"), _get(self.user, "bf16.enabled")
+        want = "fp16" if fp16 is True else "bf16" if bf16 is True else "fp32" if False in (fp16, bf16) else None
+        if want is None:
+            return
+        t = self.cfg.train
+        if "train.precision" in self.explicit:
+            for kind in ("fp16", "bf16"):
+                if _get(self.extra, f"{kind}.enabled") not in (None, t.precision == kind):
+                    raise ConfigError(f"strategy.config sets {kind}.enabled={_get(self.extra, f'{kind}.enabled')} but the "
+                                      f"command line has train.precision={t.precision}: drop one of them")
+            if want != t.precision:
+                self.overridden.append(f"{want} by train.precision={t.precision}")
+        else:
+            from ..config import cuda_available
+
+            if want == "fp16" and not cuda_available():
+                raise ConfigError(f"{self.src('fp16.enabled')} enables fp16, which needs a CUDA GPU (none here): "
+                                  "add train.precision=bf16 (or train.precision=fp32) to train in that instead")
+            t.precision = want
+            self.adopted.append(f"precision={want}")
+        for kind in ("fp16", "bf16"):
+            if _get(self.user, f"{kind}.enabled") not in (None, t.precision == kind):
+                _put(self.pins, f"{kind}.enabled", t.precision == kind)
+
+    def optimizer(self) -> None:
+        """AdamW's hyper-parameters, and the scheduler's warmup and peak lr, into the run's shared schedule (optim.*):
+        every strategy steps the same schedule, so a DeepSpeed scheduler is translated, not run."""
+        sched, got = _get(self.user, "scheduler"), []
+        kind, p = (sched.get("type"), sched.get("params") or {}) if isinstance(sched, dict) else (None, {})
+        # the peak lr: WarmupLR and WarmupDecayLR warm up to warmup_max_lr, WarmupCosineLR to the optimizer's lr
+        peak = _get(p, "warmup_max_lr") if kind in ("WarmupLR", "WarmupDecayLR") else None
+        if kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+            self.take("optim.warmup_steps", "scheduler.params.warmup_num_steps", _get(p, "warmup_num_steps"), got, pin=False)
+            self.take("optim.lr", "scheduler.params.warmup_max_lr", peak, got, pin=False)
+            if kind == "WarmupLR":  # constant after the warmup: a cosine to lr x 1.0
+                self.take("optim.min_lr_ratio", "scheduler WarmupLR's constant lr: min_lr_ratio", 1.0, got, pin=False)
+            elif kind == "WarmupCosineLR":
+                self.take("optim.min_lr_ratio", "scheduler.params.cos_min_ratio", _get(p, "cos_min_ratio"), got, pin=False)
+        if str(_get(self.user, "optimizer.type") or "adamw").lower() in ("adam", "adamw"):
+            for k in ("lr", "betas", "eps", "weight_decay"):
+                if k != "lr" or peak is None:
+                    self.take(f"optim.{k}", f"optimizer.params.{k}", _get(self.user, f"optimizer.params.{k}"), pin=False)
+        if kind:
+            decay = {"WarmupDecayLR": "; its linear decay to 0 at total_num_steps: the run's cosine decay over train.steps",
+                     "WarmupCosineLR": "; its cosine decay over total_num_steps: over train.steps"}.get(kind, "")
+            mapped = kind in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+            self.ignored.append(f"scheduler {kind} (translated: {', '.join(got) or 'nothing the command line left'}{decay})"
+                                if mapped else f"scheduler {kind} (the run's warmup + cosine schedule, optim.*, replaces it)")
+
+    def notes(self) -> list[str]:
+        groups = [f"{name} {', '.join(items)}" for name, items in
+                  (("adopted", self.adopted), ("overridden", self.overridden), ("ignored", self.ignored)) if items]
+        return [f"{self.origin}: {groups[0]}", *groups[1:]] if groups else []
+
+
+def adopt_user_config(cfg, explicit: set[str]) -> list[str]:
+    """Make the user's DeepSpeed config (strategy.config over strategy.config_file) the source of truth for what
+    the command line does not say (``explicit``: see explicit_keys).
+
+    Takes the ZeRO stage, offloads, micro-batch, accumulation (train_batch_size / (micro x dp)), precision,
+    clipping, AdamW's hyper-parameters and the scheduler's warmup into ``cfg`` (strategy.*, train.*, optim.*),
+    where the command line did not set them. A command-line value wins over the file's and is pinned into
+    strategy.config, so the config handed to DeepSpeed (build_config) agrees with the run; a contradiction it
+    cannot settle (a train_batch_size the micro-batch does not divide, fp16 on a CPU) is a ConfigError. Prints
+    what it did as one line on stderr (rank 0) and returns it as notes.
+    """
+    if not (option(cfg, "config_file") or option(cfg, "config")):
+        return []
+    a = _Adoption(cfg, explicit)
+    a.zero()
+    a.batch()
+    a.precision()
+    a.take("train.grad_clip", "gradient_clipping", None if (g := _get(a.user, "gradient_clipping")) is None else float(g))
+    a.optimizer()
+    if a.pins:
+        cfg.strategy.config = _merge(a.extra, a.pins)
+    notes = a.notes()
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        print(f"parallelkit: {'; '.join(notes)}", file=sys.stderr, flush=True)
+    return notes
+
+
 def build_config(cfg) -> tuple[dict, list[str]]:
-    """The DeepSpeed config for this run and notes for the report. Pure: check() and setup() agree."""
+    """The DeepSpeed config for this run and notes for the report. Pure: check() and setup() agree.
+
+    The user's config (strategy.config over strategy.config_file) must agree with the run on what both set;
+    adopt_user_config has already made it so for a run started from the command line.
+    """
     stage, oo, op = settings(cfg)
     t, dp = cfg.train, cfg.world_size
     file_cfg, extra, origin = _user_config(cfg)
+    user = copy.deepcopy(_merge(file_cfg, extra))
     notes = []
-    for src, user in ((origin, file_cfg), ("strategy.config", extra)):
-        mb, ga = t.micro_batch_size, t.grad_accum
-        _agree(user, "train_batch_size", mb * ga * dp, f"train.micro_batch_size x train.grad_accum x dp = "
-               f"{mb} x {ga} x {dp} = {mb * ga * dp}", src)
-        _agree(user, "train_micro_batch_size_per_gpu", mb, f"train.micro_batch_size={mb}", src)
-        _agree(user, "gradient_accumulation_steps", ga, f"train.grad_accum={ga}", src)
-        _agree(user, "gradient_clipping", float(t.grad_clip), f"train.grad_clip={t.grad_clip}", src)
-        for kind in ("fp16", "bf16"):
-            _agree(user, f"{kind}.enabled", t.precision == kind, f"train.precision={t.precision}", src)
-        _agree(user, "zero_optimization.stage", stage, f"strategy.zero_stage={stage}", src)
-        for key, dev in (("offload_optimizer", oo), ("offload_param", op)):
-            _agree(user, f"zero_optimization.{key}.device", dev, f"strategy.{key}={dev}", src)
-    user = _merge(file_cfg, extra)
+    zero_user = user.get("zero_optimization")
+    if stage != 3 and isinstance(zero_user, dict) and _get(zero_user, "offload_param.device") not in (None, "none"):
+        del zero_user["offload_param"]  # as DeepSpeed does: only ZeRO-3 partitions parameters
+        notes.append(f"offload_param of the DeepSpeed config ignored: stage {stage} does not partition parameters")
+    mb, ga = t.micro_batch_size, t.grad_accum
+    checks = [("train_batch_size", mb * ga * dp,
+               f"train.micro_batch_size x train.grad_accum x dp = {mb} x {ga} x {dp} = {mb * ga * dp}"),
+              ("train_micro_batch_size_per_gpu", mb, f"train.micro_batch_size={mb}"),
+              ("gradient_accumulation_steps", ga, f"train.grad_accum={ga}"),
+              ("gradient_clipping", float(t.grad_clip), f"train.grad_clip={t.grad_clip}"),
+              *((f"{kind}.enabled", t.precision == kind, f"train.precision={t.precision}") for kind in ("fp16", "bf16")),
+              ("zero_optimization.stage", stage, f"strategy.zero_stage={stage}"),
+              *((f"zero_optimization.{key}.device", dev, f"strategy.{key}={dev}")
+                for key, dev in (("offload_optimizer", oo), ("offload_param", op)))]
+    for keys, value, text in checks:
+        _agree(user, keys, value, text, "strategy.config" if _get(extra, keys) is not None else origin)
     if user.pop("scheduler", None) is not None:
-        notes.append("the DeepSpeed config's scheduler is ignored: the run's warmup + cosine schedule (optim.*) sets the lr")
-    if "optimizer" in user:
+        notes.append("the DeepSpeed config's scheduler is not run: the run's warmup + cosine schedule (optim.*, translated "
+                     "from it where it maps) sets the lr")
+    if "optimizer" in user:  # the run's values: adopt_user_config took the file's unless the command line said otherwise
         o = cfg.optim
         fill = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-        user["optimizer"]["params"] = _merge(fill, user["optimizer"].get("params") or {})
+        user["optimizer"]["params"] = {**(user["optimizer"].get("params") or {}), **fill}
         notes.append(f"optimizer {user['optimizer'].get('type')} from the DeepSpeed config; the run's schedule sets its lr")
 
     sz, cuda = sizes(cfg), torch.cuda.is_available()
