@@ -78,6 +78,31 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def explicit_keys(overrides, strategy: str | None = None) -> set[str]:
+    """The keys set on the command line (``key=v``, ``+key=v``, ``++key=v``; a deletion ``~key`` sets nothing),
+    plus those the chosen strategy preset sets.
+
+    A preset is a choice made by name: ``strategy=zero3`` says "stage 3" as plainly as
+    ``strategy.zero_stage=3`` does, so what a preset sets beyond the base it extends (zero3 over
+    deepspeed.yaml: zero_stage) counts as given and wins over a DeepSpeed JSON. The base itself
+    (``strategy=deepspeed``) only carries defaults, so with it the JSON decides everything it states.
+    """
+    keys = {o.lstrip("+").split("=", 1)[0] for o in overrides if "=" in o and not o.startswith("~")}
+    return keys | {f"strategy.{k}" for k in _preset_keys(strategy)} if strategy else keys
+
+
+def _preset_keys(name: str) -> set[str]:
+    """Keys conf/strategy/<name>.yaml and the presets it extends set, less those of the base they extend."""
+    path = Path(__file__).resolve().parent.parent / "conf" / "strategy" / f"{name}.yaml"
+    if not path.is_file():
+        return set()
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    parents = [d for d in node.pop("defaults", None) or [] if isinstance(d, str) and d != "_self_"]
+    if not parents:  # a family's base (deepspeed.yaml): defaults, not choices
+        return set()
+    return (set(node) - {"name", "_target_"}).union(*map(_preset_keys, parents))
+
+
 def plan(cfg):
     """(strategy class, its typed options, the layout): computed once from the config, used everywhere."""
     cls = strategy_class(cfg)
@@ -94,8 +119,12 @@ def migrate_untimed_steps(cfg: DictConfig) -> None:
         cfg.train.untimed_steps, cfg.train.warmup_steps = old, None
 
 
-def resolve(cfg: DictConfig) -> DictConfig:
-    """Fill the values that depend on the machine (world_size: null -> auto) and check the rest."""
+def resolve(cfg: DictConfig, explicit: set[str] | None = None) -> DictConfig:
+    """Fill the values that depend on the machine (world_size: null -> auto) and check the rest.
+
+    ``explicit``: the keys given on the command line; a backend may fill the others from its own config
+    (``Strategy.prepare``: a user's DeepSpeed JSON).
+    """
     migrate_untimed_steps(cfg)
     ws = cfg.world_size
     if ws is None:
@@ -104,6 +133,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
         else:
             ws = max(1, __import__("torch").cuda.device_count()) if cuda_available() else 2
         cfg.world_size = ws
+    strategy_class(cfg).prepare(cfg, explicit or set())
     validate(cfg)
     return cfg
 

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, adopt_slurm_env, plan, resolve, under_torchrun
+from .config import ConfigError, adopt_slurm_env, explicit_keys, plan, resolve, under_torchrun
 from .results import base_summary, read_json, write_json
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -46,7 +46,9 @@ def task(cfg: DictConfig) -> str:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        resolve(cfg)
+        # the keys this run (a sweep: this job) set on the command line, and those its strategy preset sets;
+        # a backend's own config (a user's DeepSpeed JSON) fills the rest
+        resolve(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
     except ConfigError as e:
         write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
         print(f"parallelkit: config error: {e}", file=sys.stderr)

@@ -111,10 +111,12 @@ def test_bf16_with_a_users_config_file(tmp_path):
 
 
 def test_conflicting_batch_size_fails_before_workers(tmp_path):
+    """The file's global batch against a micro-batch and accumulation both given on the command line (without
+    train.grad_accum, accumulation would follow from the file: train_batch_size / (micro x dp))."""
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
     out = tmp_path / "bad"
-    p = run_cli(out, *FAST, "strategy=deepspeed", f"strategy.config_file={f}")
+    p = run_cli(out, *FAST, "train.grad_accum=1", "strategy=deepspeed", f"strategy.config_file={f}")
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [line for line in p.stderr.splitlines() if "train_batch_size" in line]
     assert len(lines) == 1 and "train_batch_size=32" in lines[0] and "2 x 1 x 2 = 4" in lines[0], p.stderr[-2000:]

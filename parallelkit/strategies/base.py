@@ -120,6 +120,11 @@ class Strategy:
         return opts
 
     @classmethod
+    def prepare(cls, cfg, explicit: set[str]) -> None:
+        """Before the checks: fill what the command line (``explicit``: the keys it set) leaves unsaid from a
+        backend's own config file (DeepSpeed: the user's JSON is the source of truth for the rest)."""
+
+    @classmethod
     def layout(cls, cfg, o: Options) -> Layout:
         return Layout.data_parallel(cfg.world_size)
 

@@ -23,7 +23,7 @@ from ..metrics import tensor_bytes
 from ..model import GPTConfig
 from ..optim import adamw_kwargs, build_optimizer, param_groups
 from .base import Options, Strategy
-from .deepspeed_config import OFFLOAD, build_config, machine_memory, nvme_check, settings, sizes
+from .deepspeed_config import OFFLOAD, adopt_user_config, build_config, machine_memory, nvme_check, settings, sizes
 
 SHARDED = ("nothing (replicated; gradients all-reduced)", "optimizer state", "optimizer state, gradients",
            "optimizer state, gradients, parameters")
@@ -65,6 +65,10 @@ def _walk(obj, name: str, depth: int = 3):
 class DeepSpeedStrategy(Strategy):
     Options = DeepSpeedOptions
     autocast_forward = False  # DeepSpeed casts the module itself for bf16/fp16
+
+    @classmethod
+    def prepare(cls, cfg, explicit: set[str]) -> None:
+        adopt_user_config(cfg, explicit)  # one line on stderr says what was adopted, overridden or ignored
 
     @classmethod
     def check(cls, cfg, o) -> None:
