@@ -17,7 +17,7 @@ CPU and gloo only, fp32, no gradient accumulation: the setting the harness bench
 
 SPEC.json is written by ``bench_harness.py`` from the composed parallelkit config:
 ``strategy``, ``model``, ``data``, ``optim``, ``seed``, ``world_size``, ``steps``,
-``warmup_steps``, ``micro_batch_size``, ``grad_clip``, and for DeepSpeed ``ds_config``: the
+``untimed_steps``, ``micro_batch_size``, ``grad_clip``, and for DeepSpeed ``ds_config``: the
 config parallelkit generates for the run (``ds_config`` below writes one when it is missing).
 """
 from __future__ import annotations
@@ -232,7 +232,7 @@ def run(spec: dict) -> dict:
             dist.all_reduce(loss := loss.double(), op=dist.ReduceOp.SUM)
             loss /= world
         losses.append(float(loss))
-        if s >= spec["warmup_steps"]:
+        if s >= spec["untimed_steps"]:
             times.append(dt)
     out = {"strategy": name, "status": "ok", "step_time_s": statistics.median(times), "step_times_s": times,
            "losses": losses, "threads": torch.get_num_threads(), "processes": world if distributed else 1}

@@ -86,7 +86,7 @@ def machine() -> dict:
 
 def overrides(args, strategy: str) -> list[str]:
     return [f"strategy={strategy}", f"model={args.model}", f"model.seq_len={args.seq_len}", f"train.steps={args.steps}",
-            f"train.warmup_steps={args.warmup}", f"train.micro_batch_size={args.micro}", f"world_size={WORLD}"]
+            f"train.untimed_steps={args.warmup}", f"train.micro_batch_size={args.micro}", f"world_size={WORLD}"]
 
 
 def compose(args, strategy: str):
@@ -107,7 +107,7 @@ def bare_spec(args, strategy: str) -> dict:
     if t["grad_accum"] != 1 or t["precision"] != "fp32" or t.get("global_batch_size"):
         sys.exit("bench_harness: the bare loops do fp32 without gradient accumulation; the config says otherwise")
     spec = {"strategy": strategy, "model": c["model"], "data": c["data"], "optim": c["optim"], "seed": c["seed"],
-            "world_size": WORLD, "steps": t["steps"], "warmup_steps": t["warmup_steps"],
+            "world_size": WORLD, "steps": t["steps"], "untimed_steps": t["untimed_steps"],
             "micro_batch_size": t["micro_batch_size"], "grad_clip": t["grad_clip"]}
     if "zero_stage" in c["strategy"]:
         try:
