@@ -39,6 +39,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stage_matches_ddp(runs, stage):
     s = runs[stage]

@@ -2,6 +2,8 @@
 import json
 import math
 
+import pytest
+
 from conftest import FAST, assert_close_trajectory, run_cli, summary, train, train_ranks
 
 CONTRACT_FIELDS = {
@@ -56,6 +58,7 @@ def test_text_data(tmp_path):
     assert s["losses"][-1] < s["losses"][0]
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_checkpoint_resume_continues_the_trajectory(tmp_path):
     full = train(tmp_path, "full", "strategy=ddp", "train.steps=8")
     ck = tmp_path / "ck"
@@ -132,6 +135,7 @@ def test_one_rank_counts_no_communication(tmp_path):
     assert s["world_size"] == 1 and s["comm_bytes_per_step"] == [0]
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_probe_step_counts_what_instrumented_steps_count(tmp_path):
     """Communication counted on the untimed probe step (timed steps run the backend's own path) equals the
     per-step count of the old instrumented path, for DDP's C++ buckets and for DeepSpeed's Python calls."""
