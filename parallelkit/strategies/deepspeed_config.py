@@ -341,14 +341,15 @@ def adopt_user_config(cfg, explicit: set[str]) -> list[str]:
     return notes
 
 
-def build_config(cfg) -> tuple[dict, list[str]]:
+def build_config(cfg, dp: int | None = None) -> tuple[dict, list[str]]:
     """The DeepSpeed config for this run and notes for the report. Pure: check() and setup() agree.
+    ``dp``: the data-parallel size batch sizes count (pipelines: world / pp); default world_size.
 
     The user's config (strategy.config over strategy.config_file) must agree with the run on what both set;
     adopt_user_config has already made it so for a run started from the command line.
     """
     stage, oo, op = settings(cfg)
-    t, dp = cfg.train, cfg.world_size
+    t, dp = cfg.train, dp or cfg.world_size
     file_cfg, extra, origin = _user_config(cfg)
     user = copy.deepcopy(_merge(file_cfg, extra))
     notes = []
