@@ -235,6 +235,8 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
             start += n
             blocks = sum(1 for name, _ in mine if name == TransformerBlock.__name__)
             psi = sum(p for _, p in mine) - blocks * split
+            if c.tie_weights and n == len(layers):  # one stage: the embedding and the head share one matrix
+                psi -= c.vocab_size * c.d_model
             # accum=2: whole gradients until the reduce step, whatever grad_accum (the pipeline reduces once)
             r = deepspeed_state({"zero_stage": o.zero_stage}, psi, layout.dp, t.precision, zc, accum=2)
             in_flight = min(pp - i, t.grad_accum)
