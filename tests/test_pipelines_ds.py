@@ -60,6 +60,14 @@ def test_deepspeed_pipe_with_zero1_over_two_replicas_matches_single(runs):
         assert abs(held["optimizer"] - pred[stage]["optimizer"]) <= 0.01 * pred[stage]["optimizer"]
 
 
+def test_deepspeed_pipe_with_deepspeeds_own_optimizer_matches_single(single, tmp_path):
+    """An optimizer section in the DeepSpeed config: DeepSpeed builds and steps its own AdamW (measured 8e-8 here;
+    its CPU kernels may round differently elsewhere, hence 1e-4)."""
+    s = train_ranks(tmp_path, "dsopt", "strategy=deepspeed_pipe", "strategy.config={optimizer: {type: AdamW}}", *COMMON)
+    assert s["strategy_facts"]["optimizer"] == "AdamW (from the DeepSpeed config)"
+    assert_close_trajectory(s["losses"], single["losses"], rtol=1e-4)
+
+
 def test_neox_3d_tp2_pp2_matches_single(runs):
     s = runs["tp2pp2"]
     assert s["label"] == "neox 3d tp2 pp2 dp1" and (s["tp"], s["pp"], s["dp"]) == (2, 2, 1)
