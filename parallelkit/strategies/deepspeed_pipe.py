@@ -317,15 +317,16 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         lay, m, c = self.ctx.layout, self.ctx.train.grad_accum, self.ctx.model
         p = lay.pp
         rows = self.stage_memory(self.ctx.cfg, self.opts, lay)
+        tied = "token embedding on the first and last stage, its gradient all-reduced between them"
+        if not c.tie_weights or p == 1:
+            tied = "one stage: embedding and head share the matrix" if c.tie_weights else "no (model.tie_weights=false)"
         return {"sharded": f"layers in {p} pipeline stages (balance {self.balance}); over {lay.dp} data-parallel "
                            f"replicas: {SHARDED[self.stage]}",
                 "schedule": "1F1B (DeepSpeed)", "micro_batches": m, "pp": p, "dp": lay.dp, "tp": lay.tp,
                 "bubble_estimate": (p - 1) / (m + p - 1), "balance": self.balance,
                 "partition_method": self.opts.partition_method, "zero_stage": self.stage,
                 "optimizer": self.optimizer_name,
-                "tied": ("token embedding on the first and last stage, its gradient all-reduced between them"
-                         if c.tie_weights and p > 1 else "no" if not c.tie_weights else "one stage: shared"),
-                "stage_memory_predicted": [{k: int(v) for k, v in r.items()} for r in rows],
+                "tied": tied, "stage_memory_predicted": [{k: int(v) for k, v in r.items()} for r in rows],
                 "deepspeed_config": "deepspeed_config.json", "notes": self.notes,
                 "state_measured": "this rank's stage: params and optimizer after the last step, gradients after the "
                                   "reduction of the probe step"}
