@@ -37,6 +37,7 @@ def runs(tmp_path_factory, single):
             "tmp": tmp}
 
 
+@pytest.mark.slow  # pays for the runs fixture: 1-3 minutes on 2 busy cores; CI runs it
 def test_deepspeed_pipe_matches_single(runs):
     """pp2 dp1 with ZeRO-0 (the torch AdamW stepped by the engine): 4 micro-batches in the 1F1B schedule."""
     s = runs["pp2"]
