@@ -12,6 +12,11 @@ device), ``wrap`` (DDP, FSDP, ...), ``make_optimizer`` (default: AdamW over
 ``clip``, ``optimizer_step``; pipelines replace ``train_step`` whole. ``global_loss`` turns
 what a rank holds into the global batch's loss: the loop records that value for every
 strategy, whatever ranks hold the loss.
+
+Checkpoints: ``export_state`` / ``import_state`` turn a strategy's state into the portable form
+(full fp32 tensors under the single-process GPT's parameter names, AdamW moments beside them)
+and back, so any strategy resumes from any other's checkpoint; ``save`` / ``load`` are the
+backend's own format (``checkpoint.format=native``). Every backend implements both pairs.
 """
 from __future__ import annotations
 
@@ -244,18 +249,53 @@ class Strategy:
         """{kind: (calls, bytes)} moved on the probe step by C++ paths the Python counter cannot see."""
         return {}
 
-    # ---- checkpoints: the loop writes step and metadata (meta.json); a strategy its own state ----
+    # ---- checkpoints ----
+    # The portable form (the default, ``checkpoint.format=portable``): every strategy can write it and
+    # every strategy can resume from any strategy's. The loop (checkpoint.py) writes the files, the step,
+    # schedule, RNG and data position; a strategy only turns its state into names and back.
+    #
+    # Names are the single-process GPT's: ``GPT.named_parameters()`` of an unwrapped model, so a tied
+    # output projection appears once, as ``embed.tok.weight``. Values are the full, unsharded fp32
+    # tensors on the CPU (the fp32 master copy where the backend keeps one). Optimizer state is AdamW's,
+    # per parameter name: ``{"exp_avg": full fp32 tensor, "exp_avg_sq": ..., "step": 0-dim fp32 tensor}``;
+    # a parameter the optimizer has not stepped yet has no entry. Hyperparameters (lr, betas, weight
+    # decay) are not state: they come from ``optim.*`` and the schedule of the run that resumes.
+    # Moments and step counts must round-trip exactly: a resume continues the trajectory to the parity
+    # tolerance (1e-5 relative in fp32).
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]] | None:
+        """(model, optimizer state) by single-process name, full fp32 on the CPU, on rank 0; None on others.
+
+        COLLECTIVE: every rank calls it (sharded backends gather). The default serves strategies whose
+        ranks hold the whole model and a torch optimizer over it (single, ddp); a backend that shards
+        (parameters, optimizer partitions, pipeline stages, tensor slices) overrides it and gathers.
+        """
+        model, optim = state_by_name(self.portable_params(), self.inner_optimizer())
+        return (model, optim) if self.ctx.rank == 0 else None
+
+    def import_state(self, model: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Load the portable state: every rank receives the full dicts and takes its own part (its shards,
+        its optimizer partition, its stage's layers, its tensor-parallel slice). COLLECTIVE where the
+        backend needs it. Afterwards the next ``train_step`` must compute what the exporting run's would
+        have. A name missing from ``model`` is an error (the config's model differs); ``optim`` may be
+        empty (weights only: AdamW starts again from zero moments)."""
+        load_by_name(self.portable_params(), self.inner_optimizer(), model, optim)
+
+    def portable_params(self) -> list[tuple[str, nn.Parameter]]:
+        """(single-process name, parameter) of what this rank holds whole; tied parameters once."""
+        return list(self.module.named_parameters())
+
+    # The native form (``checkpoint.format=native``): the backend's own files, written by each rank in
+    # parallel with no gather to rank 0 (the one that fits for models whose full state does not fit on
+    # one rank). Only the same strategy and layout resume from it; ``python -m parallelkit.export``
+    # turns it into the portable form.
     def save(self, path: Path) -> None:
         """Default: rank 0 writes the whole model and optimizer as one file."""
         if self.ctx.rank == 0:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, path / "state.pt")
 
     def load(self, path: Path) -> None:
-        f = path / "state.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: checkpoint.resume needs a checkpoint written by a strategy "
-                                    f"with the same checkpoint format")
-        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        state = torch.load(path / "state.pt", map_location=self.ctx.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -265,3 +305,50 @@ class Strategy:
 
     def teardown(self) -> None:
         pass
+
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def state_by_name(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Whole parameters and their torch AdamW state, by name, as fp32 CPU copies."""
+    model, optim = {}, {}
+    for name, p in named:
+        model[name] = p.detach().float().cpu().clone()
+        st = optimizer.state.get(p) if optimizer is not None else None
+        if st and "exp_avg" in st:
+            optim[name] = {k: st[k].detach().float().cpu().clone() for k in ADAM_KEYS}
+            optim[name]["step"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().cpu().clone()
+    return model, optim
+
+
+def check_names(have: list[str], model: dict) -> None:
+    """The checkpoint must hold every parameter this model has, with nothing left over."""
+    missing, extra = sorted(set(have) - set(model)), sorted(set(model) - set(have))
+    if missing or extra:
+        raise ValueError(f"the checkpoint's model differs from this run's: missing {missing[:4]}, unexpected {extra[:4]} "
+                         f"(resume with the model.* of the run that wrote it)")
+
+
+@torch.no_grad()
+def load_by_name(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer | None,
+                 model: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Copy whole parameters in place and give a torch optimizer their AdamW state (through its own
+    ``load_state_dict``, which puts each state on its parameter's device and dtype)."""
+    check_names([n for n, _ in named], model)
+    for name, p in named:
+        if tuple(p.shape) != tuple(model[name].shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(model[name].shape)} != model's {tuple(p.shape)}")
+        p.copy_(model[name])
+    if optimizer is None:
+        return
+    index, names = {}, {id(p): n for n, p in named}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            index[id(p)] = len(index)
+    sd = optimizer.state_dict()
+    sd["state"] = {index[id(p)]: {"step": optim[names[id(p)]]["step"].clone(),
+                                  **{k: optim[names[id(p)]][k] for k in ADAM_KEYS}}
+                   for g in optimizer.param_groups for p in g["params"] if names.get(id(p)) in optim}
+    optimizer.load_state_dict(sd)
