@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from . import metrics
+from . import checkpoint, metrics
+from .collective import gather_named, max_over_ranks
 from .config import plan
 from .data import Batches, make_dataset
 from .layout import Layout
@@ -41,51 +42,6 @@ def init_distributed(layout: Layout) -> Context:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Context(rank=rank, world_size=world, local_rank=local_rank, device=device, layout=layout)
-
-
-def gather_named(values: dict) -> list[dict]:
-    """Every rank's dict of named values, rank by rank (once, after the timed steps)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [values]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, values)
-    return out
-
-
-def max_over_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def save_checkpoint(strategy: Strategy, cfg, step: int) -> None:
-    """``checkpoint.dir/step_N``: the strategy writes its state, then rank 0 writes meta.json (step, layout,
-    config), so a folder with meta.json is one whose state was written by every rank."""
-    path = Path(cfg.checkpoint.dir) / f"step_{step}"
-    if strategy.ctx.rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    barrier()
-    strategy.save(path)
-    barrier()
-    if strategy.ctx.rank == 0:
-        write_json(path / "meta.json", {"step": step, "strategy": cfg.strategy.name,
-                                        "layout": strategy.ctx.layout.as_dict(),
-                                        "config": OmegaConf.to_container(cfg, resolve=True)})
-
-
-def load_checkpoint(strategy: Strategy, path: Path) -> int:
-    meta = path / "meta.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} is missing: checkpoint.resume needs a step_N folder written by checkpoint.dir")
-    strategy.load(path)
-    return int(json.loads(meta.read_text())["step"])
 
 
 class Progress:
@@ -126,8 +82,9 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
     dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
     batches = [Batches(dataset, t.micro_batch_size, t.grad_accum, layout.data_ranks, r) for r in strategy.data_ranks()]
 
-    start = load_checkpoint(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
-    steps, untimed = t.steps, t.untimed_steps
+    start = checkpoint.load(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
+    steps = t.steps
+    untimed = min(t.untimed_steps, max(0, steps - start - 1))  # at least one timed step (config.py says so first)
     probe = start + untimed - 1 if untimed else start  # the last untimed step counts communication
     tokens_per_step = summary.tokens_per_step
     rank0 = ctx.rank == 0
@@ -172,7 +129,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
             mfile.flush()
         progress.update(step - start, step_loss, tokens_per_step / dt)
         if cfg.checkpoint.dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-            save_checkpoint(strategy, cfg, step + 1)
+            checkpoint.save(strategy, cfg, step + 1)
     progress.close()
     if mfile:
         mfile.close()
@@ -208,7 +165,7 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
     if ctx.device.type == "cuda":
         summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]
     if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):
-        save_checkpoint(strategy, cfg, steps)
+        checkpoint.save(strategy, cfg, steps)
     strategy.teardown()
     return summary
 

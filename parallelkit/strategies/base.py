@@ -37,6 +37,7 @@ from ..layout import Layout
 from ..model import GPTConfig, lm_loss
 from ..optim import build_optimizer, param_groups
 from ..precision import Precision
+from .state import load_by_name, state_by_name
 
 
 @dataclass
@@ -306,49 +307,3 @@ class Strategy:
     def teardown(self) -> None:
         pass
 
-
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def state_by_name(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Whole parameters and their torch AdamW state, by name, as fp32 CPU copies."""
-    model, optim = {}, {}
-    for name, p in named:
-        model[name] = p.detach().float().cpu().clone()
-        st = optimizer.state.get(p) if optimizer is not None else None
-        if st and "exp_avg" in st:
-            optim[name] = {k: st[k].detach().float().cpu().clone() for k in ADAM_KEYS}
-            optim[name]["step"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().cpu().clone()
-    return model, optim
-
-
-def check_names(have: list[str], model: dict) -> None:
-    """The checkpoint must hold every parameter this model has, with nothing left over."""
-    missing, extra = sorted(set(have) - set(model)), sorted(set(model) - set(have))
-    if missing or extra:
-        raise ValueError(f"the checkpoint's model differs from this run's: missing {missing[:4]}, unexpected {extra[:4]} "
-                         f"(resume with the model.* of the run that wrote it)")
-
-
-@torch.no_grad()
-def load_by_name(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer | None,
-                 model: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Copy whole parameters in place and give a torch optimizer their AdamW state (through its own
-    ``load_state_dict``, which puts each state on its parameter's device and dtype)."""
-    check_names([n for n, _ in named], model)
-    for name, p in named:
-        if tuple(p.shape) != tuple(model[name].shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(model[name].shape)} != model's {tuple(p.shape)}")
-        p.copy_(model[name])
-    if optimizer is None:
-        return
-    index, names = {}, {id(p): n for n, p in named}
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            index[id(p)] = len(index)
-    sd = optimizer.state_dict()
-    sd["state"] = {index[id(p)]: {"step": optim[names[id(p)]]["step"].clone(),
-                                  **{k: optim[names[id(p)]][k] for k in ADAM_KEYS}}
-                   for g in optimizer.param_groups for p in g["params"] if names.get(id(p)) in optim}
-    optimizer.load_state_dict(sd)
