@@ -40,12 +40,12 @@ def load_by_name(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.O
         p.copy_(model[name])
     if optimizer is None:
         return
-    index, names = {}, {id(p): n for n, p in named}
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            index[id(p)] = len(index)
-    sd = optimizer.state_dict()
-    sd["state"] = {index[id(p)]: {"step": optim[names[id(p)]]["step"].clone(),
-                                  **{k: optim[names[id(p)]][k] for k in ADAM_KEYS}}
-                   for g in optimizer.param_groups for p in g["params"] if names.get(id(p)) in optim}
-    optimizer.load_state_dict(sd)
+    names, groups, state, first = {id(p): n for n, p in named}, [], {}, 0
+    for g in optimizer.param_groups:  # a state dict in torch's format: parameters numbered in group order
+        ids = list(range(first, first + len(g["params"])))
+        first += len(ids)
+        for i, p in zip(ids, g["params"]):
+            if names.get(id(p)) in optim:
+                state[i] = {k: optim[names[id(p)]][k].clone() for k in ("step", *ADAM_KEYS)}
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
