@@ -91,6 +91,7 @@ class Strategy:
     one_process = False  # one process drives every device (FairScale Pipe)
     autocast_forward = True  # False when the backend casts the model itself
     scaler_class = None  # fp16 loss scaler; None: torch.amp.GradScaler (sharded gradients need a sharded one)
+    portable = True  # export_state / import_state implemented (checked before launch: False refuses the portable form)
 
     def __init__(self, opts: Options):
         self.opts = opts

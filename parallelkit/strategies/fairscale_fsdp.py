@@ -32,6 +32,7 @@ class FairScaleFSDPOptions(Options):
 
 class FairScaleFSDPStrategy(Strategy):
     Options = FairScaleFSDPOptions
+    portable = False  # GPU only: its export/import is unwritten until it can be tested on a GPU
     scaler_class = ShardedGradScaler
     autocast_forward = False  # FSDP casts parameters to compute_dtype itself
 
