@@ -46,6 +46,13 @@ def validate_checkpoint(cfg) -> None:
         raise ConfigError(f"checkpoint.dir={d} is a file: give a folder")
     if ck.get("resume"):
         check_resume(cfg, resolve_resume(str(ck.resume), d))
+    from .config import plan
+
+    cls = plan(cfg)[0]
+    resumes_portable = ck.get("resume") and json.loads((Path(ck.resume) / "meta.json").read_text()).get("format") != NATIVE
+    if not cls.portable and ((fmt != NATIVE and d and (every or ck.get("save_final"))) or resumes_portable):
+        raise ConfigError(f"strategy={cfg.strategy.name} has no portable checkpoint yet: write checkpoint.format=native "
+                          f"and resume under the same strategy")
 
 
 def resolve_resume(resume: str, ckpt_dir: str | None) -> Path:
