@@ -80,7 +80,9 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def meta_for(strategy, cfg, step: int, fmt: str, rng: list[dict]) -> dict:
     t, lay = cfg.train, strategy.ctx.layout
     g = t.micro_batch_size * t.grad_accum * lay.data_ranks
-    return {"format": fmt, "step": step, "strategy": cfg.strategy.name, "layout": lay.as_dict(),
+    options = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k not in ("name", "_target_")}
+    return {"format": fmt, "step": step, "strategy": cfg.strategy.name, "strategy_target": cfg.strategy._target_,
+            "strategy_options": options, "layout": lay.as_dict(),
             "schedule": {"train_steps": t.steps, "optim": OmegaConf.to_container(cfg.optim, resolve=True)},
             "data": {"step": step, "samples_seen": step * g, "global_batch": g, "seed": cfg.seed,
                      "data": OmegaConf.to_container(cfg.data, resolve=True)},

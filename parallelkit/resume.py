@@ -108,10 +108,12 @@ def check_resume(cfg, path: Path) -> None:
         from .config import plan
 
         lay = plan(cfg)[2].as_dict()
-        if meta.get("strategy") != cfg.strategy.name or meta.get("layout") != lay:
-            raise ConfigError(f"checkpoint.resume={path} is a native {meta.get('strategy')} checkpoint (layout "
-                              f"{meta.get('layout')}): resume it under that strategy and layout, or convert it with "
-                              f"python -m parallelkit.export {path}")
+        mine = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k not in ("name", "_target_")}
+        if (meta.get("strategy_target") != cfg.strategy._target_ or meta.get("strategy_options") != mine
+                or meta.get("layout") != lay):
+            raise ConfigError(f"checkpoint.resume={path} is a native {meta.get('strategy')} checkpoint (options "
+                              f"{meta.get('strategy_options')}, layout {meta.get('layout')}): resume it under the same "
+                              f"strategy, options and layout, or convert it with python -m parallelkit.export {path}")
     steps = cfg.train.steps
     if step >= steps:
         raise ConfigError(f"checkpoint.resume={path} is at step {step} and train.steps={steps} leaves nothing to train: "

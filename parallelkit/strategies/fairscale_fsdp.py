@@ -76,10 +76,7 @@ class FairScaleFSDPStrategy(Strategy):
         torch.save(state, path / f"rank{self.ctx.rank}.pt")
 
     def load(self, path: Path) -> None:
-        f = Path(path) / f"rank{self.ctx.rank}.pt"
-        if not f.exists():
-            raise FileNotFoundError(f"{f} missing: resume a fairscale_fsdp checkpoint with the same world_size")
-        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        state = torch.load(Path(path) / f"rank{self.ctx.rank}.pt", map_location=self.ctx.device, weights_only=True)
         self.model.load_local_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
