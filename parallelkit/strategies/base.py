@@ -263,7 +263,10 @@ class Strategy:
     # a parameter the optimizer has not stepped yet has no entry. Hyperparameters (lr, betas, weight
     # decay) are not state: they come from ``optim.*`` and the schedule of the run that resumes.
     # Moments and step counts must round-trip exactly: a resume continues the trajectory to the parity
-    # tolerance (1e-5 relative in fp32).
+    # tolerance (1e-5 relative in fp32). Shared helpers: ``state.py`` (``state_by_name`` / ``load_by_name``
+    # for a torch optimizer over whole parameters, ``check_names``); tensor-parallel cutting by name:
+    # ``fairscale_tp.split_of`` / ``tp_slice`` / ``tp_unslice``; pipelines: ``fairscale_pipe.portable_params``.
+    # ``tests/test_checkpoint_matrix.py`` checks every strategy against every other: add yours to its lists.
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]] | None:
         """(model, optimizer state) by single-process name, full fp32 on the CPU, on rank 0; None on others.
