@@ -123,7 +123,7 @@ def check_resume(cfg, path: Path) -> None:
     left = steps - step
     if cfg.train.untimed_steps >= left:
         note(f"resuming at step {step} leaves {left} step(s), not more than train.untimed_steps="
-             f"{cfg.train.untimed_steps}: timing the last {1} of them (train.untimed_steps={left - 1} for this run)")
+             f"{cfg.train.untimed_steps}: the last one is timed (train.untimed_steps={left - 1} for this run)")
         cfg.train.untimed_steps = left - 1
     schedule = meta.get("schedule") or {}
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
