@@ -138,6 +138,22 @@ def resolve(cfg: DictConfig, explicit: set[str] | None = None) -> DictConfig:
     return cfg
 
 
+def check_text(path, seq_len: int) -> None:
+    """A text data.path must hold at least one sequence (seq_len + 1 bytes, and one to choose where it starts)."""
+    if not path or not Path(path).exists():
+        raise ConfigError(f"data.path={path!r} does not exist: give a local text file or folder (data=text data.path=...)")
+    p = Path(path)
+    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    if not files:
+        raise ConfigError(f"data.path={path} is an empty folder: put text files in it, or give a text file")
+    size, need = sum(f.stat().st_size for f in files), seq_len + 2
+    if size < need:
+        what = "is empty" if not size else f"holds {size} bytes"
+        where = f" in {len(files)} file(s)" if p.is_dir() else ""
+        raise ConfigError(f"data.path={path} {what}{where}; one sequence needs model.seq_len + 2 = {need} bytes: "
+                          f"give more text or lower model.seq_len")
+
+
 def validate(cfg: DictConfig) -> None:
     _int(cfg, "world_size")
     _int(cfg, "seed", 0)
@@ -150,6 +166,9 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "train.timeout_s", 1, allow_none=True)
     _num(cfg, "optim.lr")
     _num(cfg, "optim.weight_decay")
+    from .resume import validate_checkpoint
+
+    validate_checkpoint(cfg)  # a resume may lower train.untimed_steps to the steps it leaves
     if cfg.train.untimed_steps >= cfg.train.steps:
         raise ConfigError(f"train.untimed_steps={cfg.train.untimed_steps} leaves no timed step of "
                           f"train.steps={cfg.train.steps}: lower train.untimed_steps or raise train.steps")
@@ -167,14 +186,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}: use model.n_head="
                           f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}, or a model.d_model divisible by {m.n_head}")
     if cfg.data.name == "text":
-        p = cfg.data.get("path")
-        if not p or not Path(p).exists():
-            raise ConfigError(f"data.path={p!r} does not exist: give a local text file or folder (data=text data.path=...)")
+        check_text(cfg.data.get("path"), m.seq_len)
         if m.vocab_size < 256:
             raise ConfigError(f"model.vocab_size={m.vocab_size} < 256: byte-level text needs 256 tokens")
-    resume = OmegaConf.select(cfg, "checkpoint.resume")
-    if resume and not Path(resume).exists():
-        raise ConfigError(f"checkpoint.resume={resume!r} does not exist: give a checkpoint folder written by checkpoint.dir")
     gpu_mem = OmegaConf.select(cfg, "gpu_memory")
     if gpu_mem is not None and not isinstance(gpu_mem, (int, float, str)):
         raise ConfigError(f"gpu_memory={gpu_mem!r}: give bytes or a size such as 80GB")

@@ -30,11 +30,11 @@ def cfg_of(*overrides: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """ddp and ZeRO 0-3 on the same 12 steps; stage 3 also writes checkpoints at steps 6 and 12."""
+    """ddp and ZeRO 0-3 on the same 12 steps; stage 3 also writes native checkpoints at steps 6 and 12."""
     tmp = tmp_path_factory.mktemp("ds")
     out = {"tmp": tmp, "ddp": train_ranks(tmp, "ddp", "strategy=ddp", *PARITY)}
     for s in range(4):
-        ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6"] if s == 3 else []
+        ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6", "checkpoint.format=native"] if s == 3 else []
         out[s] = train_ranks(tmp, f"zero{s}", "strategy=deepspeed", f"strategy.zero_stage={s}", *PARITY, *ck)
     return out
 
