@@ -31,7 +31,7 @@ def runs(tmp_path_factory, single):
     tmp = tmp_path_factory.mktemp("pipes")
     return {"single": single,
             "pp2": train_ranks(tmp, "pp2", "strategy=deepspeed_pipe", "strategy.zero_stage=0", *COMMON,
-                               f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=3"),
+                               f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=3", "checkpoint.format=native"),
             "pp2dp2": train_ranks(tmp, "pp2dp2", "strategy=deepspeed_pipe", "world_size=4", *COMMON),
             "tp2pp2": train_ranks(tmp, "tp2pp2", "strategy=neox_3d", "world_size=4", *COMMON),
             "tmp": tmp}

@@ -193,6 +193,7 @@ def gpt_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 class DeepSpeedPipeStrategy(DeepSpeedStrategy):
+    portable = False  # DeepSpeed's per-layer engine checkpoints only (checkpoint.format=native); see README
     Options = PipeOptions
 
     @classmethod
