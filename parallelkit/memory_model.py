@@ -43,7 +43,7 @@ def replica(cfg, layout: Layout, ddp_buckets: bool) -> dict:
     return {**r, "activations": activations(cfg)}
 
 
-def deepspeed_state(o: dict, psi: float, n: int, prec: str, zc: dict, accum: int = 1) -> dict:
+def zero_state_bytes(o: dict, psi: float, n: int, prec: str, zc: dict, accum: int = 1) -> dict:
     """ZeRO stage 0-3 partitioning, offload, buckets (Rajbhandari et al. 2020, fig. 1). Stage 1 holds full
     gradients only while it accumulates (grad_accum > 1); at grad_accum=1 it reduces them as stage 2 does."""
     stage, p = int(o.get("zero_stage", 2)), (4 if prec == "fp32" else 2)

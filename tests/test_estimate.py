@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from parallelkit.estimate import GiB, estimate_all, main, parse_bytes
 from parallelkit.layout import split_stages as stage_split
-from parallelkit.memory_model import activation_values as _acts, deepspeed_state
+from parallelkit.memory_model import activation_values as _acts, zero_state_bytes as deepspeed_state
 from parallelkit.model import GPTConfig, build_model, lm_loss
 
 PSI_1B = 1_313_722_368  # gpt_1b: 24 layers, d_model 2048, vocab 50304, seq 1024, tied

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import ConfigError
-from ..memory_model import activations, deepspeed_state
+from ..memory_model import activations, zero_state_bytes
 from ..metrics import tensor_bytes
 from ..model import GPTConfig
 from ..optim import adamw_kwargs, build_optimizer, param_groups
@@ -102,7 +102,7 @@ class DeepSpeedStrategy(Strategy):
         opts = {"zero_stage": zero.get("stage", o.zero_stage),
                 "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
                 "offload_param": zero.get("offload_param", {}).get("device", "none")}
-        r = deepspeed_state(opts, c.num_params(), layout.dp, t.precision, buckets, t.grad_accum)
+        r = zero_state_bytes(opts, c.num_params(), layout.dp, t.precision, buckets, t.grad_accum)
         return {**r, "activations": activations(cfg)}
 
     # ---- setup hooks ----

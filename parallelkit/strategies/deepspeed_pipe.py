@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..layout import Layout, split_stages
-from ..memory_model import activation_values, deepspeed_state
+from ..memory_model import activation_values, zero_state_bytes
 from ..model import Block, GPTConfig, initial_value
 from ..optim import param_groups
 from .base import Options
@@ -239,7 +239,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
             if c.tie_weights and n == len(layers):  # one stage: the embedding and the head share one matrix
                 psi -= c.vocab_size * c.d_model
             # accum=2: whole gradients until the reduce step, whatever grad_accum (the pipeline reduces once)
-            r = deepspeed_state({"zero_stage": o.zero_stage}, psi, layout.dp, t.precision, zc, accum=2)
+            r = zero_state_bytes({"zero_stage": o.zero_stage}, psi, layout.dp, t.precision, zc, accum=2)
             in_flight = min(pp - i, t.grad_accum)
             act = in_flight * (activation_values(c, b, blocks, tp, ckpt) + 2 * c.seq_len * b * c.d_model) * word
             if i == pp - 1:
