@@ -128,12 +128,13 @@ class CommCounter:
 
     def install(self) -> "CommCounter":
         c10d = dist.distributed_c10d
+        wrapped: dict[int, object] = {}  # one wrapper per function: batch_isend_irecv tells sends by `op is isend`
         for mod in (dist, c10d):
             for name, idx in self.OPS.items():
                 fn = getattr(mod, name, None)
                 if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
                     self._saved.append((mod, name, fn))
-                    setattr(mod, name, self._wrap(fn, name, idx))
+                    setattr(mod, name, wrapped.setdefault(id(fn), self._wrap(fn, name, idx)))
         return self
 
     def uninstall(self) -> None:
