@@ -155,6 +155,30 @@ class CommCounter:
         return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.kinds.items())}
 
 
+@contextlib.contextmanager
+def time_in(calls: list[tuple[object, str]]):
+    """Seconds spent inside the methods ``(object, name)`` while the block runs (a pipeline stage's compute, on
+    the probe step): each is wrapped on its instance, and the class's method is back afterwards."""
+    spent = [0.0]
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+
+    for obj, name in calls:
+        setattr(obj, name, timed(getattr(obj, name)))
+    try:
+        yield spent
+    finally:
+        for obj, name in calls:
+            delattr(obj, name)
+
+
 def _payload(x) -> int:
     if isinstance(x, torch.Tensor):
         return x.numel() * x.element_size()

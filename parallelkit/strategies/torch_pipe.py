@@ -35,6 +35,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..config import ConfigError
 from ..layout import Layout, split_stages
 from ..memory_model import pipeline_memory
+from ..metrics import time_in
 from ..model import Block, GPTConfig, assign_full, initial_value
 from .base import Options, Strategy
 from .ddp import ddp_probe_comm, ddp_wrap
@@ -185,8 +186,8 @@ class TorchPipeStrategy(Strategy):
                        for part, s in zip(parts, self.stage_ids)]
         cls, m = SCHEDULES[o.schedule], ctx.train.grad_accum
         target = self.stages if o.schedule == "interleaved_1f1b" else self.stages[0]
-        self.schedule = cls(target, n_microbatches=m, loss_fn=self._loss, scale_grads=True)
-        self._busy: float | None = None
+        # looked up per call, so the probe step can time it (_measure_idle)
+        self.schedule = cls(target, n_microbatches=m, loss_fn=lambda logits, y: self._loss(logits, y), scale_grads=True)
         self._idle: float | None = None
         self.idle_by_rank: list[float] | None = None
         return nn.ModuleList(parts)
@@ -201,11 +202,7 @@ class TorchPipeStrategy(Strategy):
         return {"input_args": tokens if s == 0 else act, "output_args": logits if s == n - 1 else act}
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        loss = self.loss_fn(logits, y)
-        if self._busy is not None:
-            self._busy += time.perf_counter() - t0
-        return loss
+        return self.loss_fn(logits, y)
 
     def train_step(self, micro_batches, grad_clip):
         """The schedule over this pipeline's micro-batches (mean loss on the last stage), then the step."""
@@ -224,30 +221,11 @@ class TorchPipeStrategy(Strategy):
         """Probe step only: the share of the schedule's time this rank spends outside its stages' forward,
         backward and loss (waiting on send/recv, mostly)."""
         names = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
-        self._busy = 0.0
-
-        def timed(fn):
-            def run(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    self._busy += time.perf_counter() - t0
-            return run
-
-        for st in self.stages:
-            for name in names:
-                setattr(st, name, timed(getattr(st, name)))
         t0 = time.perf_counter()
-        try:
+        with time_in([(st, n) for st in self.stages for n in names] + [(self, "_loss")]) as busy:
             yield
-        finally:
-            total = time.perf_counter() - t0
-            for st in self.stages:
-                for name in names:
-                    delattr(st, name)  # back to the class's method
-            self._idle = max(0.0, 1 - self._busy / total) if total > 0 else None
-            self._busy = None
+        total = time.perf_counter() - t0
+        self._idle = max(0.0, 1 - busy[0] / total) if total > 0 else None
 
     def _tied_weights(self) -> list[nn.Parameter]:
         if not self.tied:
