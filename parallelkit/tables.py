@@ -102,17 +102,19 @@ def _bubble(est, idle) -> str:
 
 
 def _comm_split(p2p, coll) -> str:
-    return "" if _blank(p2p) or not p2p else f"{hbytes(p2p)} / {hbytes(coll)}"
+    return "" if _blank(p2p) else f"{hbytes(p2p)} / {hbytes(coll)}"
 
 
 def pipeline_texts(df: pd.DataFrame) -> dict[str, list[str]]:
     """The pipeline columns as text: empty for rows that are not pipelines (p2p: rows without point-to-point traffic)."""
     col = lambda name: df[name] if name in df else [None] * len(df)  # noqa: E731 - older frames lack them
+    p2p = any(not _blank(v) and v > 0 for v in col("comm_p2p_bytes"))  # the split is shown once a pipeline sends
     return {"schedule_text": [_schedule(s, m, v) for s, m, v in zip(col("schedule"), col("micro_batches"),
                                                                        col("stages_per_rank"))],
             "bubble_text": [_bubble(e, i) for e, i in zip(col("bubble_estimate"), col("stage_idle_share"))],
             "stage_mem_text": [" / ".join(hbytes(x) for x in _list(v)) for v in col("peak_mem_by_stage")],
-            "comm_split_text": [_comm_split(p, c) for p, c in zip(col("comm_p2p_bytes"), col("comm_collective_bytes"))]}
+            "comm_split_text": [_comm_split(p, c) if p2p else "" for p, c in zip(col("comm_p2p_bytes"),
+                                                                                   col("comm_collective_bytes"))]}
 
 
 def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:

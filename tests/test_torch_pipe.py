@@ -128,6 +128,7 @@ def test_report_shows_layout_schedule_bubble_stage_memory_and_p2p(tmp_path):
     line = next(line for line in md.splitlines() if "torch pipe" in line)
     for text in ("4/2/1/2", "1f1b m=4", "20% (25% / 40%)", "310 MiB / 420 MiB", "3 MiB / 1 MiB"):
         assert text in line, line
+    assert "| 0 / 535 KiB " in next(line for line in md.splitlines() if "| ddp" in line)  # collectives only
     assert "(p-1)/(m+p-1)" in md and (tmp_path / "comm.png").is_file()
     # without a pipeline the report has none of these columns and no comm.png
     (tmp_path / "2_pipe" / "summary.json").unlink()
