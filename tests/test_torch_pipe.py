@@ -97,6 +97,15 @@ def test_config_errors_are_one_line(overrides, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
+def test_estimate_gives_every_stage_and_the_largest():
+    from parallelkit.estimate import estimate
+
+    gpipe, one = (estimate(compose_run(*PIPE, f"strategy.schedule={k}", "train.global_batch_size=32"))
+                  for k in ("gpipe", "1f1b"))
+    assert len(gpipe["stage_totals"]) == 2 and gpipe["total"] == max(gpipe["stage_totals"])
+    assert one["activations"] < gpipe["activations"]  # 1F1B keeps at most pp micro-batches, GPipe all 8
+
+
 def test_activations_in_flight_follow_the_schedule():
     m, p = 8, 4
     assert [in_flight("gpipe", m, p, i) for i in range(p)] == [8] * 4
