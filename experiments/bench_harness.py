@@ -1,148 +1,346 @@
-"""Benchmark, not a test: `single` vs `ddp` side by side, and what the harness itself costs.
+"""Benchmark, not a test: what parallelkit costs against hand-written loops, and what measuring costs.
 
-    python experiments/bench_harness.py [--model small] [--steps 12] [--rounds 3] [--out results/harness]
+    python experiments/bench_harness.py [--model small] [--seq-len 128] [--steps 5] [--warmup 1] [--micro 1]
+                                        [--rounds 3] [--strategies single,ddp,...] [--out results/harness]
 
-1. Runs ``strategy=single`` and ``strategy=ddp`` through the real CLI on the same model and
-   global batch, and prints tokens/s, MFU and memory side by side.
-2. Harness overhead: in one process, alternately runs a bare PyTorch loop (model, AdamW,
-   forward/backward/clip/step, the same data) and parallelkit's own loop (``train.train``
-   with ``strategy=single``) on the same model and batch, ``--rounds`` times each, and prints
-   the ratio of their median wall time per step (target: the harness costs under 2%).
+For every data-parallel strategy, three runs of the same model, data, global batch and optimizer:
+
+* bare: the plainest correct loop for that backend (``experiments/bare_loops.py``), under
+  ``torch.distributed.run --standalone`` (2 processes; 1 for ``single``);
+* plain: parallelkit through its CLI with ``train.instrument=false`` (the default: timed steps
+  run the backend's default code; communication and state are measured on an untimed probe);
+* instrumented: the same with ``train.instrument=true`` (counters on every timed step).
+
+Each run's median step time after the warm-up steps is taken (``step_time_s``; the same
+``perf_counter`` around the step in all three). The runs are interleaved: round r runs bare,
+plain, instrumented of strategy 1, then of strategy 2, ..., with the order of the strategies
+and of the three variants rotated from round to round, so slow drifts of the machine's load
+fall on all of them alike. Per strategy it reports the median over rounds of the per-round
+ratios parallelkit / bare (issue 10) and instrumented / plain (issue 9), with their min-max
+spread, the first-step losses of the bare loop and of parallelkit and their largest difference
+(fp32: 0 or ~1e-7; more means the bare loop is not the same computation), and the load
+average and CPU steal before and after each round. Writes ``OUT/bench.json`` (after every
+round) and ``OUT/README.md``.
+
+The defaults (``small``, seq 128, micro-batch 1, 5 steps of which 1 warm-up, 9 strategies,
+3 rounds) make 81 launches. Starting them dominates: about 9 s per parallelkit run and 7 s per
+bare loop before the first step on the 2-core box of results/README.md (12 of the 81 launches'
+minutes), so a full run takes about 17 minutes there when it is quiet; one round took 13.5 min
+while other jobs kept the load average at 4-10. ``--rounds 2`` or fewer ``--strategies`` cut it
+in proportion. The numbers are only as good as the quiet of the machine: run it with nothing
+else running.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp_zero2", "zero1", "zero2", "zero3", "fairscale_oss", "fairscale_oss_ddp")
+OPTIONAL = ("fsdp_zero3", "zero0")  # also known to bare_loops.py
+VARIANTS = ("bare", "plain", "instrumented")
+WORLD = 2
+RUN_TIMEOUT_S = 900
 
 
-def cli_runs(args) -> list[dict]:
-    rows = []
-    for strat in ("single", "ddp"):
-        out = Path(args.out) / "runs" / strat
-        cmd = [sys.executable, "-m", "parallelkit.run", f"strategy={strat}", f"model={args.model}",
-               f"train.steps={args.steps}", "train.warmup_steps=2", f"train.micro_batch_size={args.micro}",
-               "world_size=2", f"hydra.run.dir={out}"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        rows.append(json.loads((out / "summary.json").read_text()))
-    return rows
-
-
-def bare_loop(cfg, steps: int) -> float:
-    """Seconds per step (median after warm-up) of the plainest loop we can write."""
-    import torch
-
-    from parallelkit.data import Batches, make_dataset
-    from parallelkit.model import build_model, lm_loss
-    from parallelkit.train import lr_at, make_optimizer
-
-    model = build_model(cfg.model, cfg.seed)
-    opt = make_optimizer(cfg.optim, model)
-    ds = make_dataset(cfg.data, cfg.model, cfg.seed)
-    ranks = [Batches(ds, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.world_size, r) for r in range(cfg.world_size)]
-    times = []
-    for step in range(steps):
-        t0 = time.perf_counter()
-        micro = [b.micro_batch(step, m) for m in range(cfg.train.grad_accum) for b in ranks]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.optim, steps)
-        opt.zero_grad(set_to_none=True)
-        for x, y in micro:
-            (lm_loss(model(x), y) / len(micro)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[cfg.train.warmup_steps:])
-
-
-def harness_loop(cfg, steps: int) -> float:
-    """Seconds per step of parallelkit's loop, wall clock between steps (data, metrics, files included)."""
-    from parallelkit import train as T
-    from parallelkit.results import base_summary
-
-    stamps: list[float] = []
-    orig = T.Progress.update
-
-    def stamp(self, *a):  # called once at the end of every step
-        stamps.append(time.perf_counter())
-        return orig(self, *a)
-
-    T.Progress.update = stamp
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs: steal is time the hypervisor gave to other guests."""
     try:
-        with tempfile.TemporaryDirectory() as d:
-            ctx = T.init_distributed()
-            summary = base_summary(cfg)
-            t0 = time.perf_counter()
-            T.train(cfg, ctx, Path(d), summary)
-    finally:
-        T.Progress.update = orig
-    gaps = [b - a for a, b in zip([t0, *stamps], stamps)]
-    return statistics.median(gaps[cfg.train.warmup_steps:])
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
 
 
-def overhead(args) -> dict:
-    import torch
-    from hydra import compose, initialize_config_dir
+def machine() -> dict:
+    def first(path: str, key: str) -> str:
+        try:
+            return next((ln.split(":", 1)[1].strip() for ln in open(path) if ln.startswith(key)), "")
+        except OSError:
+            return ""
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    torch.set_num_threads(args.threads)
+    mem = first("/proc/meminfo", "MemTotal").split()
+    versions = {}
+    for pkg in ("torch", "deepspeed", "fairscale", "hydra-core"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"cpu": first("/proc/cpuinfo", "model name") or "unknown", "cores": os.cpu_count(),
+            "memory_gib": round(int(mem[0]) / 2**20, 1) if mem else None, "python": sys.version.split()[0],
+            "versions": versions, "commit": git or None}
+
+
+def overrides(args, strategy: str) -> list[str]:
+    return [f"strategy={strategy}", f"model={args.model}", f"model.seq_len={args.seq_len}", f"train.steps={args.steps}",
+            f"train.untimed_steps={args.warmup}", f"train.micro_batch_size={args.micro}", f"world_size={WORLD}"]
+
+
+def compose(args, strategy: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={args.model}", "strategy=single", f"train.steps={args.steps}",
-                                           "train.warmup_steps=2", f"train.micro_batch_size={args.micro}",
-                                           "world_size=2", "peak_tflops=1"])
-    bare, ours = [], []
-    for r in range(args.rounds):
-        bare.append(bare_loop(cfg, args.steps))
-        ours.append(harness_loop(cfg, args.steps))
-        torch.set_num_threads(args.threads)  # init_distributed may have changed it
-        print(f"round {r + 1}: bare {bare[-1] * 1e3:.1f} ms/step, parallelkit {ours[-1] * 1e3:.1f} ms/step", flush=True)
-    b, o = statistics.median(bare), statistics.median(ours)
-    return {"bare_step_s": b, "harness_step_s": o, "overhead": o / b - 1, "rounds": args.rounds,
-            "bare_rounds": bare, "harness_rounds": ours, "threads": args.threads}
+        return hydra_compose("config", overrides=overrides(args, strategy))
+
+
+def bare_spec(args, strategy: str) -> dict:
+    """Model, data, optimizer and schedule of the composed parallelkit config, for bare_loops.py; for DeepSpeed
+    also the config parallelkit generates for the run (what it saves as deepspeed_config.json)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(args, strategy)
+    c = OmegaConf.to_container(cfg, resolve=True)
+    t = c["train"]
+    if t["grad_accum"] != 1 or t["precision"] != "fp32" or t.get("global_batch_size"):
+        sys.exit("bench_harness: the bare loops do fp32 without gradient accumulation; the config says otherwise")
+    spec = {"strategy": strategy, "model": c["model"], "data": c["data"], "optim": c["optim"], "seed": c["seed"],
+            "world_size": WORLD, "steps": t["steps"], "untimed_steps": t["untimed_steps"],
+            "micro_batch_size": t["micro_batch_size"], "grad_clip": t["grad_clip"]}
+    if "zero_stage" in c["strategy"]:
+        try:
+            from parallelkit.strategies.deepspeed_config import build_config
+
+            spec["ds_config"] = build_config(cfg)[0]
+        except Exception as e:  # noqa: BLE001 - the bare loop then writes its own; the report flags any difference
+            print(f"bench_harness: {strategy}: parallelkit's DeepSpeed config not available ({type(e).__name__}: {e}); "
+                  "the bare loop builds its own", file=sys.stderr)
+    return spec
+
+
+def launch(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, float]:
+    """Run ``cmd`` in its own process group (so a timeout or Ctrl-C also stops the workers it started)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=RUN_TIMEOUT_S)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            rc = 124
+    return rc, time.perf_counter() - t0
+
+
+def tail(log: Path) -> str:
+    """The first exception line of a worker (not the launcher's ChildFailedError), else the last line."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
+    errors = [ln for ln in lines if re.match(r"(\[rank\d+\]: )?[\w.]*(Error|Exception)\b.*:", ln) and "ChildFailedError" not in ln]
+    return (errors[:1] or lines[-1:] or ["no output"])[0][:300]
+
+
+def run_bare(strategy: str, spec: dict, d: Path) -> dict:
+    nproc = 1 if strategy == "single" else WORLD
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "spec.json").write_text(json.dumps(spec, indent=1))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))  # the threads parallelkit's workers set for themselves
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "experiments" / "bare_loops.py"), str(d / "spec.json"), str(d / "result.json")]
+    rc, wall = launch(cmd, d / "log.txt", env)
+    if rc != 0 or not (d / "result.json").exists():
+        return {"status": "failed", "error": f"exit {rc}: {tail(d / 'log.txt')}", "wall_s": wall}
+    return {**json.loads((d / "result.json").read_text()), "wall_s": wall}
+
+
+def run_cli(args, strategy: str, instrument: bool, d: Path) -> dict:
+    # peak_tflops=1 skips the CPU peak calibration (a 0.5 s matmul burst per run): MFU is not used here
+    cmd = [sys.executable, "-m", "parallelkit.run", *overrides(args, strategy), f"train.instrument={str(instrument).lower()}",
+           "peak_tflops=1", f"hydra.run.dir={d}"]
+    d.mkdir(parents=True, exist_ok=True)
+    rc, wall = launch(cmd, d / "log.txt")
+    if not (d / "summary.json").exists():
+        return {"status": "failed", "error": f"exit {rc}, no summary.json: {tail(d / 'log.txt')}", "wall_s": wall}
+    s = json.loads((d / "summary.json").read_text())
+    out = {"status": s["status"], "error": s.get("error"), "step_time_s": s.get("step_time_s"), "losses": s.get("losses"),
+           "wall_s": wall}
+    if (d / "metrics.jsonl").exists():
+        rows = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        out["step_times_s"] = [r["step_time_s"] for r in rows[args.warmup:]]
+    if (d / "deepspeed_config.json").exists():
+        out["ds_config"] = json.loads((d / "deepspeed_config.json").read_text())
+    return out
+
+
+def config_diff(bare: dict, ours: dict, prefix: str = "") -> list[str]:
+    """Keys of the bare loop's DeepSpeed config whose value parallelkit's differs from."""
+    diff = []
+    for k, v in bare.items():
+        if isinstance(v, dict) and isinstance(ours.get(k), dict):
+            diff += config_diff(v, ours[k], f"{prefix}{k}.")
+        elif ours.get(k) != v:
+            diff.append(f"{prefix}{k}: bare {v!r}, parallelkit {ours.get(k)!r}")
+    return diff
+
+
+def rotate(seq, r: int) -> list:
+    r %= len(seq)
+    return list(seq[r:]) + list(seq[:r])
+
+
+def spread(values: list[float]) -> dict | None:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)} if values else None
+
+
+def summarize(rounds: list[dict], strategies: list[str]) -> dict[str, dict]:
+    out = {}
+    for s in strategies:
+        runs = [{v: rd["runs"][s][v] for v in VARIANTS if v in rd["runs"].get(s, {})} for rd in rounds]
+        ok = lambda run, v: v in run and run[v]["status"] == "ok"  # noqa: E731
+        ratio = lambda a, b: [run[a]["step_time_s"] / run[b]["step_time_s"] for run in runs if ok(run, a) and ok(run, b)]  # noqa: E731
+        times = {v: [run[v]["step_time_s"] for run in runs if ok(run, v)] for v in VARIANTS}
+        dev, first = [], {}
+        for run in runs:
+            for v in ("plain", "instrumented"):
+                if ok(run, "bare") and ok(run, v):
+                    dev += [abs(a - b) for a, b in zip(run["bare"]["losses"], run[v]["losses"])]
+            for v in VARIANTS:
+                if ok(run, v) and v not in first:
+                    first[v] = run[v]["losses"][0]
+        errors = sorted({f"{v}: {run[v]['error']}" for run in runs for v in VARIANTS if v in run and not ok(run, v)})
+        ds = sorted({d for run in runs if ok(run, "bare") for v in ("plain", "instrumented")
+                     if ok(run, v) and "ds_config" in run["bare"] and "ds_config" in run[v]
+                     for d in config_diff(run["bare"]["ds_config"], run[v]["ds_config"])})
+        out[s] = {"step_time_s": {v: spread(t) for v, t in times.items()},
+                  "parallelkit_over_bare": spread(ratio("plain", "bare")),
+                  "instrumented_over_plain": spread(ratio("instrumented", "plain")),
+                  "first_loss": first, "max_loss_diff": max(dev) if dev else None, "errors": errors,
+                  "ds_config_differs": ds}
+    return out
+
+
+def fmt_ratio(x: dict | None) -> str:
+    return f"{x['median']:.3f} ({x['min']:.3f}-{x['max']:.3f})" if x else "-"
+
+
+def fmt_ms(x: dict | None) -> str:
+    return f"{x['median'] * 1e3:,.1f}" if x else "-"
+
+
+def report(args, command: str, facts: dict, rounds: list[dict], summary: dict, wall: float) -> str:
+    load = "; ".join(f"round {rd['round']}: {rd['load_before'][0]:.2f} -> {rd['load_after'][0]:.2f}" for rd in rounds)
+    lines = [
+        "# parallelkit against hand-written loops, and the cost of measuring", "",
+        f"Command: `{command}`  ",
+        f"Date: {facts['date']}, commit `{facts['commit']}`, {len(rounds)} round(s) in {wall / 60:.1f} min  ",
+        f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB; torch {facts['versions']['torch']}, "
+        f"deepspeed {facts['versions']['deepspeed']}, fairscale {facts['versions']['fairscale']}  ",
+        f"Load average (1 min) before -> after each round: {load}", "",
+        "**These numbers are only as good as the quiet of the machine.** Every ratio is taken within one round, "
+        "between runs launched one after another, and the rounds rotate the order; the spread (min-max over rounds) "
+        "shows how far the rounds disagree. A ratio whose spread includes 1.000 is no measurable difference. A round "
+        "that started with a load average above ~0.5, or with CPU steal above a few percent (see bench.json), was not "
+        "quiet: its numbers say more about the neighbours than about parallelkit.", "",
+        f"Model `{args.model}`, seq {args.seq_len}, micro-batch {args.micro} per rank, {WORLD} ranks (`single`: one "
+        f"process running both ranks' micro-batches), fp32, {args.steps} steps of which {args.warmup} warm-up; "
+        "step time = median of the timed steps (perf_counter around the step, as parallelkit times it); the ms columns "
+        "are medians over rounds.", "",
+        "| strategy | bare ms | parallelkit ms | parallelkit / bare | instrumented ms | instrumented / plain | "
+        "step-0 loss bare / parallelkit | max loss diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s, r in summary.items():
+        t, f = r["step_time_s"], r["first_loss"]
+        losses = f"{f['bare']:.6f} / {f['plain']:.6f}" if "bare" in f and "plain" in f else "-"
+        diff = f"{r['max_loss_diff']:.1e}" if r["max_loss_diff"] is not None else "-"
+        lines.append(f"| {s} | {fmt_ms(t['bare'])} | {fmt_ms(t['plain'])} | {fmt_ratio(r['parallelkit_over_bare'])} | "
+                     f"{fmt_ms(t['instrumented'])} | {fmt_ratio(r['instrumented_over_plain'])} | {losses} | {diff} |")
+    lines += ["", "- **parallelkit / bare** (issue 10): parallelkit's `step_time_s` (CLI, `train.instrument=false`) over "
+              "the hand-written loop's (`experiments/bare_loops.py`), per round; median (min-max).",
+              "- **instrumented / plain** (issue 9): `train.instrument=true` over `false`, per round.",
+              "- **max loss diff**: largest per-step difference between the bare loop's loss and parallelkit's "
+              "(both variants, all rounds); in fp32 the same computation stays around 1e-6."]
+    notes = [f"- {s}: {e}" for s, r in summary.items() for e in r["errors"]]
+    notes += [f"- {s}: DeepSpeed config differs from the bare loop's: {d}" for s, r in summary.items() for d in r["ds_config_differs"]]
+    if notes:
+        lines += ["", "Problems:", "", *notes]
+    lines += ["", "| round | order (first strategy, variants) | load before | load after | CPU steal | wall |",
+              "|---|---|---|---|---|---|"]
+    for rd in rounds:
+        lines.append(f"| {rd['round']} | {rd['order'][0]}, {' / '.join(rd['variants'])} | "
+                     f"{' '.join(f'{x:.2f}' for x in rd['load_before'])} | {' '.join(f'{x:.2f}' for x in rd['load_after'])} | "
+                     f"{rd['steal']:.1%} | {rd['wall_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="steps left out of timing (the same in all three runs)")
+    ap.add_argument("--micro", type=int, default=1, help="micro-batch size per rank")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list (default: all data-parallel ones)")
     ap.add_argument("--out", default="results/harness")
-    ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--keep-runs", action="store_true", help="keep every run's folder (default: only failed ones)")
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    rows = [] if args.skip_cli else cli_runs(args)
-    ov = overhead(args)
-    lines = [f"# single vs ddp, and the harness overhead ({args.model})", "",
-             f"Command: `python experiments/bench_harness.py --model {args.model} --steps {args.steps} "
-             f"--micro {args.micro} --rounds {args.rounds}`", ""]
-    if rows:
-        lines += ["| strategy | processes | global batch | tokens/s | step ms | MFU | peak RSS MiB/rank | state MiB/rank | final loss |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for s in rows:
-            lines.append(f"| {s['label']} | {s['processes']} | {s['global_batch']} | {s['tokens_per_s']:,.0f} | "
-                         f"{s['step_time_s'] * 1e3:,.0f} | {s['mfu']:.1%} | {max(s['peak_mem_bytes']) / 2**20:,.0f} | "
-                         f"{max(s['model_state_bytes']) / 2**20:,.1f} | {s['final_loss']:.4f} |")
-        lines += ["", f"ddp / single tokens/s: {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x "
-                      f"(single: 1 process using all {os.cpu_count()} cores; ddp: 2 processes sharing them)", ""]
-    lines += [f"Harness overhead, one process, {ov['threads']} thread(s), {ov['rounds']} alternating rounds: "
-              f"bare loop {ov['bare_step_s'] * 1e3:.1f} ms/step, parallelkit loop {ov['harness_step_s'] * 1e3:.1f} ms/step, "
-              f"overhead {ov['overhead']:+.2%} (target < 2%)."]
-    text = "\n".join(lines) + "\n"
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in STRATEGIES + OPTIONAL]
+    if unknown:
+        sys.exit(f"bench_harness: no bare loop for {', '.join(unknown)}; choose from {', '.join(STRATEGIES + OPTIONAL)}")
+    if args.rounds < 1:
+        sys.exit("bench_harness: --rounds must be at least 1")
+    if args.warmup >= args.steps:
+        sys.exit(f"bench_harness: --warmup {args.warmup} leaves no timed step of --steps {args.steps}")
+    out = Path(args.out).resolve()
+    shutil.rmtree(out / "runs", ignore_errors=True)  # runs of an earlier benchmark
+    (out / "overhead.json").unlink(missing_ok=True)  # written by the earlier version of this benchmark
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/bench_harness.py " + shlex.join(sys.argv[1:])
+    facts = {**machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    sys.path.insert(0, str(ROOT))
+    specs = {s: bare_spec(args, s) for s in strategies}
+    rounds: list[dict] = []
+    start = time.perf_counter()
+    for r in range(args.rounds):
+        order, variants = rotate(strategies, r), rotate(VARIANTS, r)
+        rd = {"round": r + 1, "order": order, "variants": variants, "load_before": list(os.getloadavg()), "runs": {}}
+        steal0, total0, t0 = *cpu_times(), time.perf_counter()
+        for s in order:
+            for v in variants:
+                d = out / "runs" / f"r{r + 1}_{s}_{v}"
+                res = run_bare(s, specs[s], d) if v == "bare" else run_cli(args, s, v == "instrumented", d)
+                rd["runs"].setdefault(s, {})[v] = res
+                if res["status"] == "ok":
+                    print(f"round {r + 1} {s:18} {v:12} {res['step_time_s'] * 1e3:9.1f} ms/step  step-0 loss "
+                          f"{res['losses'][0]:.6f}  ({res['wall_s']:.0f} s)", flush=True)
+                    if not args.keep_runs:
+                        shutil.rmtree(d, ignore_errors=True)
+                else:
+                    print(f"round {r + 1} {s:18} {v:12} {res['status']}: {res['error']}  ({d})", flush=True)
+        steal1, total1 = cpu_times()
+        rd.update(load_after=list(os.getloadavg()), wall_s=time.perf_counter() - t0,
+                  steal=(steal1 - steal0) / max(1, total1 - total0))
+        rounds.append(rd)
+        wall = time.perf_counter() - start
+        summary = summarize(rounds, strategies)
+        result = {"command": command, "machine": facts, "settings": {**vars(args), "world_size": WORLD},
+                  "wall_s": wall, "rounds": rounds, "strategies": summary}
+        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")  # after every round: a partial run keeps its data
+        print(f"round {r + 1}: load {rd['load_before'][0]:.2f} -> {rd['load_after'][0]:.2f}, CPU steal {rd['steal']:.1%}, "
+              f"{rd['wall_s']:.0f} s", flush=True)
+    if not args.keep_runs and (out / "runs").is_dir() and not any((out / "runs").iterdir()):
+        (out / "runs").rmdir()
+    text = report(args, command, facts, rounds, summary, wall)
+    (out / "README.md").write_text(text)
     print("\n" + text)
-    (Path(args.out) / "README.md").write_text(text)
-    (Path(args.out) / "overhead.json").write_text(json.dumps(ov, indent=1))
+    print(f"wrote {out / 'bench.json'} and {out / 'README.md'}")
 
 
 if __name__ == "__main__":

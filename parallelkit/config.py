@@ -78,6 +78,31 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def explicit_keys(overrides, strategy: str | None = None) -> set[str]:
+    """The keys set on the command line (``key=v``, ``+key=v``, ``++key=v``; a deletion ``~key`` sets nothing),
+    plus those the chosen strategy preset sets.
+
+    A preset is a choice made by name: ``strategy=zero3`` says "stage 3" as plainly as
+    ``strategy.zero_stage=3`` does, so what a preset sets beyond the base it extends (zero3 over
+    deepspeed.yaml: zero_stage) counts as given and wins over a DeepSpeed JSON. The base itself
+    (``strategy=deepspeed``) only carries defaults, so with it the JSON decides everything it states.
+    """
+    keys = {o.lstrip("+").split("=", 1)[0] for o in overrides if "=" in o and not o.startswith("~")}
+    return keys | {f"strategy.{k}" for k in _preset_keys(strategy)} if strategy else keys
+
+
+def _preset_keys(name: str) -> set[str]:
+    """Keys conf/strategy/<name>.yaml and the presets it extends set, less those of the base they extend."""
+    path = Path(__file__).resolve().parent.parent / "conf" / "strategy" / f"{name}.yaml"
+    if not path.is_file():
+        return set()
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    parents = [d for d in node.pop("defaults", None) or [] if isinstance(d, str) and d != "_self_"]
+    if not parents:  # a family's base (deepspeed.yaml): defaults, not choices
+        return set()
+    return (set(node) - {"name", "_target_"}).union(*map(_preset_keys, parents))
+
+
 def plan(cfg):
     """(strategy class, its typed options, the layout): computed once from the config, used everywhere."""
     cls = strategy_class(cfg)
@@ -94,8 +119,12 @@ def migrate_untimed_steps(cfg: DictConfig) -> None:
         cfg.train.untimed_steps, cfg.train.warmup_steps = old, None
 
 
-def resolve(cfg: DictConfig) -> DictConfig:
-    """Fill the values that depend on the machine (world_size: null -> auto) and check the rest."""
+def resolve(cfg: DictConfig, explicit: set[str] | None = None) -> DictConfig:
+    """Fill the values that depend on the machine (world_size: null -> auto) and check the rest.
+
+    ``explicit``: the keys given on the command line; a backend may fill the others from its own config
+    (``Strategy.prepare``: a user's DeepSpeed JSON).
+    """
     migrate_untimed_steps(cfg)
     ws = cfg.world_size
     if ws is None:
@@ -104,8 +133,25 @@ def resolve(cfg: DictConfig) -> DictConfig:
         else:
             ws = max(1, __import__("torch").cuda.device_count()) if cuda_available() else 2
         cfg.world_size = ws
+    strategy_class(cfg).prepare(cfg, explicit or set())
     validate(cfg)
     return cfg
+
+
+def check_text(path, seq_len: int) -> None:
+    """A text data.path must hold at least one sequence (seq_len + 1 bytes, and one to choose where it starts)."""
+    if not path or not Path(path).exists():
+        raise ConfigError(f"data.path={path!r} does not exist: give a local text file or folder (data=text data.path=...)")
+    p = Path(path)
+    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    if not files:
+        raise ConfigError(f"data.path={path} is an empty folder: put text files in it, or give a text file")
+    size, need = sum(f.stat().st_size for f in files), seq_len + 2
+    if size < need:
+        what = "is empty" if not size else f"holds {size} bytes"
+        where = f" in {len(files)} file(s)" if p.is_dir() else ""
+        raise ConfigError(f"data.path={path} {what}{where}; one sequence needs model.seq_len + 2 = {need} bytes: "
+                          f"give more text or lower model.seq_len")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -120,6 +166,9 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "train.timeout_s", 1, allow_none=True)
     _num(cfg, "optim.lr")
     _num(cfg, "optim.weight_decay")
+    from .resume import validate_checkpoint
+
+    validate_checkpoint(cfg)  # a resume may lower train.untimed_steps to the steps it leaves
     if cfg.train.untimed_steps >= cfg.train.steps:
         raise ConfigError(f"train.untimed_steps={cfg.train.untimed_steps} leaves no timed step of "
                           f"train.steps={cfg.train.steps}: lower train.untimed_steps or raise train.steps")
@@ -137,14 +186,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}: use model.n_head="
                           f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}, or a model.d_model divisible by {m.n_head}")
     if cfg.data.name == "text":
-        p = cfg.data.get("path")
-        if not p or not Path(p).exists():
-            raise ConfigError(f"data.path={p!r} does not exist: give a local text file or folder (data=text data.path=...)")
+        check_text(cfg.data.get("path"), m.seq_len)
         if m.vocab_size < 256:
             raise ConfigError(f"model.vocab_size={m.vocab_size} < 256: byte-level text needs 256 tokens")
-    resume = OmegaConf.select(cfg, "checkpoint.resume")
-    if resume and not Path(resume).exists():
-        raise ConfigError(f"checkpoint.resume={resume!r} does not exist: give a checkpoint folder written by checkpoint.dir")
     gpu_mem = OmegaConf.select(cfg, "gpu_memory")
     if gpu_mem is not None and not isinstance(gpu_mem, (int, float, str)):
         raise ConfigError(f"gpu_memory={gpu_mem!r}: give bytes or a size such as 80GB")

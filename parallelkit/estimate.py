@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import ConfigError, plan, resolve, validate
+from .config import ConfigError, explicit_keys, plan, resolve, validate
 from .model import GPTConfig
 from .run import CONF_DIR, check_group_choices, open_strategy_keys
 
@@ -92,7 +92,7 @@ def estimate_all(overrides: list[str]) -> dict:
     """Every preset in conf/strategy/ for these overrides; the configured one with its ``strategy.*`` overrides,
     the others as their yaml files say."""
     cfg, chosen = compose_config(overrides)
-    resolve(cfg)
+    resolve(cfg, explicit=explicit_keys(overrides, chosen))
     limit, source = parse_bytes(cfg.get("gpu_memory")), f"gpu_memory={cfg.get('gpu_memory')}"
     if limit is None:
         import torch

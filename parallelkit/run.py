@@ -15,10 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, adopt_slurm_env, plan, resolve, under_torchrun
+from .config import ConfigError, adopt_slurm_env, explicit_keys, plan, resolve, under_torchrun
+from .launch import Interrupted, raise_on_signals
 from .results import base_summary, read_json, write_json
+from .resume import lock_checkpoint_dir
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CURRENT: dict = {"out": None, "sweep": None}  # the run (and sweep) in progress, for the interrupt path in main()
 
 
 def _failed_summary(cfg, error: str) -> dict:
@@ -46,7 +49,9 @@ def task(cfg: DictConfig) -> str:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        resolve(cfg)
+        # the keys this run (a sweep: this job) set on the command line, and those its strategy preset sets;
+        # a backend's own config (a user's DeepSpeed JSON) fills the rest
+        resolve(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
     except ConfigError as e:
         write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
         print(f"parallelkit: config error: {e}", file=sys.stderr)
@@ -54,6 +59,23 @@ def task(cfg: DictConfig) -> str:
             return "failed"
         sys.exit(2)
 
+    CURRENT.update(out=out, sweep=Path(hc.sweep.dir) if multirun else None)
+    try:  # a checkpoint.dir in use by another live run is refused
+        lock = lock_checkpoint_dir(cfg, out) if int(os.environ.get("RANK", "0")) == 0 else None
+    except ConfigError as e:
+        write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
+        print(f"parallelkit: config error: {e}", file=sys.stderr)
+        if multirun:
+            return "failed"
+        sys.exit(2)
+    try:
+        return _run(cfg, out, multirun)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: DictConfig, out: Path, multirun: bool) -> str:
     if under_torchrun():  # we are one worker of the user's torchrun job
         from .train import worker
 
@@ -147,7 +169,28 @@ def main() -> None:
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         # Only rank 0 writes results; the other ranks keep Hydra from writing a second .hydra/.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    _hydra_main()
+    if not under_torchrun():  # under torchrun its agent owns the signals
+        raise_on_signals()
+    try:
+        _hydra_main()
+    except Interrupted as e:
+        interrupted(e)
+
+
+def interrupted(e: Interrupted) -> None:
+    """The run's processes are gone and its summary says ``interrupted``; a sweep still gets the report of the
+    jobs it ran. Exit 128 + the signal's number, as a shell does."""
+    where = CURRENT["sweep"] or CURRENT["out"]
+    print(f"parallelkit: interrupted: {e.name}; every worker stopped" + (f"; results in {where}" if where else ""),
+          file=sys.stderr, flush=True)
+    if CURRENT["sweep"] is not None:
+        from .report import write_report
+
+        try:
+            write_report(CURRENT["sweep"])
+        except Exception as err:  # noqa: BLE001 - the summaries are written; say why the report is not
+            print(f"parallelkit.report: could not write the report: {type(err).__name__}: {err}", file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

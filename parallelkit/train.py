@@ -12,13 +12,15 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from . import metrics
+from . import checkpoint, metrics
+from .collective import gather_named, max_over_ranks
 from .config import plan
 from .data import Batches, make_dataset
 from .layout import Layout
@@ -41,51 +43,6 @@ def init_distributed(layout: Layout) -> Context:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Context(rank=rank, world_size=world, local_rank=local_rank, device=device, layout=layout)
-
-
-def gather_named(values: dict) -> list[dict]:
-    """Every rank's dict of named values, rank by rank (once, after the timed steps)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [values]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, values)
-    return out
-
-
-def max_over_ranks(value: float, device: torch.device) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def save_checkpoint(strategy: Strategy, cfg, step: int) -> None:
-    """``checkpoint.dir/step_N``: the strategy writes its state, then rank 0 writes meta.json (step, layout,
-    config), so a folder with meta.json is one whose state was written by every rank."""
-    path = Path(cfg.checkpoint.dir) / f"step_{step}"
-    if strategy.ctx.rank == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    barrier()
-    strategy.save(path)
-    barrier()
-    if strategy.ctx.rank == 0:
-        write_json(path / "meta.json", {"step": step, "strategy": cfg.strategy.name,
-                                        "layout": strategy.ctx.layout.as_dict(),
-                                        "config": OmegaConf.to_container(cfg, resolve=True)})
-
-
-def load_checkpoint(strategy: Strategy, path: Path) -> int:
-    meta = path / "meta.json"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} is missing: checkpoint.resume needs a step_N folder written by checkpoint.dir")
-    strategy.load(path)
-    return int(json.loads(meta.read_text())["step"])
 
 
 class Progress:
@@ -112,27 +69,40 @@ class Progress:
             self.bar.close()
 
 
-def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
-    cls, opts, layout = plan(cfg)
-    strategy: Strategy = cls(opts)
+def make_strategy(cfg, ctx: Context, run_dir: Path | None) -> Strategy:
+    """The configured strategy, set up on this rank: model built, wrapped, optimizer made."""
+    cls, opts, _ = plan(cfg)
     t = cfg.train
     ctx.precision, ctx.seed, ctx.optim, ctx.train, ctx.cfg = t.precision, cfg.seed, cfg.optim, t, cfg
     ctx.model, ctx.run_dir, ctx.instrument = GPTConfig.from_cfg(cfg.model), run_dir, bool(t.get("instrument", False))
-    summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    run_probe = RunProbe(cfg, ctx.device, ctx.precision, verbose=ctx.rank == 0)  # calibrated peak; precision warning
-    peak = run_probe.peak
-
+    strategy: Strategy = cls(opts)
     strategy.setup(ctx, functools.partial(build_model, cfg.model, cfg.seed, t.activation_checkpointing))
+    return strategy
+
+
+@dataclass
+class Steps:
+    """What the steps of one run measured."""
+
+    losses: list[float]
+    times: list[float]  # the timed steps' wall times
+    kinds: dict  # communication by kind, per step
+    measured_on: str
+
+
+def run_steps(strategy: Strategy, cfg, start: int, run_dir: Path | None, label: str = "") -> Steps:
+    """Steps ``start`` .. ``train.steps`` - 1: the global batch of each, the schedule's lr, a checkpoint every
+    ``checkpoint.every`` steps; rank 0 appends each step to metrics.jsonl (with a run_dir)."""
+    ctx, t, layout = strategy.ctx, cfg.train, strategy.ctx.layout
     dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
     batches = [Batches(dataset, t.micro_batch_size, t.grad_accum, layout.data_ranks, r) for r in strategy.data_ranks()]
-
-    start = load_checkpoint(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
-    steps, untimed = t.steps, t.untimed_steps
+    steps = t.steps
+    untimed = min(t.untimed_steps, max(0, steps - start - 1))  # at least one timed step (config.py says so first)
     probe = start + untimed - 1 if untimed else start  # the last untimed step counts communication
-    tokens_per_step = summary.tokens_per_step
+    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.data_ranks * cfg.model.seq_len
     rank0 = ctx.rank == 0
-    mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 else None
-    progress = Progress(steps - start, summary.label, rank0)
+    mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 and run_dir else None
+    progress = Progress(steps - start, label, rank0 and run_dir is not None)
     counter, probe_kinds = metrics.CommCounter(), {}
     times, losses = [], []
     metrics.reset_peak_memory(ctx.device)
@@ -165,14 +135,14 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
         losses.append(step_loss)
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss is {step_loss} at step {step}: lower optim.lr or use train.precision=fp32")
-        if rank0:
+        if mfile:
             rec = {"step": step, "loss": step_loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                    "peak_mem_bytes": int(mem)}
             mfile.write(json.dumps(rec) + "\n")
             mfile.flush()
         progress.update(step - start, step_loss, tokens_per_step / dt)
         if cfg.checkpoint.dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-            save_checkpoint(strategy, cfg, step + 1)
+            checkpoint.save(strategy, cfg, step + 1)
     progress.close()
     if mfile:
         mfile.close()
@@ -185,6 +155,19 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
         measured_on = f"step {probe + 1} ({'untimed probe step' if untimed else 'the first step, also timed: train.untimed_steps=0'})"
     if layout.processes == 1:  # one process: collectives move nothing
         kinds = {}
+    return Steps(losses, times, kinds, measured_on)
+
+
+def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
+    layout = plan(cfg)[2]
+    summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    run_probe = RunProbe(cfg, ctx.device, cfg.train.precision, verbose=ctx.rank == 0)  # calibrated peak; precision warning
+    peak = run_probe.peak
+    strategy = make_strategy(cfg, ctx, run_dir)
+    start = checkpoint.load(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
+    done = run_steps(strategy, cfg, start, run_dir, summary.label)
+    times, losses, kinds, steps = done.times, done.losses, done.kinds, cfg.train.steps
+    tokens_per_step = summary.tokens_per_step
     state = strategy.state_tensors()
     mine = {"breakdown": {k: metrics.tensor_bytes(v) for k, v in state.items()},
             "state": metrics.tensor_bytes(x for v in state.values() for x in v),
@@ -203,12 +186,12 @@ def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
         model_state_bytes=[int(r["state"]) for r in ranks],
         model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
         comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
-        measured_on=measured_on, losses=losses, final_loss=losses[-1], strategy_facts=strategy.describe())
+        measured_on=done.measured_on, losses=losses, final_loss=losses[-1], strategy_facts=strategy.describe())
     summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU <= 1
     if ctx.device.type == "cuda":
         summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]
     if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):
-        save_checkpoint(strategy, cfg, steps)
+        checkpoint.save(strategy, cfg, steps)
     strategy.teardown()
     return summary
 

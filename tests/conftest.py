@@ -99,3 +99,67 @@ def train_ranks(tmp_path: Path, name: str, *overrides: str) -> dict:
     s = summary(out)
     assert s["status"] == "ok", s
     return s
+
+
+# ---- several runs in one process group: for matrices of runs, where process start-up would dominate ----
+
+def prepare_run(out: Path, *overrides: str) -> Path:
+    """A run folder holding the resolved config for these overrides (what ``jobs_in_one_group`` runs)."""
+    from omegaconf import OmegaConf
+
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(compose_run(*overrides), out / "config.yaml", resolve=True)
+    return out
+
+
+def _jobs_main(rank: int, world: int, port: int, jobs: list) -> None:
+    import dataclasses
+    import json
+
+    from omegaconf import OmegaConf
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from parallelkit import checkpoint
+    from parallelkit.config import plan
+    from parallelkit.results import base_summary, write_json
+    from parallelkit.train import init_distributed, make_strategy, run_steps, train
+
+    ctx0 = None
+    for job in jobs:
+        run_dir = Path(job[1])
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        layout = plan(cfg)[2]
+        ctx0 = ctx0 or init_distributed(layout)
+        ctx = dataclasses.replace(ctx0, layout=layout)
+        if job[0] == "train":  # the whole run, as a worker does it
+            s = train(cfg, ctx, run_dir, base_summary(cfg))
+            if rank == 0:
+                write_json(run_dir / "summary.json", s)
+        else:  # ("resume", run_dir, checkpoints): one strategy, stepped on from each checkpoint in turn
+            strategy, out = make_strategy(cfg, ctx, None), {}
+            for ck in job[2]:
+                start = checkpoint.load(strategy, Path(ck))
+                out[str(ck)] = run_steps(strategy, cfg, start, None).losses
+            strategy.teardown()
+            if rank == 0:
+                (run_dir / "resumed.json").write_text(json.dumps(out, indent=1))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def jobs_in_one_group(nproc: int, jobs: list) -> None:
+    """Run ``jobs`` one after another in the same ``nproc`` spawned processes and process group (gloo):
+    ``("train", run_dir)`` trains a prepared run and writes its summary.json; ``("resume", run_dir, [ckpt, ...])``
+    sets the run's strategy up once, loads each checkpoint in turn and steps to ``train.steps``, writing the
+    losses after each to run_dir/resumed.json."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_jobs_main, args=(nproc, port, [[str(x) if isinstance(x, Path) else x for x in j] for j in jobs]),
+             nprocs=nproc, join=True)

@@ -30,15 +30,16 @@ def cfg_of(*overrides: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """ddp and ZeRO 0-3 on the same 12 steps; stage 3 also writes checkpoints at steps 6 and 12."""
+    """ddp and ZeRO 0-3 on the same 12 steps; stage 3 also writes native checkpoints at steps 6 and 12."""
     tmp = tmp_path_factory.mktemp("ds")
     out = {"tmp": tmp, "ddp": train_ranks(tmp, "ddp", "strategy=ddp", *PARITY)}
     for s in range(4):
-        ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6"] if s == 3 else []
+        ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6", "checkpoint.format=native"] if s == 3 else []
         out[s] = train_ranks(tmp, f"zero{s}", "strategy=deepspeed", f"strategy.zero_stage={s}", *PARITY, *ck)
     return out
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stage_matches_ddp(runs, stage):
     s = runs[stage]
@@ -111,10 +112,12 @@ def test_bf16_with_a_users_config_file(tmp_path):
 
 
 def test_conflicting_batch_size_fails_before_workers(tmp_path):
+    """The file's global batch against a micro-batch and accumulation both given on the command line (without
+    train.grad_accum, accumulation would follow from the file: train_batch_size / (micro x dp))."""
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
     out = tmp_path / "bad"
-    p = run_cli(out, *FAST, "strategy=deepspeed", f"strategy.config_file={f}")
+    p = run_cli(out, *FAST, "train.grad_accum=1", "strategy=deepspeed", f"strategy.config_file={f}")
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [line for line in p.stderr.splitlines() if "train_batch_size" in line]
     assert len(lines) == 1 and "train_batch_size=32" in lines[0] and "2 x 1 x 2 = 4" in lines[0], p.stderr[-2000:]

@@ -33,6 +33,7 @@ def sweep(tmp_path_factory):
     return out, runs
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_oss_matches_ddp_step_by_step(sweep):
     _, runs = sweep
     ddp = runs["ddp"]["losses"]
@@ -91,6 +92,7 @@ def test_resume_continues_the_trajectory(sweep, tmp_path, strategy, source):
     assert_close_trajectory(s["losses"], runs[strategy]["losses"][3:], rtol=1e-5)
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_bf16_follows_fp32_under_every_cpu_fairscale_strategy(sweep, tmp_path):
     """bf16 autocast (per pipeline stage for the pipe, whose stages run in worker threads)."""
     _, runs = sweep

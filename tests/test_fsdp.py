@@ -23,9 +23,10 @@ def ddp_ref(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    """fsdp_zero3 with a DCP checkpoint every 5 steps (saving must not change the trajectory)."""
+    """fsdp_zero3 with a native (DCP) checkpoint every 5 steps (saving must not change the trajectory)."""
     tmp = tmp_path_factory.mktemp("zero3")
-    s = train_ranks(tmp, "zero3", "strategy=fsdp_zero3", *PARITY, f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=5")
+    s = train_ranks(tmp, "zero3", "strategy=fsdp_zero3", *PARITY, f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=5",
+                    "checkpoint.format=native")
     return s, tmp / "ck"
 
 

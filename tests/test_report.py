@@ -304,6 +304,7 @@ def sweep(tmp_path: Path, *overrides: str):
     return out, p
 
 
+@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_sweep_of_three_strategies_reports_one_row_per_job(tmp_path):
     # through a canned experiment, its strategies narrowed on the command line
     out, p = sweep(tmp_path, "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp")

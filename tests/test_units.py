@@ -111,7 +111,8 @@ BAD = {int: "abc", float: "fast", bool: "maybe"}
 def test_every_option_is_typed_and_unknown_ones_are_refused(preset):
     """Each strategy's options come from its schema: defaults filled in, a wrong type or an unknown option
     refused in one line naming the key."""
-    cfg = compose_run(f"strategy={preset}", checked=False)  # plan: the schema and the layout, not the machine checks
+    # plan: the schema and the layout, not the machine checks; world_size 8 fits every preset's default layout
+    cfg = compose_run(f"strategy={preset}", "world_size=8", checked=False)
     cls = plan(cfg)[0]
     fields = [f for f in dataclasses.fields(cls.Options) if f.name != "name"]
     assert all(f.name in cfg.strategy for f in fields)  # defaults written into the run's config

@@ -12,6 +12,11 @@ device), ``wrap`` (DDP, FSDP, ...), ``make_optimizer`` (default: AdamW over
 ``clip``, ``optimizer_step``; pipelines replace ``train_step`` whole. ``global_loss`` turns
 what a rank holds into the global batch's loss: the loop records that value for every
 strategy, whatever ranks hold the loss.
+
+Checkpoints: ``export_state`` / ``import_state`` turn a strategy's state into the portable form
+(full fp32 tensors under the single-process GPT's parameter names, AdamW moments beside them)
+and back, so any strategy resumes from any other's checkpoint; ``save`` / ``load`` are the
+backend's own format (``checkpoint.format=native``). Every backend implements both pairs.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from ..layout import Layout
 from ..model import GPTConfig, lm_loss
 from ..optim import build_optimizer, param_groups
 from ..precision import Precision
+from .state import load_by_name, state_by_name
 
 
 @dataclass
@@ -85,6 +91,7 @@ class Strategy:
     one_process = False  # one process drives every device (FairScale Pipe)
     autocast_forward = True  # False when the backend casts the model itself
     scaler_class = None  # fp16 loss scaler; None: torch.amp.GradScaler (sharded gradients need a sharded one)
+    portable = True  # export_state / import_state implemented (checked before launch: False refuses the portable form)
 
     def __init__(self, opts: Options):
         self.opts = opts
@@ -118,6 +125,11 @@ class Strategy:
             for f in dataclasses.fields(opts):
                 cfg.strategy[f.name] = getattr(opts, f.name)
         return opts
+
+    @classmethod
+    def prepare(cls, cfg, explicit: set[str]) -> None:
+        """Before the checks: fill what the command line (``explicit``: the keys it set) leaves unsaid from a
+        backend's own config file (DeepSpeed: the user's JSON is the source of truth for the rest)."""
 
     @classmethod
     def layout(cls, cfg, o: Options) -> Layout:
@@ -244,18 +256,56 @@ class Strategy:
         """{kind: (calls, bytes)} moved on the probe step by C++ paths the Python counter cannot see."""
         return {}
 
-    # ---- checkpoints: the loop writes step and metadata (meta.json); a strategy its own state ----
+    # ---- checkpoints ----
+    # The portable form (the default, ``checkpoint.format=portable``): every strategy can write it and
+    # every strategy can resume from any strategy's. The loop (checkpoint.py) writes the files, the step,
+    # schedule, RNG and data position; a strategy only turns its state into names and back.
+    #
+    # Names are the single-process GPT's: ``GPT.named_parameters()`` of an unwrapped model, so a tied
+    # output projection appears once, as ``embed.tok.weight``. Values are the full, unsharded fp32
+    # tensors on the CPU (the fp32 master copy where the backend keeps one). Optimizer state is AdamW's,
+    # per parameter name: ``{"exp_avg": full fp32 tensor, "exp_avg_sq": ..., "step": 0-dim fp32 tensor}``;
+    # a parameter the optimizer has not stepped yet has no entry. Hyperparameters (lr, betas, weight
+    # decay) are not state: they come from ``optim.*`` and the schedule of the run that resumes.
+    # Moments and step counts must round-trip exactly: a resume continues the trajectory to the parity
+    # tolerance (1e-5 relative in fp32). Shared helpers: ``state.py`` (``state_by_name`` / ``load_by_name``
+    # for a torch optimizer over whole parameters, ``check_names``); tensor-parallel cutting by name:
+    # ``fairscale_tp.split_of`` / ``tp_slice`` / ``tp_unslice``; pipelines: ``fairscale_pipe.portable_params``.
+    # ``tests/test_checkpoint_matrix.py`` checks every strategy against every other: add yours to its lists.
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]] | None:
+        """(model, optimizer state) by single-process name, full fp32 on the CPU, on rank 0; None on others.
+
+        COLLECTIVE: every rank calls it (sharded backends gather). The default serves strategies whose
+        ranks hold the whole model and a torch optimizer over it (single, ddp); a backend that shards
+        (parameters, optimizer partitions, pipeline stages, tensor slices) overrides it and gathers.
+        """
+        model, optim = state_by_name(self.portable_params(), self.inner_optimizer())
+        return (model, optim) if self.ctx.rank == 0 else None
+
+    def import_state(self, model: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Load the portable state: every rank receives the full dicts and takes its own part (its shards,
+        its optimizer partition, its stage's layers, its tensor-parallel slice). COLLECTIVE where the
+        backend needs it. Afterwards the next ``train_step`` must compute what the exporting run's would
+        have. A name missing from ``model`` is an error (the config's model differs); ``optim`` may be
+        empty (weights only: AdamW starts again from zero moments)."""
+        load_by_name(self.portable_params(), self.inner_optimizer(), model, optim)
+
+    def portable_params(self) -> list[tuple[str, nn.Parameter]]:
+        """(single-process name, parameter) of what this rank holds whole; tied parameters once."""
+        return list(self.module.named_parameters())
+
+    # The native form (``checkpoint.format=native``): the backend's own files, written by each rank in
+    # parallel with no gather to rank 0 (the one that fits for models whose full state does not fit on
+    # one rank). Only the same strategy and layout resume from it; ``python -m parallelkit.export``
+    # turns it into the portable form.
     def save(self, path: Path) -> None:
         """Default: rank 0 writes the whole model and optimizer as one file."""
         if self.ctx.rank == 0:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, path / "state.pt")
 
     def load(self, path: Path) -> None:
-        f = path / "state.pt"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: checkpoint.resume needs a checkpoint written by a strategy "
-                                    f"with the same checkpoint format")
-        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        state = torch.load(path / "state.pt", map_location=self.ctx.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -265,3 +315,4 @@ class Strategy:
 
     def teardown(self) -> None:
         pass
+

@@ -22,8 +22,9 @@ from ..memory_model import activations, deepspeed_state
 from ..metrics import tensor_bytes
 from ..model import GPTConfig
 from ..optim import adamw_kwargs, build_optimizer, param_groups
+from . import deepspeed_state
 from .base import Options, Strategy
-from .deepspeed_config import OFFLOAD, build_config, machine_memory, nvme_check, settings, sizes
+from .deepspeed_config import OFFLOAD, adopt_user_config, build_config, machine_memory, nvme_check, settings, sizes
 
 SHARDED = ("nothing (replicated; gradients all-reduced)", "optimizer state", "optimizer state, gradients",
            "optimizer state, gradients, parameters")
@@ -65,6 +66,10 @@ def _walk(obj, name: str, depth: int = 3):
 class DeepSpeedStrategy(Strategy):
     Options = DeepSpeedOptions
     autocast_forward = False  # DeepSpeed casts the module itself for bf16/fp16
+
+    @classmethod
+    def prepare(cls, cfg, explicit: set[str]) -> None:
+        adopt_user_config(cfg, explicit)  # one line on stderr says what was adopted, overridden or ignored
 
     @classmethod
     def check(cls, cfg, o) -> None:
@@ -229,13 +234,17 @@ class DeepSpeedStrategy(Strategy):
         self.host_bytes = tensor_bytes(t for v in held.values() for t in v if t.device.type != dev)
         return {k: [t for t in v if t.device.type == dev] for k, v in held.items()}
 
+    # ---- checkpoints: portable through DeepSpeed's consolidation API (deepspeed_state.py); native: its own ----
+    def export_state(self):
+        return deepspeed_state.export_state(self.engine, self.ctx.rank)
+
+    def import_state(self, model, optim) -> None:
+        deepspeed_state.import_state(self.engine, model, optim, self.ctx.rank, self.ctx.device)
+
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag="deepspeed")
 
     def load(self, path: Path) -> None:
-        if not (Path(path) / "deepspeed").is_dir():
-            raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint (a 'deepspeed' folder written by checkpoint.dir "
-                                    "under strategy=deepspeed)")
         self.engine.load_checkpoint(str(path), tag="deepspeed")
 
     def describe(self) -> dict:

@@ -32,6 +32,7 @@ class FairScaleFSDPOptions(Options):
 
 class FairScaleFSDPStrategy(Strategy):
     Options = FairScaleFSDPOptions
+    portable = False  # GPU only: its export/import is unwritten until it can be tested on a GPU
     scaler_class = ShardedGradScaler
     autocast_forward = False  # FSDP casts parameters to compute_dtype itself
 
@@ -75,10 +76,7 @@ class FairScaleFSDPStrategy(Strategy):
         torch.save(state, path / f"rank{self.ctx.rank}.pt")
 
     def load(self, path: Path) -> None:
-        f = Path(path) / f"rank{self.ctx.rank}.pt"
-        if not f.exists():
-            raise FileNotFoundError(f"{f} missing: resume a fairscale_fsdp checkpoint with the same world_size")
-        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        state = torch.load(Path(path) / f"rank{self.ctx.rank}.pt", map_location=self.ctx.device, weights_only=True)
         self.model.load_local_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 

@@ -27,6 +27,7 @@ from ..memory_model import activations, replica_state
 from ..model import GPTConfig
 from ..optim import adamw_kwargs
 from .base import Options, Strategy
+from .state import ADAM_KEYS
 from .ddp import ddp_probe_comm, ddp_wrap
 
 
@@ -95,6 +96,22 @@ class FairScaleOSSStrategy(Strategy):
 
     def probe_comm(self):
         return ddp_probe_comm(self.model, self.ctx.instrument)
+
+    # ---- checkpoints: OSS gathers the optimizer shards on rank 0 (consolidate_state_dict) ----
+    def export_state(self):
+        self.optimizer.consolidate_state_dict(recipient_rank=0)
+        if self.ctx.rank != 0:
+            return None
+        sd, named = self.optimizer.state_dict(), self.portable_params()
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]  # OSS numbers them in this order
+        name_of = {id(p): n for n, p in named}
+        optim = {name_of[id(order[i])]: {"step": torch.as_tensor(st["step"], dtype=torch.float32).clone(),
+                                         **{k: st[k].detach().float().cpu().clone() for k in ADAM_KEYS}}
+                 for i, st in sd["state"].items() if "exp_avg" in st}
+        return {n: p.detach().float().cpu().clone() for n, p in named}, optim
+
+    # import_state: the base's load_by_name hands OSS a full torch-format state; OSS.load_state_dict keeps this
+    # rank's shard.
 
     def save(self, path: Path) -> None:
         """Every rank sends its optimizer shard to rank 0, which writes one plain PyTorch checkpoint."""

@@ -167,8 +167,19 @@ class FairScalePipeStrategy(Strategy):
             with torch.no_grad():
                 head.copy_(embed)
 
+    # ---- checkpoints: the GPT's own names; the head's copy of a tied weight is neither saved nor stepped ----
+    def portable_params(self):
+        return [(n, p) for n, p in self.module.named_parameters() if not (self.tied and n == "head.out.weight")]
+
+    def import_state(self, model, optim) -> None:
+        super().import_state(model, optim)
+        self._refresh_head()
+
     def load(self, path) -> None:
         super().load(path)
+        self._refresh_head()
+
+    def _refresh_head(self) -> None:
         if self.tied:
             with torch.no_grad():
                 self.module.head.out.weight.copy_(self.module.embed.tok.weight)

@@ -32,6 +32,7 @@ from ..layout import Layout, divisors
 from ..memory_model import activations, replica_state
 from ..model import GPT, GPTConfig
 from .base import Options, Strategy
+from .state import load_by_name, state_by_name
 from .ddp import ddp_probe_comm, ddp_wrap
 
 
@@ -48,50 +49,78 @@ def _keep(w: torch.Tensor) -> torch.Tensor:  # init_method: the weights are copi
     return w
 
 
-def _part(t: torch.Tensor, dim: int, r: int, n: int) -> torch.Tensor:
-    return t.chunk(n, dim)[r]
+def split_of(name: str, vocab_parallel: bool) -> str | int | None:
+    """How the full tensor of the GPT's parameter ``name`` is cut over the tensor-parallel ranks: ``"qkv"`` (each of
+    q, k and v by rows: a rank takes its heads of all three), 0 (rows), 1 (columns) or None (replicated)."""
+    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return "qkv"
+    if name.endswith(("mlp.fc.weight", "mlp.fc.bias")):
+        return 0  # column-parallel: this rank's hidden units
+    if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+        return 1  # row-parallel: the input columns of this rank's heads / units (the bias is added once: replicated)
+    if vocab_parallel and name in ("embed.tok.weight", "head.out.weight"):
+        return 0  # this rank's slice of the vocabulary
+    return None
+
+
+def tp_slice(name: str, full: torch.Tensor, r: int, n: int, vocab_parallel: bool) -> torch.Tensor:
+    """Rank ``r``'s part of a full tensor (a parameter or its optimizer moment)."""
+    how = split_of(name, vocab_parallel)
+    if how is None:
+        return full
+    if how == "qkv":
+        return torch.cat([t.chunk(n, 0)[r] for t in full.chunk(3, 0)])
+    return full.chunk(n, how)[r]
+
+
+def tp_unslice(name: str, parts: list[torch.Tensor], vocab_parallel: bool) -> torch.Tensor:
+    """The full tensor from every rank's part, in rank order (the inverse of ``tp_slice``)."""
+    how = split_of(name, vocab_parallel)
+    if how is None:
+        return parts[0]
+    if how == "qkv":
+        return torch.cat([torch.cat([p.chunk(3, 0)[i] for p in parts]) for i in range(3)])
+    return torch.cat(parts, how)
 
 
 def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
-    """Swap the GPT's layers for tensor-parallel ones holding rank ``r``'s slices. Split parameters
+    """Swap the GPT's layers for tensor-parallel ones holding rank ``r``'s slices (``tp_slice``). Split parameters
     get ``tp_split = True``; the others are replicated across the tensor-parallel group."""
 
-    def column(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> ColumnParallelLinear:
-        new = ColumnParallelLinear(lin.in_features, lin.out_features, bias=bias is not None, gather_output=False,
+    def cut(name: str, t: torch.Tensor) -> torch.Tensor:
+        return tp_slice(name, t, r, n, vocab_parallel)
+
+    def column(lin: nn.Linear, name: str) -> ColumnParallelLinear:
+        new = ColumnParallelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, gather_output=False,
                                    init_method=_keep)
         with torch.no_grad():
-            new.weight.copy_(weight)
-            if bias is not None:
-                new.bias.copy_(bias)
+            new.weight.copy_(cut(f"{name}.weight", lin.weight))
+            if lin.bias is not None:
+                new.bias.copy_(cut(f"{name}.bias", lin.bias))
         for p in new.parameters():
             p.tp_split = True
         return new
 
-    def row(lin: nn.Linear) -> RowParallelLinear:
+    def row(lin: nn.Linear, name: str) -> RowParallelLinear:
         new = RowParallelLinear(lin.in_features, lin.out_features, bias=True, input_is_parallel=True, init_method=_keep)
         with torch.no_grad():
-            new.weight.copy_(_part(lin.weight, 1, r, n))  # the input columns of this rank's heads / units
+            new.weight.copy_(cut(f"{name}.weight", lin.weight))
             new.bias.copy_(lin.bias)  # added once, after the all-reduce: replicated
         new.weight.tp_split = True
         return new
 
-    for b in gpt.blocks:
-        qkv = b.attn.qkv  # rows [q; k; v], heads contiguous in each: rank r takes its heads of q, k and v
-        w = torch.cat([_part(t, 0, r, n) for t in qkv.weight.chunk(3, 0)])
-        bias = torch.cat([_part(t, 0, r, n) for t in qkv.bias.chunk(3, 0)])
-        b.attn.qkv = column(qkv, w, bias)
-        b.attn.proj = row(b.attn.proj)
-        b.mlp.fc = column(b.mlp.fc, _part(b.mlp.fc.weight, 0, r, n), _part(b.mlp.fc.bias, 0, r, n))
-        b.mlp.proj = row(b.mlp.proj)
+    for i, b in enumerate(gpt.blocks):
+        b.attn.qkv, b.attn.proj = column(b.attn.qkv, f"blocks.{i}.attn.qkv"), row(b.attn.proj, f"blocks.{i}.attn.proj")
+        b.mlp.fc, b.mlp.proj = column(b.mlp.fc, f"blocks.{i}.mlp.fc"), row(b.mlp.proj, f"blocks.{i}.mlp.proj")
     if vocab_parallel:
         tok, out = gpt.embed.tok, gpt.head.out
         tied = out.weight is tok.weight
         emb = VocabParallelEmbedding(tok.num_embeddings, tok.embedding_dim, init_method=_keep)
         with torch.no_grad():
-            emb.weight.copy_(_part(tok.weight, 0, r, n))
+            emb.weight.copy_(cut("embed.tok.weight", tok.weight))
         emb.weight.tp_split = True
         gpt.embed.tok = emb
-        gpt.head.out = column(out, _part(out.weight, 0, r, n), None)
+        gpt.head.out = column(out, "head.out")
         if tied:
             gpt.head.out.weight = emb.weight  # same vocabulary slice on both sides: tying survives
 
@@ -168,7 +197,30 @@ class FairScaleTPStrategy(Strategy):
     def probe_comm(self):
         return ddp_probe_comm(self.model, self.ctx.instrument)
 
-    # ---- checkpoints: one file per tensor-parallel rank, written by data-parallel replica 0 ----
+    # ---- checkpoints ----
+    # Portable: each split tensor (and its moments) all-gathered over the tensor-parallel group and put back
+    # together (``tp_unslice``); on import each rank cuts its part (``tp_slice``), as at build time.
+    def export_state(self):
+        model, optim = state_by_name(self.portable_params(), self.optimizer)
+        model = {k: self._full(k, v) for k, v in model.items()}
+        optim = {k: {s: v if s == "step" else self._full(k, v) for s, v in st.items()} for k, st in optim.items()}
+        return (model, optim) if self.ctx.rank == 0 else None
+
+    def _full(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if split_of(name, self.opts.vocab_parallel) is None:
+            return t
+        t = t.to(self.ctx.device).contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.opts.tp_size)]
+        dist.all_gather(parts, t, group=self.mp_group)
+        return tp_unslice(name, [p.cpu() for p in parts], self.opts.vocab_parallel)
+
+    def import_state(self, model, optim) -> None:
+        r, n, vp = self.tp_rank, self.opts.tp_size, self.opts.vocab_parallel
+        mine = {k: tp_slice(k, v, r, n, vp) for k, v in model.items()}
+        moments = {k: {s: v if s == "step" else tp_slice(k, v, r, n, vp) for s, v in st.items()} for k, st in optim.items()}
+        load_by_name(self.portable_params(), self.optimizer, mine, moments)
+
+    # Native: one file per tensor-parallel rank, written by data-parallel replica 0 (same tp_size to resume).
     def save(self, path: Path) -> None:
         if self.dp_rank == 0:
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -176,11 +228,7 @@ class FairScaleTPStrategy(Strategy):
             torch.save(state, path / f"tp_rank{self.tp_rank}.pt")
 
     def load(self, path: Path) -> None:
-        f = Path(path) / f"tp_rank{self.tp_rank}.pt"
-        if not f.exists():
-            raise FileNotFoundError(f"{f} missing: checkpoint.resume needs a fairscale_tp checkpoint "
-                                    f"written with strategy.tp_size={self.opts.tp_size}")
-        state = torch.load(f, map_location=self.ctx.device, weights_only=False)
+        state = torch.load(Path(path) / f"tp_rank{self.tp_rank}.pt", map_location=self.ctx.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -190,7 +238,7 @@ class FairScaleTPStrategy(Strategy):
                            f"data-parallel replicas",
                 "replicated": "LayerNorms, position embedding, row-parallel biases"
                               + ("" if self.opts.vocab_parallel else ", token embedding and head"),
-                "checkpoint": "one file per tensor-parallel rank (resume with the same tp_size)"}
+                "native_checkpoint": "one file per tensor-parallel rank (resume with the same tp_size)"}
 
     def teardown(self) -> None:
         mp.destroy_model_parallel()

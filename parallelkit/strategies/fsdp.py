@@ -25,7 +25,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -35,6 +37,7 @@ from ..memory_model import activations, replica_state
 from ..model import GPTConfig
 from ..precision import DTYPES
 from .base import Options, Strategy
+from .state import check_names
 
 
 @dataclass
@@ -135,15 +138,42 @@ class FSDPStrategy(Strategy):
     # clip: the base's clip_grad_norm_ over DTensor gradient shards reduces the partial norms over the mesh,
     # so the norm (and the clipping coefficient) is the global one on every rank.
 
-    # ---- checkpoints: torch.distributed.checkpoint, each rank writes and reads its own shards ----
+    # ---- checkpoints ----
+    # Portable: torch.distributed.checkpoint's state-dict helpers gather the full state (rank 0, on the CPU)
+    # and shard a full one back; the optimizer state is keyed by the same parameter names.
+    def export_state(self):
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(self.model, options=full)
+        optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        if self.ctx.rank != 0:
+            return None
+        names = [n for n, _ in self.portable_params()]
+        model = {n: model_sd[n].detach().float().clone() for n in names}
+        optim = {n: {k: torch.as_tensor(v).detach().float().clone() for k, v in optim_sd["state"][n].items()}
+                 for n in names if n in optim_sd["state"]}
+        return model, optim
+
+    def import_state(self, model, optim):
+        check_names([n for n, _ in self.portable_params()], model)
+        full = StateDictOptions(full_state_dict=True)
+        sd = dict(model)
+        if self.ctx.model.tie_weights:
+            sd["head.out.weight"] = model["embed.tok.weight"]  # the state dict names the tied weight twice
+        set_model_state_dict(self.model, sd, options=full)
+        if not optim:
+            return
+        groups, names = [], {id(p): n for n, p in self.portable_params()}
+        for g in self.optimizer.param_groups:
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]})
+        state = {n: {k: v.clone() for k, v in st.items()} for n, st in optim.items()}
+        set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups}, options=full)
+
+    # Native: torch.distributed.checkpoint, each rank writes and reads its own shards.
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
-        if not (Path(path) / ".metadata").is_file():
-            raise FileNotFoundError(f"{path} holds no torch.distributed.checkpoint (.metadata): resume an fsdp run's "
-                                    "checkpoint under fsdp")
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's shards
@@ -158,5 +188,5 @@ class FSDPStrategy(Strategy):
             "param_dtype": str(param_dtype or torch.float32).removeprefix("torch."),
             "reduce_dtype": str(reduce_dtype).removeprefix("torch."),
             "cpu_offload": self.opts.cpu_offload, "built": "on the meta device, sharded, then initialised per shard",
-            "checkpoint": "torch.distributed.checkpoint (sharded)",
+            "native_checkpoint": "torch.distributed.checkpoint (sharded)",
         }

@@ -24,6 +24,8 @@ def has_accelerator_build() -> bool:
 
 
 class FSDP1Strategy(FSDPStrategy):
+    portable = False  # GPU only: its export/import is unwritten until it can be tested on a GPU
+
     @classmethod
     def check(cls, cfg, o) -> None:
         super().check(cfg, o)
