@@ -36,9 +36,10 @@ from ..config import ConfigError
 from ..layout import Layout, split_stages
 from ..memory_model import pipeline_memory
 from ..metrics import time_in
-from ..model import Block, GPTConfig, assign_full, initial_value
+from ..model import GPT, Block, GPTConfig, assign_full, initial_value
 from .base import Options, Strategy
 from .ddp import ddp_probe_comm, ddp_wrap
+from .state import check_names, full_state, load_full_state
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -273,9 +274,28 @@ class TorchPipeStrategy(Strategy):
                 out[kind] = (c + calls, b + nbytes)
         return out
 
-    # ---- checkpoints: torch.distributed.checkpoint under GPT names (each stage writes its own layers). The
-    # optimizer's state and hyperparameters are flattened per parameter name: the stages' param groups differ,
-    # and unflattened groups would be written once, by rank 0 (torchtitan does the same for pipelines) ----
+    # ---- checkpoints. Each rank's layers already carry the single-process GPT's names ("blocks.3.mlp.fc.weight").
+    # Portable: the first pipeline's ranks send their stages' full fp32 state to rank 0 (FSDP gathers each
+    # stage's shards first); the head's copy of a tied weight is left out and filled from embed.tok.weight.
+    def export_state(self):
+        names = [n for n, _ in self.module.named_parameters() if not (self.tied and n == "head.out.weight")]
+        mine = full_state(self.module, self.optimizer, names)
+        parts = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
+        dist.gather_object(mine if self.dp_rank == 0 else None, parts, dst=0)
+        if self.ctx.rank != 0:
+            return None
+        return ({n: t for part in parts if part for n, t in part[0].items()},
+                {n: st for part in parts if part for n, st in part[1].items()})
+
+    def import_state(self, model, optim) -> None:
+        with torch.device("meta"):
+            check_names([n for n, _ in GPT(self.ctx.model).named_parameters()], model)
+        load_full_state(self.module, self.optimizer, model, optim, {
+            n: "embed.tok.weight" if self.tied and n == "head.out.weight" else n for n, _ in self.module.named_parameters()})
+
+    # Native: torch.distributed.checkpoint, each rank its own layers (and shards). The optimizer's state and
+    # hyperparameters are flattened per parameter name: the stages' param groups differ, and unflattened
+    # groups would be written once, by rank 0 (torchtitan does the same for pipelines).
     FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def save(self, path: Path) -> None:
@@ -283,9 +303,6 @@ class TorchPipeStrategy(Strategy):
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
 
     def load(self, path: Path) -> None:
-        if not (Path(path) / ".metadata").is_file():
-            raise FileNotFoundError(f"{path} holds no torch.distributed.checkpoint (.metadata): resume a torch_pipe "
-                                    "run's checkpoint under torch_pipe")
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=self.FLAT)
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
@@ -303,7 +320,7 @@ class TorchPipeStrategy(Strategy):
             "balance": self.balance, "stage_of_rank": [r % p for r in range(lay.world)],
             "tied": "the last stage holds a copy of the token embedding; gradients all-reduced between first and "
                     "last stage" if self.tied else None,
-            "checkpoint": "torch.distributed.checkpoint (per stage, GPT names)",
+            "checkpoint": "portable (gathered by name) or native: torch.distributed.checkpoint per stage, GPT names",
         }
         if self.idle_by_rank is not None:  # measured on the probe step
             facts["idle_share_by_rank"] = self.idle_by_rank
