@@ -1,5 +1,5 @@
-"""torch.distributed.pipelining (strategy=torch_pipe) against single, on gloo processes; its config errors;
-the report's pipeline columns."""
+"""torch.distributed.pipelining (strategy=torch_pipe) against single, on gloo processes; its checkpoints
+(portable across layouts and strategies, native in place); its config errors; the report's pipeline columns."""
 from __future__ import annotations
 
 import pytest
@@ -24,7 +24,7 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """1f1b, checkpointed at step 3 (saving must not change the trajectory)."""
+    """1f1b, a portable checkpoint at step 3 (saving must not change the trajectory)."""
     tmp = tmp_path_factory.mktemp("1f1b")
     s = train_ranks(tmp, "1f1b", *PIPE, "strategy.schedule=1f1b", f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=3")
     return s, tmp / "ck" / "step_3"
@@ -56,10 +56,15 @@ def test_gpipe_matches_single(tmp_path, single):
     _check_pipeline(train_ranks(tmp_path, "gpipe", *PIPE, "strategy.schedule=gpipe"), single, chunks=1)
 
 
-def test_interleaved_1f1b_matches_single(tmp_path, single):
-    s = train_ranks(tmp_path, "interleaved", *PIPE, "strategy.schedule=interleaved_1f1b", "strategy.stages_per_rank=2")
+def test_interleaved_1f1b_matches_single_and_resumes_natively(tmp_path, single):
+    """Two stages per rank; a native checkpoint (torch.distributed.checkpoint per stage) resumed in place."""
+    run = [*PIPE, "strategy.schedule=interleaved_1f1b", "strategy.stages_per_rank=2"]
+    s = train_ranks(tmp_path, "interleaved", *run, f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.every=3",
+                    "checkpoint.format=native")
     _check_pipeline(s, single, chunks=2)
     assert s["label"] == "torch pipe interleaved_1f1b pp2 v2"
+    resumed = train_ranks(tmp_path, "resumed", *run, f"checkpoint.resume={tmp_path / 'ck' / 'step_3'}")
+    assert_close_trajectory(resumed["losses"], single["losses"][3:], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -73,11 +78,14 @@ def test_pp2_x_fsdp_dp2_matches_single(tmp_path, single):
     assert max(s["model_state_bytes"]) < 0.55 * max(single["model_state_bytes"])
 
 
-def test_checkpoint_resumes_on_pp2_x_ddp_dp2(tmp_path, single, ckpt):
-    """The pp2 run's checkpoint (GPT names per stage) resumed by two DDP pipelines on 4 processes."""
+def test_portable_checkpoint_resumes_on_pp2_x_ddp_dp2_and_under_single(tmp_path, single, ckpt):
+    """The pp2 run's portable checkpoint (single-process names) resumed by two DDP pipelines on 4 processes,
+    and by single."""
     s = train_ranks(tmp_path, "resumed", *PIPE, "world_size=4", "train.micro_batch_size=2", f"checkpoint.resume={ckpt[1]}")
     assert s["strategy_facts"]["dp_mode"] == "ddp" and s["dp"] == 2
     assert_close_trajectory(s["losses"], single["losses"][3:], rtol=1e-5)
+    one = train_ranks(tmp_path, "single", "strategy=single", *PARITY, f"checkpoint.resume={ckpt[1]}")
+    assert_close_trajectory(one["losses"], single["losses"][3:], rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [
