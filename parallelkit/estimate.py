@@ -1,7 +1,8 @@
 """``python -m parallelkit.estimate [overrides] [--json]``: per-rank memory of every strategy, no model built.
 
 The run's config (Hydra compose: nothing written); every conf/strategy preset for its model, batch
-and world size, the configured one with the user's ``strategy.*`` overrides. Per rank (or stage):
+and world size, the configured one with the user's ``strategy.*`` overrides. Per rank (pipelines: per stage,
+the largest in the row and every stage's total beside it):
 model state by the ZeRO paper (Rajbhandari et al. 2020, sec. 3: fp32 AdamW 4+4+8 bytes/param, 16-bit
 2+2+K=12; DeepSpeed keeps an fp32 master even in fp32), buffers (DDP buckets, FSDP's gathered units,
 DeepSpeed's buckets, autocast's weight cache), activations (Korthikanti et al. 2022: 34·s·b·h bytes
@@ -76,10 +77,15 @@ def estimate(cfg, mem: int | None = None, overhead: int = OVERHEAD) -> dict:
     """Per-rank bytes for ``cfg.strategy`` (a resolved config: world_size is set) on devices of ``mem`` bytes:
     the strategy's own memory model (``Strategy.memory``) over the run's layout."""
     cls, opts, lay = plan(cfg)
-    r = {k: int(v) for k, v in cls.memory(cfg, opts, lay, mem).items()}
-    return {"strategy": opts.name, "label": cls.label(cfg, opts), "devices": lay.world, "dp": lay.dp, "tp": lay.tp,
-            "pp": lay.pp, **r, "model_state": r["params"] + r["grads"] + r["optimizer"], "overhead": overhead,
-            "total": sum(r[k] for k in PARTS) + overhead}
+    m = dict(cls.memory(cfg, opts, lay, mem))
+    stages = m.pop("stages", None)  # pipelines: every pipeline rank's parts (the row is the largest)
+    r = {k: int(v) for k, v in m.items()}
+    row = {"strategy": opts.name, "label": cls.label(cfg, opts), "devices": lay.world, "dp": lay.dp, "tp": lay.tp,
+           "pp": lay.pp, **r, "model_state": r["params"] + r["grads"] + r["optimizer"], "overhead": overhead,
+           "total": sum(r[k] for k in PARTS) + overhead}
+    if stages:
+        row["stage_totals"] = [int(sum(st[k] for k in PARTS) + overhead) for st in stages]
+    return row
 
 
 def estimate_all(overrides: list[str]) -> dict:
@@ -110,8 +116,10 @@ def estimate_all(overrides: list[str]) -> dict:
         except Exception as e:  # noqa: BLE001 - one preset that cannot be estimated must not hide the others
             notes.append(f"{name}: not estimated: {' '.join(str(e).split())}")
             continue
-        rows.append({**row, "configured": name == chosen, "fits": None if limit is None else row["total"] <= limit,
-                     "note": note})
+        fits = None if limit is None else row["total"] <= limit
+        if limit is not None and "stage_totals" in row:
+            row["stage_fits"] = [t <= limit for t in row["stage_totals"]]
+        rows.append({**row, "configured": name == chosen, "fits": fits, "note": note})
     c = GPTConfig.from_cfg(cfg.model)
     return {"model": cfg.model.name, "params": c.num_params(), "world_size": cfg.world_size,
             "micro_batch_size": cfg.train.micro_batch_size, "seq_len": c.seq_len, "precision": cfg.train.precision,
@@ -124,12 +132,14 @@ def render(rep: dict) -> str:
 
     unit, div = ("GiB", GiB) if max(r["model_state"] for r in rep["rows"]) >= GiB / 8 else ("MiB", 2**20)
     g = lambda v: f"{v / div:,.2f}"  # noqa: E731
+    staged = any(r.get("stage_totals") for r in rep["rows"])
     df = pd.DataFrame([{
         "strategy": ("* " if r["configured"] else "") + r["strategy"] + (" (!)" if r["note"] else ""),
         "label": r["label"], "devices": r["devices"], "model state": g(r["model_state"]), "buffers": g(r["buffers"]),
         "activations": g(r["activations"]), "total/rank": g(r["total"]),
         "offloaded": g(r["offloaded"]) if r["offloaded"] else "-",
-        "fits": "-" if r["fits"] is None else ("yes" if r["fits"] else "no")} for r in rep["rows"]])
+        "fits": "-" if r["fits"] is None else ("yes" if r["fits"] else "no"),
+        **({"total by stage": _by_stage(r, g)} if staged else {})} for r in rep["rows"]])
     mem = rep["gpu_memory"]
     limit = f"{mem / GiB:,.2f} GiB ({rep['gpu_memory_source']})" if mem else rep["gpu_memory_source"]
     ckpt = ", activation checkpointing" if rep["activation_checkpointing"] else ""
@@ -139,6 +149,13 @@ def render(rep: dict) -> str:
         f"gpu_memory: {limit}",
         df.to_string(index=False), "* = the configured strategy; (!) = see below. " + rep["assumptions"],
         *(f"(!) {r['strategy']}: {r['note']}" for r in rep["rows"] if r["note"]), *(f"(!) {n}" for n in rep["notes"])])
+
+
+def _by_stage(r: dict, g) -> str:
+    """Pipelines: each pipeline rank's total (stage 0 holds the embedding, the last the head), ' no' where it does
+    not fit; the row's total is the largest."""
+    fits = r.get("stage_fits") or [None] * len(r.get("stage_totals") or [])
+    return " / ".join(g(t) + ("" if f is None or f else " no") for t, f in zip(r.get("stage_totals") or [], fits)) or "-"
 
 
 def main(argv: list[str] | None = None) -> None:

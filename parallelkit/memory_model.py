@@ -61,3 +61,48 @@ def zero_state_bytes(o: dict, psi: float, n: int, prec: str, zc: dict, accum: in
     live = min(psi, zc["stage3_max_live_parameters"] + zc["stage3_prefetch_bucket_size"])
     r["buffers"] = bucket + (p * live if stage == 3 else 0)
     return r
+
+
+def in_flight(schedule: str, m: int, p: int, i: int, v: int = 1) -> int:
+    """Micro-batches (interleaved: model chunks) whose activations pipeline rank ``i`` of ``p`` holds at once:
+    GPipe all ``m``; 1F1B at most ``p - i`` (the warm-up depth); interleaved 1F1B its warm-up depth + 1 over
+    ``v`` chunks, as torch.distributed.pipelining schedules it."""
+    if schedule == "gpipe":
+        return m
+    if schedule == "interleaved_1f1b":
+        per_round = m // max(1, m // p)
+        return min((v - 1) * per_round + 2 * (p - 1 - i) + 1, m * v)
+    return min(m, p - i)
+
+
+def pipeline_memory(cfg, layout: Layout, schedule: str, v: int, dp_mode: str, balance: list[int]) -> dict:
+    """Per pipeline rank (a rank holds stages i, i + pp, ...): the state of its layers (the last stage's own copy
+    of a tied head included and stepped), sharded over dp under FSDP or with DDP's buckets, and the activations
+    of the micro-batches in flight (the last stage's also the saved log-softmax). Returns the largest rank's
+    parts and every rank's in ``stages``."""
+    c, t = GPTConfig.from_cfg(cfg.model), cfg.train
+    b, m, p, dp = t.micro_batch_size, t.grad_accum, layout.pp, layout.dp
+    L, word, ckpt = c.n_layer, (4 if t.precision == "fp32" else 2), bool(t.activation_checkpointing)
+    costs, starts = c.layer_params(own_head=True), [sum(balance[:s]) for s in range(len(balance) + 1)]
+    rows = []
+    for i in range(p):
+        psi = acts = 0.0
+        for s in range(i, len(balance), p):
+            layers = range(starts[s], starts[s + 1])
+            psi += sum(costs[j] for j in layers)
+            blocks = sum(1 for j in layers if 0 < j <= L)
+            per_mb = activation_values(c, b, blocks, 1, ckpt) * word
+            if L + 1 in layers:  # the head's two inputs and the log-softmax cross-entropy keeps (fp32)
+                per_mb += 2 * c.seq_len * b * c.d_model * word + 4 * b * c.seq_len * c.vocab_size
+            acts += per_mb / v
+        acts *= in_flight(schedule, m, p, i, v)
+        if i == p - 1:
+            acts += 4 * b * c.seq_len * c.vocab_size  # the logits' gradient, one micro-batch at a time
+        r = replica_state(cfg, psi)
+        if dp > 1 and dp_mode == "fsdp":
+            r.update({k: r[k] / dp for k in ("params", "grads", "optimizer")}, buffers=r["buffers"] + 8 * psi)
+        elif dp > 1:
+            r["buffers"] += 4 * psi  # DDP's buckets
+        rows.append({**r, "activations": acts})
+    top = max(rows, key=lambda r: sum(r[k] for k in ("params", "grads", "optimizer", "buffers", "activations")))
+    return {**top, "stages": rows}

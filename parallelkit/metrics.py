@@ -128,12 +128,13 @@ class CommCounter:
 
     def install(self) -> "CommCounter":
         c10d = dist.distributed_c10d
+        wrapped: dict[int, object] = {}  # one wrapper per function: batch_isend_irecv tells sends by `op is isend`
         for mod in (dist, c10d):
             for name, idx in self.OPS.items():
                 fn = getattr(mod, name, None)
                 if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
                     self._saved.append((mod, name, fn))
-                    setattr(mod, name, self._wrap(fn, name, idx))
+                    setattr(mod, name, wrapped.setdefault(id(fn), self._wrap(fn, name, idx)))
         return self
 
     def uninstall(self) -> None:
@@ -152,6 +153,30 @@ class CommCounter:
 
     def by_kind(self) -> dict[str, dict[str, int]]:
         return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.kinds.items())}
+
+
+@contextlib.contextmanager
+def time_in(calls: list[tuple[object, str]]):
+    """Seconds spent inside the methods ``(object, name)`` while the block runs (a pipeline stage's compute, on
+    the probe step): each is wrapped on its instance, and the class's method is back afterwards."""
+    spent = [0.0]
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+
+    for obj, name in calls:
+        setattr(obj, name, timed(getattr(obj, name)))
+    try:
+        yield spent
+    finally:
+        for obj, name in calls:
+            delattr(obj, name)
 
 
 def _payload(x) -> int:

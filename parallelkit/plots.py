@@ -45,10 +45,13 @@ def plot_memory(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
     fig, (a, b) = plt.subplots(2, 1, figsize=(_width(len(df)), 9))
     peaks = [_ranks(s.get("peak_mem_bytes")) for s in records]
     div, unit = _unit(max((max(p) for p in peaks if p), default=1))
-    for x, p in enumerate(peaks):
+    for x, (p, s) in enumerate(zip(peaks, records)):
         w = 0.8 / max(1, len(p))
+        stage_of = (s.get("strategy_facts") or {}).get("stage_of_rank") or []
         for r, v in enumerate(p):
             a.bar(x - 0.4 + w * (r + 0.5), v / div, w * 0.9, color=f"C{r % 10}", label=f"rank {r}")
+            if len(stage_of) == len(p):  # a pipeline: which stage each rank runs (they hold different layers)
+                a.text(x - 0.4 + w * (r + 0.5), v / div, f"s{stage_of[r]}", ha="center", va="bottom", fontsize=7)
     kind = next((s.get("peak_mem_kind") for s in records if s.get("peak_mem_kind")), None)
     a.set_title(f"peak memory per rank ({kind or 'per rank'})")
     a.set_ylabel(unit)
@@ -126,6 +129,24 @@ def plot_loss(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_comm(df: pd.DataFrame, path: Path) -> Path | None:
+    """Bytes per step, largest rank: point-to-point (pipeline activations and their gradients) and collectives
+    stacked; None when no run moved anything point to point (no pipeline in the sweep)."""
+    p2p = df["comm_p2p_bytes"].astype(float).fillna(0) if "comm_p2p_bytes" in df else None
+    if p2p is None or not (p2p > 0).any():
+        return None
+    coll = df["comm_collective_bytes"].astype(float).fillna(0)
+    div, unit = _unit(max((p2p + coll).max(), 1))
+    fig, ax = plt.subplots(figsize=(_width(len(df)), 4.5))
+    ax.bar(range(len(df)), p2p / div, color="#8172b3", label="point-to-point (send/recv)")
+    ax.bar(range(len(df)), coll / div, bottom=p2p / div, color="#937860", label="collectives")
+    ax.set_title("communication per step (largest rank, counted on the probe step)")
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=8)
+    _xaxis(ax, df)
+    return _save(fig, path)
+
+
 def plot_by(df: pd.DataFrame, x: str, ys: list[tuple[str, str]], path: Path, logx: bool = False) -> Path | None:
     """One line per label across the values of x (model size, world size); None when x does not vary."""
     ok = df[(df["status"] == "ok") & df[x].notna()]
@@ -172,12 +193,12 @@ def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]
     the sweep varies the model or the world size."""
     root = Path(root)
     out = [plot_memory(df, records, root / "memory.png"), plot_throughput(df, root / "throughput.png"),
-           plot_loss(df, records, root / "loss.png"),
+           plot_loss(df, records, root / "loss.png"), plot_comm(df, root / "comm.png"),
            plot_by(df, "params", [("peak_mem_bytes", "peak memory per rank (max)"),
                                   ("model_state_bytes", "model state per rank (max)")], root / "memory_vs_model.png", logx=True),
            plot_by(df, "world", [("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory per rank (max)")],
                    root / "scaling.png")]
-    for stale in ("memory_vs_model.png", "scaling.png"):  # from an earlier report of a different sweep
+    for stale in ("memory_vs_model.png", "scaling.png", "comm.png"):  # from an earlier report of a different sweep
         if root / stale not in out:
             (root / stale).unlink(missing_ok=True)
     return [p for p in out if p is not None]

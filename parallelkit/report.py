@@ -173,11 +173,33 @@ def build(records: list[dict]) -> pd.DataFrame:
             "mfu": s.get("mfu"), "peak_mem_bytes": _max(s.get("peak_mem_bytes")),
             "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
             "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
-            "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref,
+            "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref, **pipeline_columns(s),
             "status": s.get("status"), "error": s.get("error"), "like_for_like": fair, "note": "; ".join(notes),
             "_notes": notes,
         })
     return pd.DataFrame(rows)
+
+
+def pipeline_columns(s: dict) -> dict:
+    """A pipeline's schedule, micro-batches, bubble (estimate and, where measured, each stage's idle share) and
+    peak memory per stage (max over its data-parallel ranks; needs ``stage_of_rank``); every run's traffic split
+    into point-to-point (pipeline activations) and collectives, max over ranks."""
+    f = s.get("strategy_facts") or {}
+    out = {"schedule": f.get("schedule"), "micro_batches": f.get("micro_batches"),
+           "stages_per_rank": f.get("stages_per_rank"), "bubble_estimate": f.get("bubble_estimate"),
+           "stage_idle_share": f.get("stage_idle_share"), "peak_mem_by_stage": None}
+    peaks, stage_of = s.get("peak_mem_bytes") or [], f.get("stage_of_rank")
+    if stage_of and len(stage_of) == len(peaks):
+        by: dict[int, float] = {}
+        for st, v in zip(stage_of, peaks):
+            if v is not None:
+                by[st] = max(by.get(st, 0), v)
+        out["peak_mem_by_stage"] = [by[k] for k in sorted(by)] or None
+    kinds = [k for k in s.get("comm_by_kind") or [] if isinstance(k, dict)]
+    p2p = [(k.get("send_recv") or {}).get("bytes") or 0 for k in kinds]
+    coll = [sum((v or {}).get("bytes") or 0 for kind, v in k.items() if kind != "send_recv") for k in kinds]
+    out.update(comm_p2p_bytes=max(p2p) if kinds else None, comm_collective_bytes=max(coll) if kinds else None)
+    return out
 
 
 def _measure_notes(s: dict) -> list[str]:

@@ -57,11 +57,19 @@ COLUMNS = [
     ("peak_mem_bytes", "peak mem/rank (max)", "mem/rank", hbytes),
     ("model_state_bytes", "model state/rank (max)", "state/rank", hbytes),
     ("comm_bytes_per_step", "comm/step (max rank)", "comm/step", hbytes),
+    ("schedule_text", "pipeline schedule", "sched", str), ("bubble_text", "bubble: est. (idle by stage)", "bubble", str),
+    ("stage_mem_text", "peak mem by stage", "mem/stage", str), ("comm_split_text", "comm p2p / collectives", "p2p/coll", str),
     ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
     ("status", "status", "status", str), ("notes", "notes", "notes", str),
 ]
 CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status", "n")
 HIDDEN_WHEN_ALL = {"n": "n=1"}  # said by nobody when every row has it (one run per configuration)
+HIDDEN_WHEN_EMPTY = ("schedule_text", "bubble_text", "stage_mem_text", "comm_split_text")  # shown once a pipeline runs
+PIPELINE_NOTE = ("Pipelines: schedule and micro-batches per step (m; v: model chunks per rank); bubble: the "
+                 "fill-drain estimate (p-1)/(m+p-1) (interleaved: (p-1)/(v m+p-1)) and, in brackets, each stage's "
+                 "measured idle share on the probe step (time outside its forward and backward); peak memory by "
+                 "stage: the largest rank of each stage (the first holds the embedding, the last the head); comm: "
+                 "point-to-point bytes (activations and their gradients) / collectives, per step, largest rank.")
 SPREAD_NOTE = (f"Median over the timed steps (of one run; with n > 1, the median of the repeats' medians). "
                f"Range and spread: p10-p90 of the step times and p90/median for one run; min-max and slowest/fastest "
                f"of the repeats where n > 1. A row is noisy when its spread is over {SPREAD_LIMIT}x or its matmul "
@@ -75,6 +83,38 @@ def _range(lo, hi, fmt) -> str:
 def _spread(spread, noisy) -> str:
     text = "" if _blank(spread) else f"{spread:.2f}x"
     return f"{text} noisy".strip() if not _blank(noisy) and bool(noisy) else text
+
+
+def _list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else []
+
+
+def _schedule(schedule, m, v) -> str:
+    if _blank(schedule):
+        return ""
+    return f"{schedule} m={m:.0f}" + (f" v={v:.0f}" if not _blank(v) and v > 1 else "") if not _blank(m) else str(schedule)
+
+
+def _bubble(est, idle) -> str:
+    text = "" if _blank(est) else f"{est:.0%}"
+    shares = _list(idle)
+    return f"{text} ({' / '.join(f'{x:.0%}' for x in shares)})".strip() if shares else text
+
+
+def _comm_split(p2p, coll) -> str:
+    return "" if _blank(p2p) else f"{hbytes(p2p)} / {hbytes(coll)}"
+
+
+def pipeline_texts(df: pd.DataFrame) -> dict[str, list[str]]:
+    """The pipeline columns as text: empty for rows that are not pipelines (p2p: rows without point-to-point traffic)."""
+    col = lambda name: df[name] if name in df else [None] * len(df)  # noqa: E731 - older frames lack them
+    p2p = any(not _blank(v) and v > 0 for v in col("comm_p2p_bytes"))  # the split is shown once a pipeline sends
+    return {"schedule_text": [_schedule(s, m, v) for s, m, v in zip(col("schedule"), col("micro_batches"),
+                                                                       col("stages_per_rank"))],
+            "bubble_text": [_bubble(e, i) for e, i in zip(col("bubble_estimate"), col("stage_idle_share"))],
+            "stage_mem_text": [" / ".join(hbytes(x) for x in _list(v)) for v in col("peak_mem_by_stage")],
+            "comm_split_text": [_comm_split(p, c) if p2p else "" for p, c in zip(col("comm_p2p_bytes"),
+                                                                                   col("comm_collective_bytes"))]}
 
 
 def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -93,7 +133,7 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
     df = df.assign(notes=marks, loss_dev=[("ref" if r == nm and not _blank(d) else d)
                                          for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])],
                    tok_range=[_range(lo, hi, hcount) for lo, hi in zip(df["tokens_per_s_lo"], df["tokens_per_s_hi"])],
-                   spread_text=[_spread(v, z) for v, z in zip(df["spread"], df["noisy"])])
+                   spread_text=[_spread(v, z) for v, z in zip(df["spread"], df["noisy"])], **pipeline_texts(df))
     if terminal:  # the unique name (label + what tells same-label runs apart), cut to fit
         width = min(32, int(df["name"].str.len().max()))
         df = df.assign(label=[n[:width].ljust(width) for n in df["name"]])
@@ -109,7 +149,7 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
         if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
             common.append(vals[0] if col == "n" else f"{file_head} {vals[0]}")
             continue
-        if terminal and col in ("notes", "spread_text") and not any(vals):
+        if (terminal and col in ("notes", "spread_text") or col in HIDDEN_WHEN_EMPTY) and not any(vals):
             continue
         head = term_head if terminal else file_head
         out[head.ljust(len(vals[0])) if terminal and col == "label" else head] = vals
@@ -129,6 +169,12 @@ def machine_line(records: list[dict], hosts: list[str | None] | None = None) -> 
     return "; ".join(p for p in parts if p)
 
 
+def _legend(t: pd.DataFrame) -> str:
+    """What the columns mean: the spread always, the pipeline columns where the table shows them."""
+    shown = {head for col, head, _, _ in COLUMNS if col in HIDDEN_WHEN_EMPTY} & set(t.columns)
+    return SPREAD_NOTE + (" " + PIPELINE_NOTE if shown else "")
+
+
 def _markdown(t: pd.DataFrame) -> str:
     try:
         return t.to_markdown(index=False, disable_numparse=True)
@@ -142,7 +188,7 @@ def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: lis
            f"Report written {datetime.now():%Y-%m-%d %H:%M}"]
     if command:
         out += ["", f"Command: {command}"]
-    out += ["", _markdown(t), "", SPREAD_NOTE, ""]
+    out += ["", _markdown(t), "", _legend(t), ""]
     if notes:
         out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
     out += [f"![{p.stem}]({p.name})" for p in images]
@@ -165,7 +211,7 @@ img{{max-width:100%}} .meta{{color:#555}}</style></head>
 <body><h1>parallelkit comparison: {html.escape(root.name)}</h1>
 <p class="meta">machine: {machine}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
 {t.to_html(index=False, escape=True, border=0)}
-<p class="meta">{html.escape(SPREAD_NOTE)}</p>
+<p class="meta">{html.escape(_legend(t))}</p>
 <ol class="notes">{foot}</ol>
 {imgs}
 </body></html>

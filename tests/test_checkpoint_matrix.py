@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 ONE_PROCESS = ["single", "fairscale_pipe"]
 TWO_PROCESSES = ["ddp", "fsdp_zero3", "fsdp_zero2", "zero0", "zero1", "zero2", "zero3", "zero2_offload",
-                 "fairscale_oss", "fairscale_oss_ddp", "fairscale_tp"]
+                 "fairscale_oss", "fairscale_oss_ddp", "fairscale_tp", "torch_pipe"]
 STRATEGIES = ONE_PROCESS + TWO_PROCESSES
 COMMON = ["world_size=2", "train.global_batch_size=8", "train.grad_clip=0.1", "train.steps=12", "train.untimed_steps=1"]
 CPU_ADAM = {"zero2_offload"}  # DeepSpeedCPUAdam rounds differently from torch's AdamW in the 6th digit

@@ -249,9 +249,10 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
 
     @classmethod
     def memory(cls, cfg, o, layout, mem):
-        """The largest stage of ``stage_memory`` (every rank of a stage holds the same)."""
-        worst = max(cls.stage_memory(cfg, o, layout), key=lambda r: sum(r[k] for k in PARTS))
-        return {k: worst[k] for k in (*PARTS, "offloaded")}
+        """The largest stage of ``stage_memory`` (every rank of a stage holds the same); every stage's in ``stages``."""
+        rows = cls.stage_memory(cfg, o, layout)
+        worst = max(rows, key=lambda r: sum(r[k] for k in PARTS))
+        return {**{k: worst[k] for k in (*PARTS, "offloaded")}, "stages": rows}
 
     # ---- setup ----
     @property
@@ -325,6 +326,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
                            f"replicas: {SHARDED[self.stage]}",
                 "schedule": "1F1B (DeepSpeed)", "micro_batches": m, "pp": p, "dp": lay.dp, "tp": lay.tp,
                 "bubble_estimate": (p - 1) / (m + p - 1), "balance": self.balance,
+                "stage_of_rank": [r // (lay.dp * lay.tp) for r in range(lay.world)],  # (pipe, data, model) order
                 "partition_method": self.opts.partition_method, "zero_stage": self.stage,
                 "optimizer": self.optimizer_name,
                 "tied": tied, "stage_memory_predicted": [{k: int(v) for k, v in r.items()} for r in rows],

@@ -49,3 +49,33 @@ def load_by_name(named: list[tuple[str, torch.Tensor]], optimizer: torch.optim.O
                 state[i] = {k: optim[names[id(p)]][k].clone() for k in ("step", *ADAM_KEYS)}
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """``names`` of ``module`` (FSDP2 shards gathered: COLLECTIVE over each shard group) and their optimizer
+    state, as full fp32 CPU copies; on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    msd = get_model_state_dict(module, options=full)
+    osd = get_optimizer_state_dict(module, optimizer, options=full)["state"]
+    return ({n: msd[n].detach().float().cpu().clone() for n in names},
+            {n: {k: torch.as_tensor(v).detach().float().cpu().clone() for k, v in osd[n].items()} for n in names if n in osd})
+
+
+def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model: dict[str, torch.Tensor],
+                    optim: dict[str, dict[str, torch.Tensor]], source: dict[str, str]) -> None:
+    """Every parameter ``n`` of ``module`` from ``model[source[n]]`` (FSDP2 keeps its shard), its optimizer
+    state from ``optim[source[n]]``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, {n: model[s] for n, s in source.items()}, options=full)
+    if not optim:
+        return
+    ids = {id(p): n for n, p in module.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [ids[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    state = {n: {k: v.clone() for k, v in optim[s].items()} for n, s in source.items() if s in optim}
+    set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups}, options=full)
