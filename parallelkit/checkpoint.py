@@ -21,7 +21,6 @@ the same strategy and layout resume from it; ``python -m parallelkit.export`` co
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import shutil

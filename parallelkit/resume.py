@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from .checkpoint import COMPLETE, FORMATS, INCOMPLETE, NATIVE, STEP, complete_steps, incomplete_steps, last_complete
-from .config import ConfigError
+from .config import ConfigError, plan
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "vocab_size", "seq_len", "tie_weights")
 
@@ -46,8 +46,6 @@ def validate_checkpoint(cfg) -> None:
         raise ConfigError(f"checkpoint.dir={d} is a file: give a folder")
     if ck.get("resume"):
         check_resume(cfg, resolve_resume(str(ck.resume), d))
-    from .config import plan
-
     cls = plan(cfg)[0]
     resumes_portable = ck.get("resume") and json.loads((Path(ck.resume) / "meta.json").read_text()).get("format") != NATIVE
     if not cls.portable and ((fmt != NATIVE and d and (every or ck.get("save_final"))) or resumes_portable):
@@ -105,8 +103,6 @@ def check_resume(cfg, path: Path) -> None:
     if diff:
         raise ConfigError(f"checkpoint.resume={path} is of another model: {', '.join(diff)}")
     if meta.get("format") == NATIVE:
-        from .config import plan
-
         lay = plan(cfg)[2].as_dict()
         mine = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k not in ("name", "_target_")}
         if (meta.get("strategy_target") != cfg.strategy._target_ or meta.get("strategy_options") != mine

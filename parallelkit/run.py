@@ -48,20 +48,14 @@ def task(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    CURRENT.update(out=out, sweep=Path(hc.sweep.dir) if multirun else None)
+    lock = None
     try:
         # the keys this run (a sweep: this job) set on the command line, and those its strategy preset sets;
         # a backend's own config (a user's DeepSpeed JSON) fills the rest
         resolve(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
-    except ConfigError as e:
-        write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
-        print(f"parallelkit: config error: {e}", file=sys.stderr)
-        if multirun:
-            return "failed"
-        sys.exit(2)
-
-    CURRENT.update(out=out, sweep=Path(hc.sweep.dir) if multirun else None)
-    try:  # a checkpoint.dir in use by another live run is refused
-        lock = lock_checkpoint_dir(cfg, out) if int(os.environ.get("RANK", "0")) == 0 else None
+        if int(os.environ.get("RANK", "0")) == 0:  # a checkpoint.dir in use by another live run is refused
+            lock = lock_checkpoint_dir(cfg, out)
     except ConfigError as e:
         write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
         print(f"parallelkit: config error: {e}", file=sys.stderr)

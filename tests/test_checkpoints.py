@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import FAST, assert_close_trajectory, compose_run, run_cli, summary, train_ranks
+from conftest import FAST, assert_close_trajectory, compose_run, run_cli, train_ranks
 
 from parallelkit.config import ConfigError
 from parallelkit.resume import DirLock

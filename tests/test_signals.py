@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import FAST, ROOT, summary
 
-from parallelkit.procs import Tree
+from parallelkit.launch import diagnose
+from parallelkit.procs import Tree, oom_kill_count
 
 
 def start(out: Path, *overrides: str, sweep: bool = False) -> subprocess.Popen:
@@ -78,3 +80,17 @@ def test_a_worker_killed_by_hand_is_killed_not_oom(tmp_path):
     s = summary(tmp_path)
     assert proc.returncode == 1 and s["status"] == "killed", (s["status"], s["error"], err[-2000:])
     assert "SIGKILL" in s["error"] and "not by the OOM killer" in s["error"] and len(s["losses"]) >= 2
+
+
+def test_sigkill_is_oom_only_when_an_oom_kill_was_counted(tmp_path):
+    """The agent's report of a worker ended by SIGKILL, judged against the OOM-kill counter before the run."""
+    count, where = oom_kill_count()
+    if count is None:
+        pytest.skip("no OOM-kill counter readable here")
+    tail = ["Root Cause (first observed failure):", "[0]:", "  time      : 2026-11-24_03:40:00", "  host      : box",
+            "  rank      : 1 (local_rank: 1)", "  exitcode  : -9 (pid: 4242)", "  error_file: <N/A>",
+            "  traceback : Signal 9 (SIGKILL) received by PID 4242"]
+    status, error = diagnose(tmp_path, tail, 1, [4242], (count - 1, where))
+    assert status == "oom" and "rank 1" in error and "OOM killer" in error
+    status, error = diagnose(tmp_path, tail, 1, [4242], (count, where))
+    assert status == "killed" and "not by the OOM killer" in error

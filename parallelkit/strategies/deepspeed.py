@@ -22,7 +22,7 @@ from ..memory_model import activations, zero_state_bytes
 from ..metrics import tensor_bytes
 from ..model import GPTConfig
 from ..optim import adamw_kwargs, build_optimizer, param_groups
-from . import deepspeed_state
+from . import deepspeed_ckpt
 from .base import Options, Strategy
 from .deepspeed_config import OFFLOAD, adopt_user_config, build_config, machine_memory, nvme_check, settings, sizes
 
@@ -234,12 +234,12 @@ class DeepSpeedStrategy(Strategy):
         self.host_bytes = tensor_bytes(t for v in held.values() for t in v if t.device.type != dev)
         return {k: [t for t in v if t.device.type == dev] for k, v in held.items()}
 
-    # ---- checkpoints: portable through DeepSpeed's consolidation API (deepspeed_state.py); native: its own ----
+    # ---- checkpoints: portable through DeepSpeed's consolidation API (deepspeed_ckpt.py); native: its own ----
     def export_state(self):
-        return deepspeed_state.export_state(self.engine, self.ctx.rank)
+        return deepspeed_ckpt.export_state(self.engine, self.ctx.rank)
 
     def import_state(self, model, optim) -> None:
-        deepspeed_state.import_state(self.engine, model, optim, self.ctx.rank, self.ctx.device)
+        deepspeed_ckpt.import_state(self.engine, model, optim, self.ctx.rank, self.ctx.device)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag="deepspeed")

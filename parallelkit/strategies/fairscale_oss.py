@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from fairscale.nn.data_parallel import ShardedDataParallel
 from fairscale.optim import OSS
 from fairscale.optim.grad_scaler import ShardedGradScaler
@@ -110,8 +109,8 @@ class FairScaleOSSStrategy(Strategy):
                  for i, st in sd["state"].items() if "exp_avg" in st}
         return {n: p.detach().float().cpu().clone() for n, p in named}, optim
 
-    # import_state: the base's load_by_name hands OSS a full torch-format state; OSS.load_state_dict keeps this
-    # rank's shard.
+    # import_state: the base's, into the inner AdamW (inner_optimizer): each rank loads the moments of the
+    # parameters it owns and every rank the whole weights.
 
     def save(self, path: Path) -> None:
         """Every rank sends its optimizer shard to rank 0, which writes one plain PyTorch checkpoint."""
