@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .metrics import CUDA_PEAK_TFLOPS, DTYPES, cpu_threads
+from .metrics import CUDA_PEAK_TFLOPS, cpu_threads
+from .precision import DTYPES
 
 SIZES = (128, 256, 512, 1024, 2048)  # CPU: the best is often a small one (caches; emulated bf16)
 CUDA_SIZES = (4096, 8192)
@@ -89,7 +90,7 @@ def _read(key: dict) -> dict | None:
 
 
 def _write(key: dict, entry: dict) -> None:
-    from .results import write_json  # atomic: ranks calibrating at once never see half a file
+    from .jsonio import write_json  # atomic: ranks calibrating at once never see half a file
 
     write_json(_path(key), {"key": key, **entry})
 

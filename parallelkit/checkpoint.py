@@ -31,7 +31,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .collective import barrier, gather_named
-from .results import read_json, versions, write_json
+from .jsonio import read_json, write_json
+from .host import versions
 
 PORTABLE, NATIVE = "portable", "native"
 FORMATS = (PORTABLE, NATIVE)

@@ -8,7 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+STRATEGY_DIR = Path(__file__).resolve().parent.parent / "conf" / "strategy"
 
 
 class ConfigError(ValueError):
@@ -93,7 +96,7 @@ def explicit_keys(overrides, strategy: str | None = None) -> set[str]:
 
 def _preset_keys(name: str) -> set[str]:
     """Keys conf/strategy/<name>.yaml and the presets it extends set, less those of the base they extend."""
-    path = Path(__file__).resolve().parent.parent / "conf" / "strategy" / f"{name}.yaml"
+    path = STRATEGY_DIR / f"{name}.yaml"
     if not path.is_file():
         return set()
     node = OmegaConf.to_container(OmegaConf.load(path))
@@ -101,6 +104,16 @@ def _preset_keys(name: str) -> set[str]:
     if not parents:  # a family's base (deepspeed.yaml): defaults, not choices
         return set()
     return (set(node) - {"name", "_target_"}).union(*map(_preset_keys, parents))
+
+
+def preset(name: str) -> DictConfig:
+    """A conf/strategy preset as Hydra composes it: the presets in its ``defaults`` first, then itself
+    (``_self_`` last when unlisted). A fraction of the cost of composing the whole config again."""
+    node = OmegaConf.load(STRATEGY_DIR / f"{name}.yaml")
+    with open_dict(node):
+        defaults = list(node.pop("defaults", None) or [])
+    order = defaults if "_self_" in defaults else [*defaults, "_self_"]
+    return OmegaConf.merge(*(node if d == "_self_" else preset(d) for d in order))
 
 
 def plan(cfg):

@@ -17,9 +17,9 @@ import re
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from .config import ConfigError, explicit_keys, plan, resolve, validate
+from .config import ConfigError, explicit_keys, plan, preset, resolve, validate
 from .model import GPTConfig
 from .run import CONF_DIR, check_group_choices, open_strategy_keys
 
@@ -61,16 +61,6 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg, choice
-
-
-def preset(name: str) -> DictConfig:
-    """A conf/strategy preset as Hydra composes it: the presets in its ``defaults`` first, then itself
-    (``_self_`` last when unlisted). A fraction of the cost of composing the whole config again."""
-    node = OmegaConf.load(Path(CONF_DIR) / "strategy" / f"{name}.yaml")
-    with open_dict(node):
-        defaults = list(node.pop("defaults", None) or [])
-    order = defaults if "_self_" in defaults else [*defaults, "_self_"]
-    return OmegaConf.merge(*(node if d == "_self_" else preset(d) for d in order))
 
 
 def estimate(cfg, mem: int | None = None, overhead: int = OVERHEAD) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .checkpoint import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, read_meta, write_portable
 from .config import ConfigError
 from .resume import resolve_resume
-from .results import write_json
+from .jsonio import write_json
 
 
 def find_checkpoint(src: Path) -> Path:

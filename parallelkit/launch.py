@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from .metrics import cpu_threads
 from .procs import Tree, oom_kill_count, oom_killed_in_kernel_log
-from .results import read_json, write_json
+from .jsonio import read_json, write_json
 
 
 def worker_command(run_dir: Path, nproc: int) -> list[str]:

@@ -26,7 +26,6 @@ CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
     "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
 }
 
-from .precision import DTYPES  # noqa: E402 - re-exported for the backends
 
 
 def reset_peak_memory(device: torch.device) -> None:

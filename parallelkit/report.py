@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from .aggregate import config_key, host_labels, merge_repeats
-from .results import read_json
+from .jsonio import read_json
 from .tables import display, html_page, markdown_page
 
 REFERENCES = ("single", "ddp")  # preferred first

@@ -1,71 +1,10 @@
-"""metrics.jsonl and summary.json: the run's results, written atomically."""
+"""summary.json: the run's typed result record, and the facts of the machine and versions it ran on."""
 from __future__ import annotations
 
-import json
-import os
-import platform
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    if hasattr(obj, "to_dict"):
-        obj = obj.to_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _jsonable(o: Any):
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
-
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for mod in ("torch", "deepspeed", "fairscale", "hydra", "omegaconf"):
-        m = sys.modules.get(mod)
-        if m is None:
-            try:
-                from importlib.metadata import version
-
-                out[mod] = version({"hydra": "hydra-core"}.get(mod, mod))
-            except Exception:  # noqa: BLE001 - not installed
-                out[mod] = None
-        else:
-            out[mod] = getattr(m, "__version__", None)
-    return out
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem}
-
+from .host import machine, versions
 
 @dataclass
 class Summary:

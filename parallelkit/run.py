@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, adopt_slurm_env, explicit_keys, plan, resolve, under_torchrun
 from .launch import Interrupted, raise_on_signals
-from .results import base_summary, read_json, write_json
+from .jsonio import read_json, write_json
+from .results import base_summary
 from .resume import lock_checkpoint_dir
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -86,7 +86,7 @@ def _preset_key(name: str) -> str:
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from .estimate import preset
+    from .config import preset
 
     node = OmegaConf.to_container(preset(name), resolve=True)
     target = node.pop("_target_", "")

@@ -27,7 +27,8 @@ from .layout import Layout
 from .model import GPTConfig, build_model
 from .noise import RunProbe
 from .optim import lr_at
-from .results import Summary, base_summary, one_line, write_json
+from .jsonio import write_json
+from .results import Summary, base_summary, one_line
 from .strategies.base import Context, Strategy
 
 

@@ -122,7 +122,8 @@ def _jobs_main(rank: int, world: int, port: int, jobs: list) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from parallelkit import checkpoint
     from parallelkit.config import plan
-    from parallelkit.results import base_summary, write_json
+    from parallelkit.jsonio import write_json
+    from parallelkit.results import base_summary
     from parallelkit.train import init_distributed, make_strategy, run_steps, train
 
     ctx0 = None

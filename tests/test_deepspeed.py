@@ -6,7 +6,7 @@ stage 1 (which keeps full gradients while it accumulates) differs from stage 2 i
 import json
 
 import pytest
-from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train, train_ranks
+from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train_ranks
 from hydra import compose, initialize_config_dir
 
 pytest.importorskip("deepspeed")
