@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-results}
 read -r -a extra <<< "${EXTRA:-}"
-if [ $# -gt 0 ]; then names=("$@"); else names=(compare_all zero_stages memory_vs_model dp_scaling); fi
+if [ $# -gt 0 ]; then names=("$@"); else names=(compare_all zero_stages memory_vs_model dp_scaling pipelines_3d); fi
 mkdir -p "$RESULTS"
 failed=()
 for name in "${names[@]}"; do
@@ -21,9 +21,15 @@ for name in "${names[@]}"; do
   cmd=(python -m parallelkit.run -m "experiment=$name" "${extra[@]}" "hydra.sweep.dir=$out")
   echo "== $name: ${cmd[*]}"
   start=$(date +%s)
+  started=$(date -u '+%Y-%m-%d %H:%M UTC')
+  commit=$(git describe --always --dirty 2>/dev/null || echo unknown)
+  load_before=$(cut -d' ' -f1-3 /proc/loadavg)
   "${cmd[@]}" 2>&1 | tee "$out/sweep.log"
   rc=${PIPESTATUS[0]}
-  printf '{"command": "%s", "exit_code": %d, "wall_s": %d}\n' "${cmd[*]}" "$rc" "$(( $(date +%s) - start ))" > "$out/command.json"
+  # when, at which commit and under what load (1, 5, 15-minute averages before and after): timings from a
+  # busy machine are not comparable with a quiet one's
+  printf '{"command": "%s", "exit_code": %d, "wall_s": %d, "started": "%s", "commit": "%s", "load_before": "%s", "load_after": "%s"}\n' \
+    "${cmd[*]}" "$rc" "$(( $(date +%s) - start ))" "$started" "$commit" "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)" > "$out/command.json"
   [ "$rc" -eq 0 ] && [ -f "$out/comparison.md" ] || failed+=("$name")
 done
 
@@ -35,7 +41,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from parallelkit.results import machine, versions
+from parallelkit.host import machine, versions
 
 root = Path(sys.argv[1])
 m = machine()
@@ -61,13 +67,14 @@ facts = {
 }
 (root / "machine.json").write_text(json.dumps(facts, indent=1) + "\n")
 machine_md = "\n".join([
-    f"- date: {facts['date']}, commit `{facts['commit']}`",
+    f"- last regeneration: {facts['date']}, commit `{facts['commit']}`; each experiment's own date, commit and load are in the table below",
     f"- CPU: {facts['cpu']}, {facts['cores']} cores; memory {facts['memory_gib']} GiB; GPU: {', '.join(gpus)}",
     f"- OS: {facts['os']} (kernel {facts['kernel']})",
     "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
 ])
 
-rows = ["| experiment | command | runs: ok / all | not ok | wall time | report |", "|---|---|---|---|---|---|"]
+rows = ["| experiment | command | ran (UTC), commit | load before -> after | runs: ok / all | not ok | wall time | report |",
+        "|---|---|---|---|---|---|---|---|"]
 for d in sorted(p for p in root.iterdir() if (p / "command.json").exists()):
     c = json.loads((d / "command.json").read_text())
     cmd = re.sub(r" hydra\.sweep\.dir=\S+", "", c["command"])
@@ -81,7 +88,9 @@ for d in sorted(p for p in root.iterdir() if (p / "command.json").exists()):
     links = " · ".join(f"[{f.split('.')[-1] if f.startswith('comparison') else f[:-4]}]({d.name}/{f})"
                        for f in ("comparison.md", "comparison.html", "comparison.csv", "memory.png", "throughput.png",
                                  "loss.png", "memory_vs_model.png", "scaling.png") if (d / f).exists())
-    rows.append(f"| {d.name} | `{cmd}` | {runs} | {bad} | {c['wall_s'] // 60} min {c['wall_s'] % 60} s | {links} |")
+    when = f"{c.get('started', '?')}, `{c.get('commit', '?')}`"
+    load = f"{c.get('load_before', '?')} -> {c.get('load_after', '?')}"
+    rows.append(f"| {d.name} | `{cmd}` | {when} | {load} | {runs} | {bad} | {c['wall_s'] // 60} min {c['wall_s'] % 60} s | {links} |")
 
 readme = root / "README.md"
 text = readme.read_text() if readme.exists() else "<!-- machine:begin -->\n<!-- machine:end -->\n\n<!-- runs:begin -->\n<!-- runs:end -->\n"
