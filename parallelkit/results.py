@@ -65,6 +65,13 @@ class Summary:
     precision_warning: str | None = None
     host: dict = field(default_factory=dict)  # CPU model and capabilities (avx512_bf16, ...), GPU
     repeat: int | None = None  # the repeat index in a sweep with repeats=N
+    # predictions made before the run (predict.py), beside the measured fields above
+    predicted_model_state_bytes: int | None = None  # the busiest rank
+    predicted_peak_mem_bytes: int | None = None  # the busiest rank, in the unit peak_mem_bytes measures
+    predicted_comm_bytes_per_step: int | None = None  # payload per rank, as comm_bytes_per_step counts it
+    predicted_comm_by_kind: dict | None = None  # {kind: bytes per step}
+    predicted_step_time_s: float | None = None  # projection.py: compute + communication
+    prediction: dict | None = None  # how: the parts, the assumptions, the calibration used
     versions: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
 

@@ -150,6 +150,13 @@ class Strategy:
 
         return replica(cfg, layout, ddp_buckets=False)
 
+    @classmethod
+    def comm(cls, cfg, o: Options, layout: Layout) -> dict[str, float]:
+        """Predicted communication per optimizer step on the busiest rank, by kind (all_reduce, reduce_scatter,
+        all_gather, broadcast, send_recv), in the units ``metrics.CommCounter`` measures: the payload a rank
+        hands to each call, not wire traffic. The default: one process, nothing sent."""
+        return {}
+
     # ---- in the worker: the template ----
     def setup(self, ctx: Context, build: ModelBuilder) -> None:
         self.ctx = ctx
