@@ -24,12 +24,14 @@ for name in "${names[@]}"; do
   started=$(date -u '+%Y-%m-%d %H:%M UTC')
   commit=$(git describe --always --dirty 2>/dev/null || echo unknown)
   load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+  # hosts differ between days (AVX-512 or not changes speeds 3x): the CPU and its vector units, per experiment
+  host="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | xargs) model $(grep -m1 '^model[[:space:]]' /proc/cpuinfo | cut -d: -f2 | xargs); $(grep -m1 -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | xargs | tr ' ' ',')"
   "${cmd[@]}" 2>&1 | tee "$out/sweep.log"
   rc=${PIPESTATUS[0]}
   # when, at which commit and under what load (1, 5, 15-minute averages before and after): timings from a
   # busy machine are not comparable with a quiet one's
-  printf '{"command": "%s", "exit_code": %d, "wall_s": %d, "started": "%s", "commit": "%s", "load_before": "%s", "load_after": "%s"}\n' \
-    "${cmd[*]}" "$rc" "$(( $(date +%s) - start ))" "$started" "$commit" "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)" > "$out/command.json"
+  printf '{"command": "%s", "exit_code": %d, "wall_s": %d, "started": "%s", "commit": "%s", "load_before": "%s", "load_after": "%s", "host": "%s"}\n' \
+    "${cmd[*]}" "$rc" "$(( $(date +%s) - start ))" "$started" "$commit" "$load_before" "$(cut -d' ' -f1-3 /proc/loadavg)" "$host" > "$out/command.json"
   [ "$rc" -eq 0 ] && [ -f "$out/comparison.md" ] || failed+=("$name")
 done
 
@@ -67,13 +69,13 @@ facts = {
 }
 (root / "machine.json").write_text(json.dumps(facts, indent=1) + "\n")
 machine_md = "\n".join([
-    f"- last regeneration: {facts['date']}, commit `{facts['commit']}`; each experiment's own date, commit and load are in the table below",
+    f"- last regeneration: {facts['date']}, commit `{facts['commit']}`; each experiment's own date, commit, host and load are in the table below (the machine here is the last regeneration's)",
     f"- CPU: {facts['cpu']}, {facts['cores']} cores; memory {facts['memory_gib']} GiB; GPU: {', '.join(gpus)}",
     f"- OS: {facts['os']} (kernel {facts['kernel']})",
     "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
 ])
 
-rows = ["| experiment | command | ran (UTC), commit | load before -> after | runs: ok / all | not ok | wall time | report |",
+rows = ["| experiment | command | ran (UTC), commit, host | load before -> after | runs: ok / all | not ok | wall time | report |",
         "|---|---|---|---|---|---|---|---|"]
 for d in sorted(p for p in root.iterdir() if (p / "command.json").exists()):
     c = json.loads((d / "command.json").read_text())
@@ -88,7 +90,7 @@ for d in sorted(p for p in root.iterdir() if (p / "command.json").exists()):
     links = " · ".join(f"[{f.split('.')[-1] if f.startswith('comparison') else f[:-4]}]({d.name}/{f})"
                        for f in ("comparison.md", "comparison.html", "comparison.csv", "memory.png", "throughput.png",
                                  "loss.png", "memory_vs_model.png", "scaling.png") if (d / f).exists())
-    when = f"{c.get('started', '?')}, `{c.get('commit', '?')}`"
+    when = f"{c.get('started', '?')}, `{c.get('commit', '?')}`, {c.get('host', 'host not recorded')}"
     load = f"{c.get('load_before', '?')} -> {c.get('load_after', '?')}"
     rows.append(f"| {d.name} | `{cmd}` | {when} | {load} | {runs} | {bad} | {c['wall_s'] // 60} min {c['wall_s'] % 60} s | {links} |")
 
