@@ -104,6 +104,7 @@ def launch(cfg, run_dir: Path, nproc: int, base: dict) -> dict:
 def _summary(run_dir: Path, base: dict) -> dict:
     """The workers' summary, else the base one; the losses metrics.jsonl holds when the workers wrote none."""
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else dict(base)
+    summary.update({k: v for k, v in base.items() if k.startswith("predicted_") or k == "prediction"})  # made here
     if not summary.get("losses"):
         summary["losses"] = logged_losses(run_dir)
         summary["final_loss"] = summary["losses"][-1] if summary["losses"] else None
