@@ -212,7 +212,7 @@ def machine_line(records: list[dict], hosts: list[str | None] | None = None) -> 
     """The machine; when the rows ran on several hosts, every one of them (the notes say which row)."""
     s = next((r for r in records if r.get("machine")), {})
     m, v = s.get("machine") or {}, s.get("versions") or {}
-    distinct = list(dict.fromkeys(h for h in hosts or [] if h))
+    distinct = list(dict.fromkeys(h for h in hosts or [] if isinstance(h, str) and h))  # NaN: a row with no host
     soft = ", ".join(f"{k} {x}" for k, x in v.items() if x)
     if len(distinct) > 1:
         return f"{len(distinct)} different hosts: " + " | ".join(distinct) + "; " + soft
