@@ -38,7 +38,7 @@ from .metrics import cpu_threads
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
 SIZES = tuple(4 * 2**10 * 4**i for i in range(8))  # 4 KiB .. 64 MiB
-QUICK_SIZES = (4 * 2**10, 64 * 2**10, 2**20)
+QUICK_SIZES = (4 * 2**10, 256 * 2**10, 4 * 2**20)  # a check: latency- to bandwidth-bound
 TRIALS = 5
 TRIAL_S = 0.02  # a trial repeats a call until it lasts this long: small messages are timed in batches
 

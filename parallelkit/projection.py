@@ -4,17 +4,20 @@
 (so an upper bound, where the parts are right; a pipeline's bubble is not counted):
 
 - compute_s = FLOPs per device per step / (peak x efficiency). FLOPs: ``GPTConfig.flops_per_token``
-  (6N + 12·L·d·T, the figure behind a run's ``tflops``) x the global batch's tokens / devices; a
-  pipeline's or tensor-parallel replica splits its work over its pp·tp devices, so every device
-  gets an equal share. On this machine's CPU the share is per process instead (one process that
-  drives several pipeline "devices", or ``single``, does all their work on its threads). The peak: a named device (``projection.device=H100``) from the data sheet
-  (metrics.CUDA_PEAK_TFLOPS); else ``peak_tflops``, or this machine's: on CPU calibrate.py's
-  matmul peak at a worker's thread count (the cores shared by the local processes), on CUDA the
-  data sheet. The efficiency: ``projection.efficiency``; else on CPU measured here, the rate of a
-  short single-process training step (forward, backward, AdamW, the run's precision) of a proxy of
-  the configured model (its widths and vocabulary; at most 2 blocks, and fewer tokens while a step
-  would take over ~0.5 s) over the peak, cached; on a GPU ``GPU_EFFICIENCY``, an assumption.
-  On CPU the projection is thus FLOPs / the proxy's measured rate: the peak cancels.
+  (6N + 12·L·d·T, the figure behind a run's ``tflops``) x the global batch's tokens / devices: a
+  pipeline's or tensor-parallel replica splits its work over its pp·tp devices. On this machine's
+  CPU the share is per process instead (a process driving several pipeline "devices", or
+  ``single``, does all their work on its own threads).
+  Peak: a named device (``projection.device=H100``): the data sheet (metrics.CUDA_PEAK_TFLOPS);
+  else ``peak_tflops``, or this machine's: on CPU calibrate.py's matmul peak at a worker's thread
+  count (the cores shared by the local processes), on CUDA the data sheet.
+  Efficiency: ``projection.efficiency``; on a GPU ``GPU_EFFICIENCY`` (an assumption); on CPU
+  measured here: the rate of a short single-process forward + backward (the run's precision, no
+  optimizer step) of a proxy of the configured model (its widths, vocabulary and micro-batch; at
+  most 2 blocks; the batch, then the sequence, cut while a step would take over ~1 s) over the
+  peak, cached. The CPU projection is then FLOPs / the proxy's rate (the peak cancels). A proxy of
+  over ``PROXY_MAX_PARAMS`` (gpt_125m and up) would take tens of seconds and gigabytes to measure:
+  those get ``CPU_EFFICIENCY``, an assumption from the MFU measured in results/.
 - comm_s = sum over kinds of the alpha-beta time (bench_comm.coefficients: ring all-reduce,
   all-gather, reduce-scatter; tree broadcast; point-to-point send/recv) of the kind's bytes per
   step, as ``Strategy.comm`` gives them (metrics.CommCounter's payload), on n ranks: the
@@ -43,20 +46,23 @@ from .model import GPTConfig
 
 BUCKET = 25 * 2**20  # bytes per message for the latency term: DDP's default bucket (bucket_cap_mb=25)
 GPU_EFFICIENCY = 0.4  # achieved / peak FLOP/s assumed on a GPU (large GPT training reaches ~0.3-0.5)
-PROXY_STEP_S = 0.5  # the efficiency proxy's step, at an assumed quarter of the peak
+CPU_EFFICIENCY = 0.3  # CPU, a model too large for the proxy: results/memory_vs_model measured MFU 0.2-0.33 (gpt_125m, gpt_350m)
+PROXY_MAX_PARAMS = 30_000_000  # a larger proxy takes tens of seconds and gigabytes to build and step on a CPU
+PROXY_STEP_S = 1.0  # the efficiency proxy's step, at an assumed half of the peak
 PROXY_TRIAL_S = 0.2  # a timing trial repeats the proxy step until this long; the best of 3
 
 
+SETTINGS = {"efficiency": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+            "latency_us": ("a number >= 0", lambda v: v >= 0), "bandwidth_GBps": ("a number > 0", lambda v: v > 0)}
+
+
 def setting(cfg, key: str):
-    """``projection.<key>``, checked: device a name, efficiency in (0, 1], latency_us >= 0, bandwidth_GBps > 0."""
+    """``projection.<key>`` (device: a name; the others: checked numbers), or None."""
     v = OmegaConf.select(cfg, f"projection.{key}")
     if v is None or key == "device":
         return v
-    low, high = {"efficiency": (0, 1), "latency_us": (None, None), "bandwidth_GBps": (0, None)}[key]
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if not number or v < 0 or (low is not None and v <= low) or (high is not None and v > high):
-        want = {"efficiency": "a number in (0, 1]", "latency_us": "a number >= 0",
-                "bandwidth_GBps": "a number > 0"}[key]
+    want, ok = SETTINGS[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
         raise ConfigError(f"projection.{key}={v!r}: must be {want}")
     return float(v)
 
@@ -109,13 +115,16 @@ def device_peak(cfg, layout: Layout, measure: bool = True) -> tuple[str, float |
     return device, c["tflops"], f"matmul calibration, {prec}, {threads} thread(s) ({c['measured_at']})"
 
 
-def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int]:
-    """The efficiency proxy's model config and batch: the configured model, at most 2 blocks, with the batch and
-    then the sequence halved while a step would take over PROXY_STEP_S at a quarter of the peak."""
+def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int] | None:
+    """The efficiency proxy's model config and batch: the configured model with at most 2 blocks, the batch and
+    then the sequence halved while a step would take over PROXY_STEP_S at half the peak; None when the
+    proxy itself has over PROXY_MAX_PARAMS parameters (too slow to build and step here)."""
     m = {k: cfg.model[k] for k in GPTConfig.__dataclass_fields__ if k in cfg.model}
     m["n_layer"], b = min(m["n_layer"], 2), cfg.train.micro_batch_size
+    if GPTConfig(**m).num_params() > PROXY_MAX_PARAMS:
+        return None
     flops = lambda: GPTConfig(**m).flops_per_token() * b * m["seq_len"]  # noqa: E731
-    while flops() > peak_tflops * 1e12 / 4 * PROXY_STEP_S and (b > 1 or m["seq_len"] > 16):
+    while flops() > peak_tflops * 1e12 / 2 * PROXY_STEP_S and (b > 1 or m["seq_len"] > 16):
         if b > 1:
             b //= 2
         else:
@@ -124,12 +133,14 @@ def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int]:
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True) -> dict | None:
-    """TFLOP/s (model FLOPs) of the proxy's training step with ``threads`` threads: cached, or measured now."""
+    """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads: cached, or measured now.
+    No optimizer step: its cost is per parameter, not per token, and would swamp a proxy cut to few tokens."""
     from .model import build_model, lm_loss
-    from .optim import build_optimizer, param_groups
     from .precision import Precision
 
-    m, b = proxy_shape(cfg, peak_tflops)
+    if (shape := proxy_shape(cfg, peak_tflops)) is None:
+        return None
+    m, b = shape
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt}
     if (entry := calibrate.read_cache(key, "efficiency")) is not None or not measure:
@@ -138,7 +149,6 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True) -> d
           f"({threads} thread(s), {prec}; cached for later)", file=sys.stderr, flush=True)
     with calibrate._threads(threads):
         model = build_model(m, seed=0, activation_checkpointing=ckpt)
-        opt = build_optimizer(cfg.optim, param_groups(model, cfg.optim.weight_decay))
         autocast = Precision(prec, torch.device("cpu")).autocast
         g = torch.Generator().manual_seed(0)
         x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
@@ -149,8 +159,7 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True) -> d
                 with autocast():
                     loss = lm_loss(model(x), y)
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
             return (time.perf_counter() - t0) / n
 
         reps = max(1, math.ceil(PROXY_TRIAL_S / steps(1)))  # the first step also warms up
@@ -170,11 +179,14 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
     if peak is None:
         return None, "no peak to measure against"
     threads = cpu_threads(layout.processes)
+    if proxy_shape(cfg, peak) is None:
+        return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
+                                f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; set projection.efficiency)")
     r = proxy_rate(cfg, threads, peak, measure)
     if r is None:
-        return None, "no training-rate measurement cached for this model's shapes (run without measure=False)"
+        return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p = r["key"]["proxy"]
-    return min(1.0, r["tflops"] / peak), (f"measured: a training step of a {p['n_layer']}-block proxy, batch "
+    return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, batch "
                                           f"{r['key']['batch']} x seq {p['seq_len']}, {threads} thread(s) "
                                           f"({r['measured_at']})")
 
@@ -185,9 +197,9 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
     lat, bw = setting(cfg, "latency_us"), setting(cfg, "bandwidth_GBps")
     out = {"alpha_s": None if lat is None else lat * 1e-6, "bandwidth_Bps": None if bw is None else bw * 1e9,
            "per_kind": {}, "source": "config: projection.latency_us, bandwidth_GBps"}
-    if (lat is not None and bw is not None) or not any(v > 0 for v in comm_by_kind.values()):
-        if lat is None or bw is None:
-            out["source"] = "no communication"
+    if not any(v > 0 for v in comm_by_kind.values()):
+        return {**out, "source": "no communication"}
+    if lat is not None and bw is not None:
         return out
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     ranks = n if bench_comm.load_calibration(n) else min(n, max(2, cores))
@@ -223,12 +235,11 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
     n = group_size(layout)
     ln = link(cfg, comm_by_kind, n, measure)
-    by_kind = {}
-    if any(v > 0 for v in comm_by_kind.values()) and ln["bandwidth_Bps"] and ln["alpha_s"] is not None:
-        by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"])
-        comm = sum(by_kind.values())
-    else:
-        comm = 0.0 if not any(v > 0 for v in comm_by_kind.values()) else None
+    by_kind, comm = {}, 0.0
+    if any(v > 0 for v in comm_by_kind.values()):  # no calibration to be had: no comm time, no step
+        linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
+        by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"]) if linked else {}
+        comm = sum(by_kind.values()) if linked else None
     assumptions = (f"a model, not a measurement: {device} at {_g(peak)} TFLOP/s x efficiency {_g(eff)}; "
                    f"alpha {_g(ln['alpha_s'], 1e6)} us, B {_g(ln['bandwidth_Bps'], 1e-9)} GB/s"
                    f"{' (per-kind fits)' if ln['per_kind'] else ''}, ring/tree costs on {n} ranks, a latency per "
