@@ -8,6 +8,8 @@ model state by the ZeRO paper (Rajbhandari et al. 2020, sec. 3: fp32 AdamW 4+4+8
 DeepSpeed's buckets, autocast's weight cache), activations (Korthikanti et al. 2022: 34·s·b·h bytes
 per block in 16-bit less two dropout masks = 16·s·b·h values; SDPA keeps no a·s² scores) and a fixed
 allowance. The total is their sum: an upper bound (gradients and activations do not peak together).
+Beside the memory: each strategy's communication per step (``Strategy.comm``) and the step time
+projection.py projects from it (``projection.*``; calibrations cached, measured once when missing).
 """
 from __future__ import annotations
 
