@@ -46,7 +46,7 @@ from .model import GPTConfig
 
 BUCKET = 25 * 2**20  # bytes per message for the latency term: DDP's default bucket (bucket_cap_mb=25)
 GPU_EFFICIENCY = 0.4  # achieved / peak FLOP/s assumed on a GPU (large GPT training reaches ~0.3-0.5)
-CPU_EFFICIENCY = 0.3  # CPU, a model too large for the proxy: results/memory_vs_model measured MFU 0.2-0.33 (gpt_125m, gpt_350m)
+CPU_EFFICIENCY = 0.3  # CPU, a model too large to proxy: results/memory_vs_model's gpt_125m, gpt_350m had MFU 0.2-0.33
 PROXY_MAX_PARAMS = 30_000_000  # a larger proxy takes tens of seconds and gigabytes to build and step on a CPU
 PROXY_STEP_S = 1.0  # the efficiency proxy's step, at an assumed half of the peak
 PROXY_TRIAL_S = 0.2  # a timing trial repeats the proxy step until this long; the best of 3
@@ -111,7 +111,7 @@ def device_peak(cfg, layout: Layout, measure: bool = True) -> tuple[str, float |
         c = calibrate.calibration(torch.device("cpu"), prec) if measure else calibrate._read(
             calibrate.cache_key(prec, threads, torch.device("cpu")))
     if c is None:
-        return device, None, f"no {prec} matmul calibration cached for {threads} thread(s) (python -m parallelkit.calibrate)"
+        return device, None, f"no {prec} matmul calibration cached for {threads} thread(s) (parallelkit.calibrate)"
     return device, c["tflops"], f"matmul calibration, {prec}, {threads} thread(s) ({c['measured_at']})"
 
 
@@ -181,7 +181,8 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
     threads = cpu_threads(layout.processes)
     if proxy_shape(cfg, peak) is None:
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
-                                f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; set projection.efficiency)")
+                                f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
+                                f"set projection.efficiency)")
     r = proxy_rate(cfg, threads, peak, measure)
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"

@@ -45,7 +45,8 @@ def test_project_named_device_by_hand():
     assert p["compute_s"] == pytest.approx(flops / (66.9e12 * 0.5))  # H100 fp32, the data sheet
     assert p["comm_s"] == pytest.approx(4 * 6 * 5e-6 + 1.5e-2)
     assert p["step_s"] == pytest.approx(p["compute_s"] + p["comm_s"])
-    assert (p["device"], p["peak_tflops"]) == ("H100", 66.9) and (p["alpha_s"], p["bandwidth_Bps"]) == pytest.approx((A, B))
+    assert (p["device"], p["peak_tflops"]) == ("H100", 66.9)
+    assert (p["alpha_s"], p["bandwidth_Bps"]) == pytest.approx((A, B))
     assert "no overlap" in p["assumptions"] and "H100" in p["assumptions"] and "\n" not in p["assumptions"]
     # a named GPU without an efficiency: 0.4, said to be an assumption; bf16 takes the bf16 peak
     q = project(compose_run("world_size=4", "projection.device=A100", "train.precision=bf16", *LINK), {}, lay)
@@ -81,7 +82,7 @@ def test_bench_comm_quick_calibration(tmp_path, monkeypatch):
     assert set(saved["kinds"]) == set(bench_comm.KINDS)
     for kind, f in saved["kinds"].items():
         assert f["alpha_s"] >= 0 and f["bandwidth_Bps"] > 0
-        assert [p["bytes"] for p in f["points"]] == [s for s in bench_comm.QUICK_SIZES]
+        assert [p["bytes"] for p in f["points"]] == list(bench_comm.QUICK_SIZES)
         for p in f["points"]:  # a busy machine jitters: the per-kind fit within a factor of 5 of each median
             assert len(p["trials_s"]) == bench_comm.TRIALS and 0.2 < p["fit_s"] / p["median_s"] < 5, (kind, p)
     assert bench_comm.calibration(2, quick=True)["cached"] and bench_comm.load_calibration(2) is None
