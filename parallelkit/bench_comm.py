@@ -165,7 +165,9 @@ def fit(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
         if col @ col > 0:
             sol[j] = col @ y / (col @ col)
             candidates.append(sol)
-    best = min((c for c in candidates if c[1] > 0), key=lambda c: float(((x @ c - y) ** 2).sum()))
+    best = min((c for c in candidates if c[1] > 0), key=lambda c: float(((x @ c - y) ** 2).sum()), default=None)
+    if best is None:
+        raise ValueError("no bandwidth fits these timings (they do not grow with the message size)")
     return float(best[0]), float(1 / best[1])
 
 
