@@ -83,8 +83,11 @@ def test_bench_comm_quick_calibration(tmp_path, monkeypatch):
     for kind, f in saved["kinds"].items():
         assert f["alpha_s"] >= 0 and f["bandwidth_Bps"] > 0
         assert [p["bytes"] for p in f["points"]] == list(bench_comm.QUICK_SIZES)
-        for p in f["points"]:  # a busy machine jitters: the per-kind fit within a factor of 5 of each median
-            assert len(p["trials_s"]) == bench_comm.TRIALS and 0.2 < p["fit_s"] / p["median_s"] < 5, (kind, p)
+        # a busy 2-core machine delays a handoff between ranks by up to a scheduler tick (10x on a 256 KiB
+        # ping-pong was seen): each point within a factor of 20, their geometric mean within a factor of 3
+        ratios = [p["fit_s"] / p["median_s"] for p in f["points"]]
+        assert all(len(p["trials_s"]) == bench_comm.TRIALS for p in f["points"])
+        assert all(1 / 20 < r < 20 for r in ratios) and 1 / 3 < math.prod(ratios) ** (1 / len(ratios)) < 3, (kind, f)
     assert bench_comm.calibration(2, quick=True)["cached"] and bench_comm.load_calibration(2) is None
     # a projection with no projection.* link reads the full calibration (here: the quick one saved as it), per kind
     calibrate.write_cache(bench_comm.cache_key(2), {k: v for k, v in saved.items() if k != "key"}, "comm")
