@@ -75,10 +75,10 @@ def _measure_baseline(module: str, presets: list[str]) -> int | None:
                 subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
                 try:
                     summary = json.loads((Path(tmp) / "summary.json").read_text())
-                    cfg = OmegaConf.load(Path(tmp) / "config.yaml")
                 except (OSError, ValueError):
-                    break  # refused before it ran: the next preset
+                    break  # no summary at all: the next preset
                 if summary.get("status") == "ok" and summary.get("peak_mem_bytes"):
+                    cfg = OmegaConf.load(Path(tmp) / "config.yaml")
                     own = predict(cfg, baseline=False, projection=False)["peak_mem_bytes"]
                     return max(summary["peak_mem_bytes"]) - own
                 if "world_size" not in (summary.get("error") or ""):
