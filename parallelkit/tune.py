@@ -157,21 +157,22 @@ def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
                 pc = base.copy()
                 pc.train.micro_batch_size, pc.train.activation_checkpointing = mb, ckpt
                 rows.append(_judge(pc, name, dp, mb, ckpt, gpu if planning else None))
+    rows = _collapse(rows)
     todo = [r for r in rows if r["status"] == "todo"]
     by_time = bool(todo) and all(r["predicted_step_time_s"] is not None for r in todo)
     todo.sort(key=(lambda r: r["predicted_step_time_s"]) if by_time else
               lambda r: (r["activation_checkpointing"], bool(r["predicted_offloaded_bytes"]), r["grad_accum"] or 0,
                          r["predicted_comm_bytes_per_step"] or 0, r["predicted_peak_mem_bytes"] or 0))
     tune["order"] = ORDER[0] if by_time else ORDER[1]
-    return tune, todo + _collapse([r for r in rows if r["status"] != "todo"])
+    return tune, todo + [r for r in rows if r["status"] != "todo"]
 
 
-def _collapse(pruned: list[dict]) -> list[dict]:
+def _collapse(rows: list[dict]) -> list[dict]:
     """A preset pruned for the same reason at every size: one row."""
     out = []
-    for name in dict.fromkeys(r["strategy"] for r in pruned):
-        mine = [r for r in pruned if r["strategy"] == name]
-        if len(mine) > 1 and len({r["why"] for r in mine}) == 1:
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == name]
+        if len(mine) > 1 and {r["status"] for r in mine} == {"pruned"} and len({r["why"] for r in mine}) == 1:
             mine = [_row(name, label=mine[0]["label"], dp=mine[0]["dp"], why=mine[0]["why"])]
         out += mine
     return out
@@ -343,7 +344,8 @@ def write(tune: dict, rows: list[dict], used_s: float) -> str:
     out, rows = tune["dir"], ranked(rows)
     out.mkdir(parents=True, exist_ok=True)
     csv = pd.DataFrame([{"rank": i, "candidate": _name(r), **r} for i, r in enumerate(rows, 1)])
-    csv.to_csv(out / "tune.csv", index=False)
+    counts = [c for c in csv.columns if c in ("micro_batch_size", "grad_accum", "dp") or c.endswith("_bytes")]
+    csv.astype({c: "Int64" for c in counts}).to_csv(out / "tune.csv", index=False)
     measured = sum(1 for r in rows if r["run"])
     report = None
     if measured:
