@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from .config import STRATEGY_DIR, ConfigError, _int, _num, explicit_keys, plan, preset, resolve, validate
 from .estimate import compose_config, parse_bytes
-from .launch import Interrupted, raise_on_signals, with_package_path
+from .launch import SIGNALS, Interrupted, raise_on_signals, with_package_path
 from .layout import divisors
 from .run import check_keys
 from .predict import CUDA_CONTEXT, MARGIN, available_per_rank, fits, on_cuda, predict
@@ -385,15 +385,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("parallelkit: interrupted: SIGINT before any trial", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    raise_on_signals()  # from here a signal stops the trial in progress and the table is still written
     todo = sum(r["status"] == "todo" for r in rows)
     print(f"tune: {len(rows)} candidates, {len(rows) - todo} pruned, {todo} to measure in order within "
           f"tune.budget_s={tune['budget_s']} -> {tune['dir']}", file=sys.stderr, flush=True)
-    stopped = None
+    stopped, before = None, {s: signal.getsignal(s) for s in SIGNALS}
+    raise_on_signals()  # while trials run, a signal stops the one in progress and the table is still written
     try:
         measure(tune, rows, start + tune["budget_s"])
     except Interrupted as e:
         stopped = e
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
     print(write(tune, rows, time.monotonic() - start), flush=True)
     if stopped is not None:
         print(f"parallelkit: interrupted: {stopped.name}; the trial in progress was stopped; the table of what "
