@@ -187,21 +187,31 @@ def summary_fields(cfg, p: dict | None = None) -> dict:
 
 # ---- what a rank has ----
 def available_per_rank(cfg, processes: int) -> tuple[int, str]:
-    """Bytes one rank can use and where the figure comes from: ``gpu_memory`` when given (judge a run against the
-    GPU it is meant for, even from a CPU machine), else the GPU's memory less its context, else (CPU) the
-    machine's available memory shared by the local processes."""
+    """Bytes one rank can use and where the figure comes from: ``gpu_memory`` (or the local GPU's memory) less the
+    CUDA context, else (CPU) the machine's available memory shared by the local processes."""
     from .estimate import parse_bytes
 
+    ctx = f"less {CUDA_CONTEXT / 2**30:.0f} GiB for the CUDA context"
     if (given := parse_bytes(cfg.get("gpu_memory"))) is not None:
-        return given, f"gpu_memory={cfg.get('gpu_memory')}"
+        return given - CUDA_CONTEXT, f"gpu_memory={cfg.get('gpu_memory')} {ctx}"
     if on_cuda():
         import torch
 
-        total = torch.cuda.get_device_properties(0).total_memory
-        return total - CUDA_CONTEXT, f"{torch.cuda.get_device_name(0)} less {CUDA_CONTEXT / 2**30:.0f} GiB for its context"
+        return torch.cuda.get_device_properties(0).total_memory - CUDA_CONTEXT, f"{torch.cuda.get_device_name(0)} {ctx}"
     avail = _mem_available()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
     return avail // max(1, local), f"this machine's available memory {avail / 2**30:.1f} GiB / {local} local process(es)"
+
+
+def judged(cfg, p: dict, processes: int) -> tuple[int, int, str]:
+    """(predicted bytes, bytes a rank has, where that comes from). With ``gpu_memory`` on a machine without CUDA
+    the user plans for a GPU: the device's bytes count (model state, buffers, activations; not what is offloaded
+    to the host nor a CPU process's own footprint)."""
+    avail, source = available_per_rank(cfg, processes)
+    if cfg.get("gpu_memory") is not None and not on_cuda():
+        return p["peak_mem_bytes"] - p["process_baseline_bytes"] - p["parts"].get("offloaded", 0), avail, \
+            source + " (planning for a GPU: device bytes only)"
+    return p["peak_mem_bytes"], avail, source
 
 
 def _mem_available() -> int:
@@ -233,7 +243,7 @@ def alternatives(cfg, available: int, limit: int = 5) -> list[tuple[str, int]]:
                 pc.train[k] = v
             try:
                 validate(pc)
-                peak = predict(pc, projection=False, measure=False)["peak_mem_bytes"]
+                peak = judged(pc, predict(pc, projection=False, measure=False), plan(pc)[2].processes)[0]
             except Exception:  # noqa: BLE001 - a preset that cannot run here is no alternative
                 continue
             if peak <= available:
@@ -254,14 +264,14 @@ def preflight(cfg) -> dict | None:
         print(f"parallelkit: pre-flight: no prediction ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
               "running unchecked", file=sys.stderr)
         return None
-    avail, source = available_per_rank(cfg, lay.processes)
-    if fits(p["peak_mem_bytes"], avail):
+    used, avail, source = judged(cfg, p, lay.processes)
+    if fits(used, avail):
         return p
     g = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     alt = alternatives(cfg, avail)
     names = ", ".join(f"strategy={n} ({g(m)} spare)" for n, m in alt) or "none at this world size; try more ranks " \
         "or a smaller model"
-    raise DoesNotFit(f"predicted {g(p['peak_mem_bytes'])} per rank, {g(avail)} available ({source}): "
+    raise DoesNotFit(f"predicted {g(used)} per rank, {g(avail)} available ({source}): "
                      f"will not fit; presets that fit, largest margin first: {names}; preflight=false runs it anyway")
 
 

@@ -38,7 +38,7 @@ from .estimate import compose_config, parse_bytes
 from .launch import SIGNALS, Interrupted, raise_on_signals, with_package_path
 from .layout import divisors
 from .run import check_keys
-from .predict import CUDA_CONTEXT, MARGIN, available_per_rank, fits, on_cuda, predict
+from .predict import CUDA_CONTEXT, MARGIN, available_per_rank, fits, judged, on_cuda, predict
 from .sweep import distinct_presets
 
 UNTIMED = 2  # untimed steps per trial
@@ -128,13 +128,13 @@ def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
     gpu = parse_bytes(cfg.get("gpu_memory"))
     planning = gpu is not None and not on_cuda()
     if planning:
-        judged = (f"gpu_memory={cfg.gpu_memory} per rank less {CUDA_CONTEXT / 2**30:.0f} GiB for the CUDA context, "
+        how = (f"gpu_memory={cfg.gpu_memory} per rank less {CUDA_CONTEXT / 2**30:.0f} GiB for the CUDA context, "
                   f"against the predicted device bytes (model state, buffers, activations; not offloaded state nor "
                   f"the CPU process); planning for a GPU cluster, so the trials here measure speed, not that fit")
     else:
-        judged = f"{available_per_rank(cfg, configured.processes)[1]} (one-process strategies: all of it)"
+        how = f"{available_per_rank(cfg, configured.processes)[1]} (one-process strategies: all of it)"
     tune = {"dir": out, "keep": keep, "model": cfg.model.name, "params": GPTConfig.from_cfg(cfg.model).num_params(),
-            "world_size": cfg.world_size, "global_batch": G, "precision": cfg.train.precision, "judged": judged,
+            "world_size": cfg.world_size, "global_batch": G, "precision": cfg.train.precision, "judged": how,
             "planning": planning, **s}
     # a named variant (zero2, fsdp_zero3) is kept over the base preset with the same options (deepspeed, fsdp)
     kept, same = distinct_presets(sorted(s["strategies"], key=lambda n: (not explicit_keys([], n), n)))
@@ -190,11 +190,7 @@ def _judge(pc, name: str, dp: int, mb: int, ckpt: bool, gpu: int | None) -> dict
         return {**r, "why": f"config: {e}"}
     except Exception as e:  # noqa: BLE001 - a candidate that cannot be predicted is measured unjudged
         return {**r, "status": "todo", "why": f"not predicted: {' '.join(str(e).split())[:200]}"}
-    if gpu is not None:  # planning for a GPU: the device's bytes against the device's memory
-        used = p["peak_mem_bytes"] - p["process_baseline_bytes"] - p["parts"].get("offloaded", 0)
-        avail = gpu - CUDA_CONTEXT
-    else:
-        used, avail = p["peak_mem_bytes"], available_per_rank(pc, lay.processes)[0]
+    used, avail, _ = judged(pc, p, lay.processes)  # planning for a GPU (gpu_memory, no CUDA): device bytes only
     r.update(predicted_peak_mem_bytes=p["peak_mem_bytes"], judged_bytes=used, available_bytes=avail,
              predicted_comm_bytes_per_step=p["comm_bytes_per_step"] or None, predicted_step_time_s=p["step_time_s"],
              predicted_offloaded_bytes=p["offloaded_bytes"])
