@@ -112,9 +112,20 @@ def stage_params(costs: list[int], balance: list[int]) -> list[int]:
     return out
 
 
-def tensor_sizes(c: GPTConfig) -> list[int]:
-    """Elements of every parameter tensor of the GPT, the tied output matrix once (as ``GPT.parameters()``)."""
-    d = c.d_model
-    block = [d, d, 3 * d * d, 3 * d, d * d, d, d, d, 4 * d * d, 4 * d, 4 * d * d, d]  # ln1, qkv, proj, ln2, fc, proj
-    head = [d, d] + ([] if c.tie_weights else [c.vocab_size * d])
-    return [c.vocab_size * d, c.seq_len * d, *block * c.n_layer, *head]
+def leaf_modules(c: GPTConfig) -> list[list[tuple[str, int]]]:
+    """The GPT's modules that hold parameters, in forward order, each as (parameter name, elements) of its own
+    parameters; the tied head names the token embedding's matrix again."""
+    d, V = c.d_model, c.vocab_size
+    mods = [[("embed.tok.weight", V * d)], [("embed.pos.weight", c.seq_len * d)]]
+    for i in range(c.n_layer):
+        for name, w, b in (("ln1", d, d), ("attn.qkv", 3 * d * d, 3 * d), ("attn.proj", d * d, d), ("ln2", d, d),
+                           ("mlp.fc", 4 * d * d, 4 * d), ("mlp.proj", 4 * d * d, d)):
+            mods.append([(f"blocks.{i}.{name}.weight", w), (f"blocks.{i}.{name}.bias", b)])
+    mods += [[("head.ln.weight", d), ("head.ln.bias", d)],
+             [("embed.tok.weight" if c.tie_weights else "head.out.weight", V * d)]]
+    return mods
+
+
+def tensor_sizes(c: GPTConfig) -> dict[str, int]:
+    """Elements of every parameter tensor by name, the tied output matrix once (as ``GPT.named_parameters()``)."""
+    return dict(p for mod in leaf_modules(c) for p in mod)
