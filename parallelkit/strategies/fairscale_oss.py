@@ -21,6 +21,7 @@ from fairscale.nn.data_parallel import ShardedDataParallel
 from fairscale.optim import OSS
 from fairscale.optim.grad_scaler import ShardedGradScaler
 
+from ..comm_model import FP32, clip_norm, gpt, one_process, total
 from ..config import ConfigError
 from ..memory_model import activations, replica_state
 from ..model import GPTConfig
@@ -67,6 +68,19 @@ class FairScaleOSSStrategy(Strategy):
         elif not o.reduce_buffer_size:
             r["grads"] *= owned / psi  # gradients of other ranks' parameters are dropped once reduced
         return {**r, "activations": activations(cfg)}
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """The ZeRO-1/2 volume 2Ψ, as FairScale moves it. Gradients, fp32 under autocast, once per step (no_sync
+        while accumulating): ShardedDDP ``reduce``s each one to its owner rank (Ψ; every rank calls reduce for
+        every parameter), plain DDP all-reduces them all (Ψ). After its step each owner ``broadcast``s its updated
+        parameters (Ψ in all; every rank calls broadcast for every shard; fp16 with broadcast_fp16, else fp32: OSS
+        keeps the model in fp32). Plus OSS.clip_grad_norm's one norm scalar. Measured on tiny to the byte."""
+        if one_process(layout):
+            return {}
+        psi = gpt(cfg).num_params()
+        grads = {"reduce" if o.sharded_ddp else "all_reduce": FP32 * psi}
+        return total(grads, {"broadcast": (2 if o.broadcast_fp16 else FP32) * psi}, clip_norm(cfg))
 
     def make_optimizer(self, module):
         # OSS wraps the optimizer class and turns the parameters into views of per-rank flat buffers,
