@@ -76,23 +76,30 @@ def cache_key(precision: str, threads: int, device: torch.device) -> dict:
     return key
 
 
-def _path(key: dict) -> Path:
+def cache_path(key: dict, kind: str = "peak") -> Path:
+    """The cache file of a measurement of ``kind`` (peak, comm, efficiency) under ``key`` (host facts, versions)."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / f"peak-{key['dtype']}-{digest}.json"
+    return cache_dir() / f"{kind}-{key['dtype']}-{digest}.json"
+
+
+def read_cache(key: dict, kind: str = "peak") -> dict | None:
+    """The cached entry of ``kind`` made under exactly ``key``, or None."""
+    try:
+        entry = json.loads(cache_path(key, kind).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if entry.get("key") == key else None
+
+
+def write_cache(key: dict, entry: dict, kind: str = "peak") -> None:
+    from .jsonio import write_json  # atomic: ranks calibrating at once never see half a file
+
+    write_json(cache_path(key, kind), {"key": key, **entry})
 
 
 def _read(key: dict) -> dict | None:
-    try:
-        entry = json.loads(_path(key).read_text())
-    except (OSError, ValueError):
-        return None
-    return entry if entry.get("key") == key and entry.get("tflops", 0) > 0 else None
-
-
-def _write(key: dict, entry: dict) -> None:
-    from .jsonio import write_json  # atomic: ranks calibrating at once never see half a file
-
-    write_json(_path(key), {"key": key, **entry})
+    entry = read_cache(key)
+    return entry if entry is not None and entry.get("tflops", 0) > 0 else None
 
 
 def _rate(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, seconds: float) -> float:
@@ -163,7 +170,7 @@ def calibration(device: torch.device, precision: str, force: bool = False) -> di
     if not force and (entry := _read(key)) is not None:
         return {**entry, "cached": True}
     entry = measure(precision, device, threads, seconds=FULL_S, trials=FULL_TRIALS)
-    _write(key, entry)
+    write_cache(key, entry)
     return {**entry, "key": key, "cached": False}
 
 
@@ -188,8 +195,8 @@ def recheck(device: torch.device, precision: str) -> float:
     cached = _read(key)
     now = measure(precision, device, seconds=CHECK_S, trials=CHECK_TRIALS, size=cached and cached["size"])
     if cached is not None and device.type == "cpu" and now["tflops"] > cached["tflops"]:
-        _write(key, {**{k: v for k, v in cached.items() if k != "key"}, "tflops": now["tflops"],
-                     "raised_at": now["measured_at"]})  # the calibration itself met a busy moment
+        write_cache(key, {**{k: v for k, v in cached.items() if k != "key"}, "tflops": now["tflops"],
+                          "raised_at": now["measured_at"]})  # the calibration itself met a busy moment
     return now["tflops"]
 
 

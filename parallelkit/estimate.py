@@ -8,6 +8,8 @@ model state by the ZeRO paper (Rajbhandari et al. 2020, sec. 3: fp32 AdamW 4+4+8
 DeepSpeed's buckets, autocast's weight cache), activations (Korthikanti et al. 2022: 34·s·b·h bytes
 per block in 16-bit less two dropout masks = 16·s·b·h values; SDPA keeps no a·s² scores) and a fixed
 allowance. The total is their sum: an upper bound (gradients and activations do not peak together).
+Beside the memory: each strategy's communication per step (``Strategy.comm``) and the step time
+projection.py projects from it (``projection.*``; calibrations cached, measured once when missing).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ PARTS = ("params", "grads", "optimizer", "buffers", "activations")
 UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}  # powers of 1000 (or of 1024 with an "i")
 ASSUMPTIONS = ("bytes/param: fp32 AdamW 4+4+8 (DeepSpeed: +4 fp32 master in stages 1-3; 16-bit: 2+2+12); "
                "activations 16·s·b·h values/block (Korthikanti 2022 less dropout masks, SDPA keeps no a·s² scores), "
-               "checkpointing: 1 value/block + one block; logits 8·b·s·V bytes; 1 GiB allowance for a GPU's context; "
+               "checkpointing: 1 value/block + one block; logits 12·b·s·V bytes (log-softmax and two gradients, fp32); 1 GiB allowance for a GPU's context; "
                "total = sum (an upper bound)")
 
 
@@ -65,7 +67,10 @@ def compose_config(overrides: list[str]) -> tuple[DictConfig, str]:
 
 def estimate(cfg, mem: int | None = None, overhead: int = OVERHEAD) -> dict:
     """Per-rank bytes for ``cfg.strategy`` (a resolved config: world_size is set) on devices of ``mem`` bytes:
-    the strategy's own memory model (``Strategy.memory``) over the run's layout."""
+    the strategy's own memory model (``Strategy.memory``) over the run's layout; its communication per step
+    (``Strategy.comm``) and the projected step time (projection.py)."""
+    from .projection import project
+
     cls, opts, lay = plan(cfg)
     m = dict(cls.memory(cfg, opts, lay, mem))
     stages = m.pop("stages", None)  # pipelines: every pipeline rank's parts (the row is the largest)
@@ -75,6 +80,13 @@ def estimate(cfg, mem: int | None = None, overhead: int = OVERHEAD) -> dict:
            "total": sum(r[k] for k in PARTS) + overhead}
     if stages:
         row["stage_totals"] = [int(sum(st[k] for k in PARTS) + overhead) for st in stages]
+    comm = {k: float(v) for k, v in cls.comm(cfg, opts, lay).items() if v}
+    row.update(comm_by_kind=comm, comm_bytes=int(sum(comm.values())), step_s=None)
+    try:  # cached calibrations; a missing one is measured once (a line on stderr says so)
+        row["projection"] = project(cfg, comm, lay)
+        row["step_s"] = row["projection"]["step_s"]
+    except Exception as e:  # noqa: BLE001 - the memory estimate stands without a projection
+        row["projection"] = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:200]}
     return row
 
 
@@ -129,7 +141,9 @@ def render(rep: dict) -> str:
         "activations": g(r["activations"]), "total/rank": g(r["total"]),
         "offloaded": g(r["offloaded"]) if r["offloaded"] else "-",
         "fits": "-" if r["fits"] is None else ("yes" if r["fits"] else "no"),
-        **({"total by stage": _by_stage(r, g)} if staged else {})} for r in rep["rows"]])
+        **({"total by stage": _by_stage(r, g)} if staged else {}),
+        "comm/step": _size(r["comm_bytes"]) if r["comm_bytes"] else "-", "step (proj.)": _secs(r["step_s"])}
+        for r in rep["rows"]])
     mem = rep["gpu_memory"]
     limit = f"{mem / GiB:,.2f} GiB ({rep['gpu_memory_source']})" if mem else rep["gpu_memory_source"]
     ckpt = ", activation checkpointing" if rep["activation_checkpointing"] else ""
@@ -138,7 +152,30 @@ def render(rep: dict) -> str:
         f"{rep['micro_batch_size']} x seq {rep['seq_len']}, {rep['precision']}{ckpt}; {unit} per rank; "
         f"gpu_memory: {limit}",
         df.to_string(index=False), "* = the configured strategy; (!) = see below. " + rep["assumptions"],
+        _projection_note(rep["rows"]),
         *(f"(!) {r['strategy']}: {r['note']}" for r in rep["rows"] if r["note"]), *(f"(!) {n}" for n in rep["notes"])])
+
+
+def _size(b: float) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= div:
+            return f"{b / div:,.1f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _secs(s: float | None) -> str:
+    return "-" if s is None else f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
+
+
+def _projection_note(rows: list[dict]) -> str:
+    """How the configured row's step was projected (per-row figures are in --json), or why it was not."""
+    r = next((r for r in rows if r["configured"]), rows[0])
+    p = r.get("projection") or {}
+    if "error" in p:
+        return f"step (proj.): not projected: {p['error']}"
+    why = "" if r["step_s"] is not None else " (no step projected: see the sources)"
+    return (f"step (proj.) = compute + comm/step{why}; {p.get('assumptions')}; sources ({r['strategy']}): "
+            f"{p.get('source')}")
 
 
 def _by_stage(r: dict, g) -> str:

@@ -28,6 +28,12 @@ def worker_command(run_dir: Path, nproc: int) -> list[str]:
             f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "parallelkit.train", str(run_dir)]
 
 
+def with_package_path(env: dict) -> dict:
+    """``env`` with this package's folder first on PYTHONPATH: a child process imports this copy of parallelkit."""
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path}
+
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
@@ -61,7 +67,7 @@ def launch(cfg, run_dir: Path, nproc: int, base: dict) -> dict:
         stale.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads(nproc)))  # also keeps torchrun from printing its banner
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    env = with_package_path(env)
     ooms_before = oom_kill_count()
     proc = subprocess.Popen(worker_command(run_dir, nproc), stderr=subprocess.PIPE, text=True, errors="replace",
                             env=env, start_new_session=True)
@@ -104,6 +110,7 @@ def launch(cfg, run_dir: Path, nproc: int, base: dict) -> dict:
 def _summary(run_dir: Path, base: dict) -> dict:
     """The workers' summary, else the base one; the losses metrics.jsonl holds when the workers wrote none."""
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else dict(base)
+    summary.update({k: v for k, v in base.items() if k.startswith("predicted_") or k == "prediction"})  # made here
     if not summary.get("losses"):
         summary["losses"] = logged_losses(run_dir)
         summary["final_loss"] = summary["losses"][-1] if summary["losses"] else None

@@ -20,10 +20,13 @@ def activation_values(c: GPTConfig, b: int, layers: int, tp: int = 1, ckpt: bool
 
 
 def activations(cfg, tp: int = 1, vocab_split: bool = False) -> float:
-    """A whole model's activations for one micro-batch, plus the head's inputs and fp32 logits (and gradient)."""
+    """A whole model's activations for one micro-batch, plus the head's inputs and the loss's fp32 tensors: at
+    the backward's high point the log-softmax cross-entropy saved, its gradient and the logits' gradient, three
+    fp32 b·s·V tensors (measured on `small`: +1.0, +1.0 and +1.2 logits' worth), and in 16-bit the model's own
+    16-bit logits beside their fp32 copy."""
     c, t = GPTConfig.from_cfg(cfg.model), cfg.train
     b, word = t.micro_batch_size, (4 if t.precision == "fp32" else 2)
-    logits = 8 * b * c.seq_len * c.vocab_size / (tp if vocab_split else 1)
+    logits = (12 + (0 if word == 4 else word)) * b * c.seq_len * c.vocab_size / (tp if vocab_split else 1)
     acts = activation_values(c, b, c.n_layer, tp, bool(t.activation_checkpointing)) + 2 * c.seq_len * b * c.d_model
     return acts * word + logits
 
@@ -44,16 +47,17 @@ def replica(cfg, layout: Layout, ddp_buckets: bool) -> dict:
 
 
 def zero_state_bytes(o: dict, psi: float, n: int, prec: str, zc: dict, accum: int = 1) -> dict:
-    """ZeRO stage 0-3 partitioning, offload, buckets (Rajbhandari et al. 2020, fig. 1). Stage 1 holds full
-    gradients only while it accumulates (grad_accum > 1); at grad_accum=1 it reduces them as stage 2 does."""
+    """ZeRO stage 0-3 partitioning, offload, buckets (Rajbhandari et al. 2020, fig. 1). Gradients are counted at
+    the backward's high point: stages 1-2 reduce them into partitions, but every gradient is still alive then
+    (measured on `small` at 2 ranks, grad_accum 1: full gradients on the busiest rank). Optimizer offload moves
+    the master copy and moments to host memory and adds a host fp32 gradient partition (4 bytes/param / n)."""
     stage, p = int(o.get("zero_stage", 2)), (4 if prec == "fp32" else 2)
     k = 8 if stage == 0 and prec == "fp32" else 12  # stage 0 in fp32 steps the params directly: no master copy
-    sharded_grads = stage >= 2 or (stage == 1 and accum == 1)
-    r = {"params": p * psi / (n if stage == 3 else 1), "grads": p * psi / (n if sharded_grads else 1),
+    r = {"params": p * psi / (n if stage == 3 else 1), "grads": p * psi / (n if stage == 3 else 1),
          "optimizer": k * psi / (n if stage >= 1 else 1), "offloaded": 0}
     if o.get("offload_optimizer") not in (None, False, "none"):
-        r["offloaded"] += r["optimizer"] + (r["grads"] if stage >= 2 else 0)
-        r["optimizer"], r["grads"] = 0, (0 if stage >= 2 else r["grads"])
+        r["offloaded"] += r["optimizer"] + 4 * psi / n
+        r["optimizer"] = 0
     if o.get("offload_param") not in (None, False, "none") and stage == 3:
         r["offloaded"] += r["params"]
         r["params"] = 0
@@ -97,7 +101,7 @@ def pipeline_memory(cfg, layout: Layout, schedule: str, v: int, dp_mode: str, ba
             acts += per_mb / v
         acts *= in_flight(schedule, m, p, i, v)
         if i == p - 1:
-            acts += 4 * b * c.seq_len * c.vocab_size  # the logits' gradient, one micro-batch at a time
+            acts += 8 * b * c.seq_len * c.vocab_size  # the loss's and the logits' gradients, one micro-batch at a time
         r = replica_state(cfg, psi)
         if dp > 1 and dp_mode == "fsdp":
             r.update({k: r[k] / dp for k in ("params", "grads", "optimizer")}, buffers=r["buffers"] + 8 * psi)

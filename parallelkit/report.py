@@ -174,6 +174,7 @@ def build(records: list[dict]) -> pd.DataFrame:
             "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
             "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
             "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref, **pipeline_columns(s),
+            **prediction_columns(s),
             "status": s.get("status"), "error": s.get("error"), "like_for_like": fair, "note": "; ".join(notes),
             "_notes": notes,
         })
@@ -199,6 +200,33 @@ def pipeline_columns(s: dict) -> dict:
     p2p = [(k.get("send_recv") or {}).get("bytes") or 0 for k in kinds]
     coll = [sum((v or {}).get("bytes") or 0 for kind, v in k.items() if kind != "send_recv") for k in kinds]
     out.update(comm_p2p_bytes=max(p2p) if kinds else None, comm_collective_bytes=max(coll) if kinds else None)
+    return out
+
+
+def _err(predicted, measured) -> float | None:
+    """(predicted - measured) / measured: + over-predicts, - under-predicts."""
+    return None if predicted is None or not measured else (predicted - measured) / measured
+
+
+def prediction_columns(s: dict) -> dict:
+    """What predict.py said before the run beside what the run measured (busiest rank), with the error; the
+    communication by kind, measured (calls and bytes, the rank that sent most) and predicted (bytes)."""
+    ok = s.get("status") == "ok"
+    out = {"predicted_peak_mem_bytes": s.get("predicted_peak_mem_bytes"),
+           "predicted_model_state_bytes": s.get("predicted_model_state_bytes"),
+           "predicted_comm_bytes_per_step": s.get("predicted_comm_bytes_per_step"),
+           "predicted_step_time_s": s.get("predicted_step_time_s"),
+           "process_baseline_bytes": (s.get("prediction") or {}).get("process_baseline_bytes")}
+    pairs = (("peak_mem", "peak_mem_bytes"), ("model_state", "model_state_bytes"),
+             ("comm", "comm_bytes_per_step"), ("step_time", "step_time_s"))
+    for short, field in pairs:
+        measured = _max(s.get(field)) if isinstance(s.get(field), list) else s.get(field)
+        out[f"{short}_err"] = _err(s.get(f"predicted_{field}"), measured) if ok else None
+    kinds = [k for k in s.get("comm_by_kind") or [] if isinstance(k, dict)]
+    top = max(kinds, key=lambda k: sum((v or {}).get("bytes") or 0 for v in k.values()), default={})
+    pred = s.get("predicted_comm_by_kind") or {}
+    out["comm_kinds"] = {k: {"calls": (top.get(k) or {}).get("calls"), "bytes": (top.get(k) or {}).get("bytes"),
+                             "predicted": pred.get(k)} for k in sorted(set(top) | set(pred))} if ok else {}
     return out
 
 
@@ -234,7 +262,7 @@ def write_report(root: Path, echo: bool = True) -> Path | None:
         print(f"parallelkit.report: no summary.json below {root}", file=sys.stderr)
         return None
     df = build(records)
-    df.drop(columns=["_notes"]).to_csv(root / "comparison.csv", index=False)
+    df.drop(columns=["_notes", "comm_kinds"], errors="ignore").to_csv(root / "comparison.csv", index=False)
     images = write_plots(df, records, root)
     command = sweep_command(root)
     (root / "comparison.md").write_text(markdown_page(root, df, records, images, command))

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, adopt_slurm_env, explicit_keys, plan, resolve, under_torchrun
 from .launch import Interrupted, raise_on_signals
+from .predict import DoesNotFit, preflight, summary_fields
 from .jsonio import read_json, write_json
 from .results import base_summary
 from .resume import lock_checkpoint_dir
@@ -57,20 +58,32 @@ def task(cfg: DictConfig) -> str:
         resolve(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
         if int(os.environ.get("RANK", "0")) == 0:  # a checkpoint.dir in use by another live run is refused
             lock = lock_checkpoint_dir(cfg, out)
+        prediction = preflight(cfg)  # DoesNotFit when the predicted memory per rank clearly exceeds a rank's
+    except DoesNotFit as e:
+        if lock is not None:
+            lock.release()
+        write_json(out / "summary.json", {**_failed_summary(cfg, f"pre-flight: {e}"), "status": "skipped"})
+        print(f"parallelkit: pre-flight: {e}" + ("; the sweep goes on" if multirun else ""), file=sys.stderr)
+        if multirun:
+            return "skipped"
+        sys.exit(2)
     except ConfigError as e:
+        if lock is not None:
+            lock.release()
         write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
         print(f"parallelkit: config error: {e}", file=sys.stderr)
         if multirun:
             return "failed"
         sys.exit(2)
     try:
-        return _run(cfg, out, multirun)
+        return _run(cfg, out, multirun, prediction)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: DictConfig, out: Path, multirun: bool) -> str:
+def _run(cfg: DictConfig, out: Path, multirun: bool, prediction: dict | None = None) -> str:
+    predicted = summary_fields(cfg, prediction)
     if under_torchrun():  # we are one worker of the user's torchrun job
         from .train import worker
 
@@ -78,6 +91,7 @@ def _run(cfg: DictConfig, out: Path, multirun: bool) -> str:
             OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         code = worker(cfg, out)
         if int(os.environ.get("RANK", "0")) == 0 and (out / "summary.json").exists():
+            write_json(out / "summary.json", {**read_json(out / "summary.json"), **predicted})
             print(result_line(read_json(out / "summary.json"), out), flush=True)
         if code:
             sys.exit(code)
@@ -89,7 +103,7 @@ def _run(cfg: DictConfig, out: Path, multirun: bool) -> str:
     base = base_summary(cfg)
     print(f"parallelkit: {base.label} on {layout.processes} process(es), model {cfg.model.name} "
           f"({base.params:,} params), {cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
-    summary = launch(cfg, out, layout.processes, base.to_dict())
+    summary = launch(cfg, out, layout.processes, {**base.to_dict(), **predicted})
     print(result_line(summary, out), flush=True)
     if summary["status"] != "ok" and not multirun:
         print(f"parallelkit: {summary['status']}: {summary['error']}", file=sys.stderr)

@@ -66,17 +66,25 @@ def distinct_strategies(argv: list[str]) -> list[str]:
         glob = OverridesParser.create().parse_overrides([arg])[0].value()
         names = glob.filter(sorted(p.stem for p in (Path(CONF_DIR) / "strategy").glob("*.yaml"))) \
             if isinstance(glob, Glob) else []
-        kept, same = {}, []
-        for name in names:
-            k = _preset_key(name)
-            if k in kept:
-                same.append(f"{name} = {kept[k]}")
-            else:
-                kept[k] = name
+        kept, same = distinct_presets(names)
         if same:
-            print(f"parallelkit: strategy={value}: running each configuration once ({', '.join(same)})", file=sys.stderr)
-        out.append(f"{key}={','.join(kept.values())}")
+            print(f"parallelkit: strategy={value}: running each configuration once "
+                  f"({', '.join(f'{a} = {b}' for a, b in same.items())})", file=sys.stderr)
+        out.append(f"{key}={','.join(kept)}")
     return out
+
+
+def distinct_presets(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The presets among ``names`` that differ (the first of each equal group), and {each other one: its equal}."""
+    kept: dict[str, str] = {}
+    same: dict[str, str] = {}
+    for name in names:
+        k = _preset_key(name)
+        if k in kept:
+            same[name] = kept[k]
+        else:
+            kept[k] = name
+    return list(kept.values()), same
 
 
 def _preset_key(name: str) -> str:

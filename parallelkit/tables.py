@@ -59,12 +59,14 @@ COLUMNS = [
     ("comm_bytes_per_step", "comm/step (max rank)", "comm/step", hbytes),
     ("schedule_text", "pipeline schedule", "sched", str), ("bubble_text", "bubble: est. (idle by stage)", "bubble", str),
     ("stage_mem_text", "peak mem by stage", "mem/stage", str), ("comm_split_text", "comm p2p / collectives", "p2p/coll", str),
+    ("peak_mem_err", "peak mem: pred. err", "mem err", lambda v: _pct(v)),
+    ("comm_err", "comm: pred. err", "comm err", lambda v: _pct(v)),
     ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
     ("status", "status", "status", str), ("notes", "notes", "notes", str),
 ]
 CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status", "n")
 HIDDEN_WHEN_ALL = {"n": "n=1"}  # said by nobody when every row has it (one run per configuration)
-HIDDEN_WHEN_EMPTY = ("schedule_text", "bubble_text", "stage_mem_text", "comm_split_text")  # shown once a pipeline runs
+HIDDEN_WHEN_EMPTY = ("schedule_text", "bubble_text", "stage_mem_text", "comm_split_text", "peak_mem_err", "comm_err")  # shown once a pipeline runs
 PIPELINE_NOTE = ("Pipelines: schedule and micro-batches per step (m; v: model chunks per rank); bubble: the "
                  "fill-drain estimate (p-1)/(m+p-1) (interleaved: (p-1)/(v m+p-1)) and, in brackets, each stage's "
                  "measured idle share on the probe step (time outside its forward and backward); peak memory by "
@@ -156,11 +158,61 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
     return pd.DataFrame(out), notes, common
 
 
+def _pct(v) -> str:
+    return "" if _blank(v) else f"{v:+.1%}"
+
+
+PREDICTION_NOTE = ("Predicted before the run (python -m parallelkit.estimate; predict.py) beside what the run measured "
+                   "on its busiest rank; error = (predicted - measured) / measured. Peak memory on CPU is a worker's "
+                   "peak RSS: the prediction is the strategy's parts (model state, buffers, activations) plus the "
+                   "process's own footprint (interpreter, libraries, process group: 'process' below, measured once per "
+                   "backend here). Communication is the payload handed to collectives per step (ZeRO paper volumes "
+                   "and each backend's own, see each strategy's comm()); step time is a model: FLOPs at a measured "
+                   "efficiency plus an alpha-beta cost of the bytes, no overlap (projection.py).")
+
+
+def prediction_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Predicted vs measured, one row per run that has a prediction (None: no run has one)."""
+    if "predicted_peak_mem_bytes" not in df or df["predicted_peak_mem_bytes"].isna().all():
+        return None
+    rows = []
+    for _, r in df.iterrows():
+        if _blank(r.get("predicted_peak_mem_bytes")):
+            continue
+        rows.append({"run": r["name"], "status": r["status"],
+                     "model state: pred. / meas.": f"{hbytes(r['predicted_model_state_bytes'])} / {hbytes(r['model_state_bytes'])}",
+                     "err": _pct(r["model_state_err"]),
+                     "peak mem: pred. / meas.": f"{hbytes(r['predicted_peak_mem_bytes'])} / {hbytes(r['peak_mem_bytes'])}",
+                     "err ": _pct(r["peak_mem_err"]), "process": hbytes(r.get("process_baseline_bytes")),
+                     "comm/step: pred. / meas.": f"{hbytes(r['predicted_comm_bytes_per_step'])} / {hbytes(r['comm_bytes_per_step'])}",
+                     "err  ": _pct(r["comm_err"]),
+                     "step: pred. / meas.": f"{htime(r['predicted_step_time_s'])} / {htime(r['step_time_s'])}",
+                     "err   ": _pct(r["step_time_err"])})
+    return pd.DataFrame(rows)
+
+
+def comm_kind_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Communication per step by collective kind: measured calls x bytes (the rank that sent most) and predicted
+    bytes, so the report says why one strategy sends more than another."""
+    if "comm_kinds" not in df:
+        return None
+    rows = []
+    for _, r in df.iterrows():
+        kinds = r["comm_kinds"] if isinstance(r["comm_kinds"], dict) else {}
+        row = {"run": r["name"]}
+        for k, v in kinds.items():
+            calls = "" if _blank(v.get("calls")) else f"{v['calls']:.0f} x "
+            row[k] = f"{calls}{hbytes(v.get('bytes')) or '0'} (pred. {hbytes(v.get('predicted')) or '0'})"
+        if len(row) > 1:
+            rows.append(row)
+    return pd.DataFrame(rows).fillna("") if rows else None
+
+
 def machine_line(records: list[dict], hosts: list[str | None] | None = None) -> str:
     """The machine; when the rows ran on several hosts, every one of them (the notes say which row)."""
     s = next((r for r in records if r.get("machine")), {})
     m, v = s.get("machine") or {}, s.get("versions") or {}
-    distinct = list(dict.fromkeys(h for h in hosts or [] if h))
+    distinct = list(dict.fromkeys(h for h in hosts or [] if isinstance(h, str) and h))  # NaN: a row with no host
     soft = ", ".join(f"{k} {x}" for k, x in v.items() if x)
     if len(distinct) > 1:
         return f"{len(distinct)} different hosts: " + " | ".join(distinct) + "; " + soft
@@ -191,6 +243,11 @@ def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: lis
     out += ["", _markdown(t), "", _legend(t), ""]
     if notes:
         out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
+    if (p := prediction_table(df)) is not None:
+        out += ["## Predicted vs measured", "", _markdown(p), "", PREDICTION_NOTE, ""]
+    if (k := comm_kind_table(df)) is not None:
+        out += ["## Communication by kind (per step, the rank that sent most: calls x bytes, and the prediction)", "",
+                _markdown(k), ""]
     out += [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(out) + "\n"
 
@@ -203,6 +260,12 @@ def html_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Pa
     foot = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     cmd = "<br>command: " + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(command)) if command else ""
     machine = html.escape(machine_line(records, list(df["host"])))
+    extra = ""
+    if (p := prediction_table(df)) is not None:
+        extra += f"<h2>Predicted vs measured</h2>\n{p.to_html(index=False, escape=True, border=0)}\n" \
+                 f"<p class=\"meta\">{html.escape(PREDICTION_NOTE)}</p>\n"
+    if (k := comm_kind_table(df)) is not None:
+        extra += f"<h2>Communication by kind</h2>\n{k.to_html(index=False, escape=True, border=0)}\n"
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>parallelkit comparison: {html.escape(root.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
@@ -213,6 +276,7 @@ img{{max-width:100%}} .meta{{color:#555}}</style></head>
 {t.to_html(index=False, escape=True, border=0)}
 <p class="meta">{html.escape(_legend(t))}</p>
 <ol class="notes">{foot}</ol>
+{extra}
 {imgs}
 </body></html>
 """

@@ -95,4 +95,7 @@ if [ "${nvme:-0}" = 1 ]; then
   echo "setup: libaio-dev present"
 fi
 build_ops
+# each backend's worker footprint, which the pre-flight fit check adds to its memory prediction on CPU (seconds;
+# measured once, cached beside the matmul calibration)
+"$PY" -m parallelkit.predict --baseline 2>/dev/null || echo "setup: WARNING: worker footprints not measured; the first run measures them" >&2
 echo "setup: done"

@@ -40,18 +40,21 @@ def zero(stage: int, prec: str = "fp32", accum: int = 2, **offload) -> dict:
 
 
 def test_zero_stages_follow_the_paper():
+    """The ZeRO paper's partitioning, with gradients at the backward's high point as measured (full gradients
+    alive in stages 1-2 before they are reduced into partitions)."""
     psi, n = 1e9, 8
     state = [zero(s)["state"] for s in range(4)]
-    assert state[0] > state[1] > state[2] > state[3]
+    assert state[0] > state[1] == state[2] > state[3]
     assert state[0] == 16 * psi  # 4 + 4 + 8: no master copy in stage 0 fp32
-    assert state[1] == 8 * psi + 12 * psi / n  # params + grads + (fp32 master + 2 moments) / N
-    assert state[2] == 4 * psi + 16 * psi / n
+    assert state[1] == 8 * psi + 12 * psi / n  # params + gradients + (fp32 master + 2 moments) / N
     assert state[3] == 20 * psi / n  # BACKENDS.md: DeepSpeed keeps an fp32 master beside fp32 params
-    assert zero(1, accum=1)["state"] == state[2]  # measured: stage 1 reduces like stage 2 without accumulation
+    assert zero(1, accum=1)["state"] == state[1]
     assert zero(3, "bf16")["state"] == 16 * psi / n  # (2 + 2 + 12) / N
     off = zero(3, offload_optimizer="cpu", offload_param="cpu")
-    assert off["state"] == 0 and off["offloaded"] == 20 * psi / n
-    assert zero(2, offload_optimizer="cpu")["state"] == 4 * psi  # ZeRO-Offload: fp32 params stay on the device
+    # on the device only the gradient partition; on the host the master, moments, a gradient partition, params
+    assert off["state"] == 4 * psi / n and off["offloaded"] == 20 * psi / n
+    two = zero(2, offload_optimizer="cpu")
+    assert two["state"] == 8 * psi and two["offloaded"] == 16 * psi / n  # ZeRO-Offload: fp32 params stay
 
 
 def test_gpt_1b_on_8_gpus_ballpark():
@@ -65,7 +68,7 @@ def test_gpt_1b_on_8_gpus_ballpark():
     if "zero3" in r:  # DeepSpeed's presets: 20 bytes/param / N under ZeRO-3 in fp32, nothing sharded in stage 0
         assert abs(r["zero3"]["model_state"] / (20 * PSI_1B / 8) - 1) < 1e-3
         assert r["zero0"]["model_state"] == r["ddp"]["model_state"] > r["zero1"]["model_state"]
-        assert r["zero3_offload"]["model_state"] == 0 < r["zero3_offload"]["offloaded"]
+        assert r["zero3_offload"]["model_state"] == 4 * PSI_1B / 8 < r["zero3_offload"]["offloaded"]  # the gradient partition
     assert r["ddp"]["configured"] and all(x["fits"] for x in r.values())
     assert 20 * GiB < r["ddp"]["total"] < 40 * GiB
     small = rows("model=gpt_1b", "world_size=8", "train.micro_batch_size=1", "gpu_memory=16GiB")
@@ -78,7 +81,7 @@ def test_scaling_with_world_checkpointing_and_tp():
     assert w4["fsdp"]["model_state"] == pytest.approx(2 * w8["fsdp"]["model_state"], rel=1e-6)
     assert w4["ddp"]["model_state"] == w8["ddp"]["model_state"]
     ck = rows("model=gpt_350m", "world_size=8", "train.activation_checkpointing=true")
-    assert ck["ddp"]["activations"] < w8["ddp"]["activations"] / 3
+    assert ck["ddp"]["activations"] < w8["ddp"]["activations"] / 2.5  # the loss's b·s·V tensors stay
     if "fairscale_tp" in w8:  # tp=2 splits the block matmuls: less state and fewer activations than ddp
         assert w8["fairscale_tp"]["model_state"] < 0.6 * w8["ddp"]["model_state"]
         assert w8["fairscale_tp"]["activations"] < w8["ddp"]["activations"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ..comm_model import FP32, gpt, one_process
 from ..memory_model import replica
 from .base import Options, Strategy
 
@@ -48,6 +49,13 @@ class DDPStrategy(Strategy):
     @classmethod
     def memory(cls, cfg, o, layout, mem):
         return replica(cfg, layout, ddp_buckets=not o.gradient_as_bucket_view)
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """One all-reduce of every gradient per optimizer step, 4Ψ: fp32 under autocast (the parameters stay fp32),
+        once at the last micro-batch (``no_sync`` before it). The buckets are reported by ``ddp_probe_comm``;
+        clipping is local (every rank holds every gradient)."""
+        return {} if one_process(layout) else {"all_reduce": FP32 * gpt(cfg).num_params()}
 
     def wrap(self, module):
         o = self.opts

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..comm_model import activation, busiest, gpt, one_process, tensor_parallel, total, word
 from ..config import ConfigError
 from ..layout import Layout, split_stages
 from ..memory_model import activation_values, zero_state_bytes
@@ -217,6 +218,23 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         return f"deepspeed pipe pp{lay.pp} dp{lay.dp} zero{o.zero_stage}"
 
     @classmethod
+    def stages(cls, cfg, o, layout: Layout) -> list[tuple[int, float]]:
+        """(blocks, parameters on one of its ranks) of each stage: the last stage holds its own copy of a tied
+        embedding; tensor parallelism (neox_3d) splits each block's matmuls over tp."""
+        c = GPTConfig.from_cfg(cfg.model)
+        split = c.block_matmul_params() * (1 - 1 / layout.tp)  # of each block, on each tensor-parallel rank
+        layers, rows, start = pipeline_layers(c), [], 0
+        for n in stage_balance(c, layout.pp, o.partition_method):
+            mine = layers[start:start + n]
+            start += n
+            blocks = sum(1 for name, _ in mine if name == TransformerBlock.__name__)
+            psi = sum(p for _, p in mine) - blocks * split
+            if c.tie_weights and n == len(layers):  # one stage: the embedding and the head share one matrix
+                psi -= c.vocab_size * c.d_model
+            rows.append((blocks, psi))
+        return rows
+
+    @classmethod
     def stage_memory(cls, cfg, o, layout: Layout) -> list[dict]:
         """Predicted bytes of each stage's ranks. State: the stage's layers (the last stage holds its own copy of
         the tied embedding, stepped like the first's) under ZeRO-0/1 over dp; the pipeline keeps whole gradients
@@ -229,15 +247,8 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         zero = build_config(cfg, layout.dp)[0]["zero_optimization"]
         zc = {"reduce_bucket_size": zero["reduce_bucket_size"], "overlap_comm": zero["overlap_comm"],
               "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0}
-        split = c.block_matmul_params() * (1 - 1 / tp)  # of each block, on each tensor-parallel rank
-        layers, rows, start = pipeline_layers(c), [], 0
-        for i, n in enumerate(stage_balance(c, pp, o.partition_method)):
-            mine = layers[start:start + n]
-            start += n
-            blocks = sum(1 for name, _ in mine if name == TransformerBlock.__name__)
-            psi = sum(p for _, p in mine) - blocks * split
-            if c.tie_weights and n == len(layers):  # one stage: the embedding and the head share one matrix
-                psi -= c.vocab_size * c.d_model
+        rows = []
+        for i, (n, (blocks, psi)) in enumerate(zip(stage_balance(c, pp, o.partition_method), cls.stages(cfg, o, layout))):
             # accum=2: whole gradients until the reduce step, whatever grad_accum (the pipeline reduces once)
             r = zero_state_bytes({"zero_stage": o.zero_stage}, psi, layout.dp, t.precision, zc, accum=2)
             in_flight = min(pp - i, t.grad_accum)
@@ -246,6 +257,36 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
                 act += 8 * b * c.seq_len * c.vocab_size
             rows.append({**r, "activations": act, "layers": n, "in_flight": in_flight})
         return rows
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """DeepSpeed's PipelineEngine, the busiest stage; values in the training precision (DeepSpeed casts the model,
+        gradients included), m = train.grad_accum. send_recv: per micro-batch and stage boundary the activation
+        forward and its gradient back, s·b·h each. With tensor parallelism (neox_3d) DeepSpeed sends each tensor
+        rank's 1/tp slice of them plus a (7 + tp)-long int64 meta tensor, and all-gathers the slices back where the
+        stage needs the whole: its input on every stage but the first, its output and the output's gradient on every
+        stage but the last (all_gather, s·b·h each). all_reduce: the stage's gradients once per step over the data
+        parallel group (DeepSpeed calls it even when dp = 1, on a group of one), the tied embedding's gradient between
+        the first and the last stage (V·d), the blocks' tensor-parallel activations (``tensor_parallel``), and 16
+        bytes of norm scalars (18 measured in bf16). all_gather also: ZeRO-1's updated parameters when dp > 1.
+        broadcast: the loss, from the last stage (8 bytes). Measured on tiny (pp 2, dp 1 and 2, tp 1 and 2,
+        grad_accum 1 and 2, fp32 and bf16) to within the scalars."""
+        if one_process(layout):
+            return {}
+        c, m, tp, pp = gpt(cfg), cfg.train.grad_accum, layout.tp, layout.pp
+        w = word(cfg.train.precision)
+        act = w * activation(cfg)
+        message = act / tp + 8 * (7 + tp) if tp > 1 else act
+        rows = []
+        for i, (blocks, psi) in enumerate(cls.stages(cfg, o, layout)):
+            inner = (i > 0) + (i < pp - 1)  # boundaries this stage touches
+            tied = w * c.vocab_size * c.d_model if c.tie_weights and pp > 1 and i in (0, pp - 1) else 0
+            gathered = m * act * ((i > 0) + 2 * (i < pp - 1)) if tp > 1 else 0
+            zero1 = w * psi if layout.dp > 1 and o.zero_stage >= 1 else 0
+            rows.append(total({"send_recv": 2 * m * inner * message, "all_reduce": w * psi + tied + 16,
+                               "all_gather": gathered + zero1, "broadcast": 8},
+                              tensor_parallel(cfg, blocks, w, w) if tp > 1 else {}))
+        return busiest(rows)
 
     @classmethod
     def memory(cls, cfg, o, layout, mem):

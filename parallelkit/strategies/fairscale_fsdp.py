@@ -21,7 +21,7 @@ from fairscale.optim.grad_scaler import ShardedGradScaler
 from ..config import ConfigError, cuda_available
 from ..precision import DTYPES
 from .base import Options, Strategy
-from .fsdp import fsdp_memory
+from .fsdp import fsdp_comm, fsdp_memory
 
 
 @dataclass
@@ -49,6 +49,14 @@ class FairScaleFSDPStrategy(Strategy):
     @classmethod
     def memory(cls, cfg, o, layout, mem):
         return fsdp_memory(cfg, o, layout.dp)
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """``fsdp_comm`` with FairScale's accumulation: the root is never resharded (``disable_reshard_on_root``), the
+        blocks are freed after backward even under no_sync (so gathered again in each micro-batch's forward);
+        clip_grad_norm_ all-reduces one fp32 norm; gradients are reduce-scattered in fp32 (fp32_reduce_scatter).
+        From FairScale's source; not measured (it needs a CUDA GPU)."""
+        return fsdp_comm(cfg, o, layout, regather_blocks=True, clip_calls=1)
 
     def wrap(self, model):
         self._groups = super().param_groups(model)  # before sharding flattens every tensor to 1-D

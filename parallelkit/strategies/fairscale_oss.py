@@ -21,6 +21,7 @@ from fairscale.nn.data_parallel import ShardedDataParallel
 from fairscale.optim import OSS
 from fairscale.optim.grad_scaler import ShardedGradScaler
 
+from ..comm_model import FP32, clip_norm, gpt, one_process, total
 from ..config import ConfigError
 from ..memory_model import activations, replica_state
 from ..model import GPTConfig
@@ -59,13 +60,27 @@ class FairScaleOSSStrategy(Strategy):
     @classmethod
     def memory(cls, cfg, o, layout, mem):
         n, psi = layout.dp, GPTConfig.from_cfg(cfg.model).num_params()
+        owned = max(oss_shares(cfg, n))  # OSS gives whole tensors to ranks: the busiest rank owns this many
         r = replica_state(cfg, psi)
-        r["optimizer"] /= n
+        r["optimizer"] *= owned / psi
         if not o.sharded_ddp:
             r["buffers"] += 4 * psi  # DDP's buckets
         elif not o.reduce_buffer_size:
-            r["grads"] /= n  # gradients of other ranks' parameters are dropped once reduced
+            r["grads"] *= owned / psi  # gradients of other ranks' parameters are dropped once reduced
         return {**r, "activations": activations(cfg)}
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """The ZeRO-1/2 volume 2Ψ, as FairScale moves it. Gradients, fp32 under autocast, once per step (no_sync
+        while accumulating): ShardedDDP ``reduce``s each one to its owner rank (Ψ; every rank calls reduce for
+        every parameter), plain DDP all-reduces them all (Ψ). After its step each owner ``broadcast``s its updated
+        parameters (Ψ in all; every rank calls broadcast for every shard; fp16 with broadcast_fp16, else fp32: OSS
+        keeps the model in fp32). Plus OSS.clip_grad_norm's one norm scalar. Measured on tiny to the byte."""
+        if one_process(layout):
+            return {}
+        psi = gpt(cfg).num_params()
+        grads = {"reduce" if o.sharded_ddp else "all_reduce": FP32 * psi}
+        return total(grads, {"broadcast": (2 if o.broadcast_fp16 else FP32) * psi}, clip_norm(cfg))
 
     def make_optimizer(self, module):
         # OSS wraps the optimizer class and turns the parameters into views of per-rank flat buffers,
@@ -123,3 +138,17 @@ class FairScaleOSSStrategy(Strategy):
                      else "nothing else (ShardedDDP reduce buckets keep full-size gradients)")
             return {"sharded": f"optimizer state (OSS) and {grads}", "wrapper": "fairscale ShardedDataParallel"}
         return {"sharded": "optimizer state (OSS); gradients all-reduced in full by torch DDP", "wrapper": "torch DDP"}
+
+
+def oss_shares(cfg, n: int) -> list[int]:
+    """Parameters each rank owns under OSS's partition (fairscale.optim.OSS.partition_parameters): group by group,
+    each tensor to the rank that owns the fewest so far. Whole tensors: with a large embedding, one rank owns it
+    and most of the optimizer state (on `small`, 12.9M of 16.1M parameters)."""
+    from ..model import build_model
+    from ..optim import param_groups
+
+    sizes = [0] * n
+    for group in param_groups(build_model(cfg.model, 0, device="meta", init=False), 0.0):
+        for param in group["params"]:
+            sizes[sizes.index(min(sizes))] += param.numel()
+    return sizes

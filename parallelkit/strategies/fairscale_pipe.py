@@ -123,9 +123,9 @@ class FairScalePipeStrategy(Strategy):
                 act = blocks * T * b * d + (2 if o.checkpoint == "except_last" else 1) * activation_values(c, b / o.chunks, blocks)
             act = (act + (2 * T * b * d if L + 1 in layers else 0)) * (2 if mp else 4)  # + the head's two inputs
             if L + 1 in layers:
-                act += 8 * b * T * V
+                act += 12 * b * T * V  # the loss's log-softmax and two gradients, fp32 (memory_model.activations)
             rows.append({**r, "activations": act})
-        return max(rows, key=sum_parts)
+        return {**max(rows, key=sum_parts), "stages": rows}  # every stage: one process holds them all
 
     def build_model(self, build):
         gpt = build(device="cpu")  # Pipe moves each stage to its device

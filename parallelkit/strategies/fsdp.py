@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from ..comm_model import FP32, clip_norm, gpt, one_process, total, word
 from ..config import ConfigError
 from ..memory_model import activations, replica_state
 from ..model import GPTConfig
@@ -67,6 +68,34 @@ def fsdp_memory(cfg, o: FSDPOptions, n: int) -> dict:
     return {**r, "activations": activations(cfg)}
 
 
+def fsdp_comm(cfg, o, layout, regather_root: bool = False, regather_blocks: bool = False,
+              clip_calls: int = 0) -> dict[str, float]:
+    """FSDP with a unit per block and a root unit (embeddings, tied head, final LayerNorm), as fsdp.py wraps it.
+
+    all_gather, in param_dtype (fp32, or the training precision): every unit before its first forward (Ψ); with
+    reshard_after_forward every block again in each micro-batch's backward (m·L·block). The root is not resharded
+    after forward (backward needs the head first), so it is not gathered again: Ψ + L·block where the ZeRO paper
+    counts 2Ψ (on ``small``, whose root holds most of the parameters, 1.2Ψ). While accumulating, FSDP2's no_sync
+    (``set_reshard_after_backward(False)``) keeps units gathered, so later forwards gather nothing. FSDP1 and
+    FairScale free resharding units after backward even then: ``regather_blocks`` (and FSDP1's root,
+    ``regather_root``) are gathered again in every micro-batch's forward.
+    reduce_scatter, in reduce_dtype (fp32 unless strategy.reduce_dtype says otherwise): every gradient once per
+    step (Ψ: no_sync accumulates unsharded gradients). all_reduce: ``clip_calls`` norm scalars (FSDP2's
+    clip_grad_norm_ over DTensor shards reduces through functional collectives, which the counter does not see).
+    """
+    if one_process(layout):
+        return {}
+    c, m = gpt(cfg), cfg.train.grad_accum
+    blocks = c.n_layer * c.block_params()
+    root = c.num_params() - blocks
+    gathered = c.num_params()
+    if o.reshard_after_forward:
+        gathered = root * (m if regather_root else 1) + blocks * ((m if regather_blocks else 1) + m)
+    reduce_word = 2 if getattr(o, "reduce_dtype", None) in ("bf16", "fp16") else FP32
+    return total({"all_gather": word(cfg.train.precision) * gathered, "reduce_scatter": reduce_word * c.num_params()},
+                 clip_norm(cfg, clip_calls))
+
+
 def stage_label(o: FSDPOptions, prefix: str) -> str:
     return f"{prefix} {'zero3' if o.reshard_after_forward else 'zero2'}" + (" offload" if o.cpu_offload else "")
 
@@ -87,6 +116,11 @@ class FSDPStrategy(Strategy):
     @classmethod
     def memory(cls, cfg, o, layout, mem):
         return fsdp_memory(cfg, o, layout.dp)
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """See ``fsdp_comm``: measured on tiny (2 ranks, grad_accum 1 and 2) to the byte; cpu_offload moves the same."""
+        return fsdp_comm(cfg, o, layout)
 
     @property
     def autocast_forward(self) -> bool:

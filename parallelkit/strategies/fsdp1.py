@@ -15,7 +15,7 @@ from ..config import ConfigError
 from ..model import Block
 from ..optim import decays
 from .base import Strategy
-from .fsdp import FSDPStrategy, stage_label
+from .fsdp import FSDPStrategy, fsdp_comm, stage_label
 
 
 def has_accelerator_build() -> bool:
@@ -36,6 +36,13 @@ class FSDP1Strategy(FSDPStrategy):
     @classmethod
     def label(cls, cfg, o) -> str:
         return stage_label(o, "fsdp1")
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """``fsdp_comm`` with FSDP1's accumulation: FULL_SHARD frees every unit after backward even under no_sync
+        (``_should_free_in_backward``), so each micro-batch's forward gathers all of them again; its clip_grad_norm_
+        all-reduces one fp32 norm. From FSDP1's source; not measured (it needs an accelerator build of torch)."""
+        return fsdp_comm(cfg, o, layout, regather_root=True, regather_blocks=True, clip_calls=1)
 
     build_model = Strategy.build_model  # FSDP1 wraps a materialised model
 

@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from ..comm_model import FP32, activation, busiest, clip_norm, gpt, one_process, pipeline_p2p, stage_params, total
 from ..config import ConfigError
 from ..layout import Layout, split_stages
 from ..memory_model import pipeline_memory
@@ -128,6 +129,30 @@ class TorchPipeStrategy(Strategy):
     def memory(cls, cfg, o, layout, mem):
         return pipeline_memory(cfg, layout, o.schedule, o.chunks, o.dp_mode,
                                stage_balance(GPTConfig.from_cfg(cfg.model), layout.pp * o.chunks))
+
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        """The busiest pipeline rank. send_recv (``comm_model.pipeline_p2p``): per micro-batch and stage boundary the
+        stage's output forward and its gradient back, s·b·h fp32 each (stages exchange fp32 hidden states even in
+        bf16: the residual stream stays fp32 under autocast). all_reduce: the tied embedding's gradient between the
+        first and the last rank (V·d fp32) and the clip norm's scalar. With dp > 1, this rank's stage gradients once
+        per step (the schedule runs the other micro-batches' backward under no_sync): DDP's all-reduce, or FSDP's
+        all-gather (kept gathered: reshard_after_forward false) and reduce-scatter, fp32. Measured on tiny (pp 2,
+        grad_accum 1 and 2) to the byte."""
+        if one_process(layout):
+            return {}
+        c, p, v = gpt(cfg), layout.pp, o.chunks
+        params = stage_params(c.layer_params(own_head=True), stage_balance(c, p * v))
+        stages = [[r + k * p for k in range(v)] for r in range(p)]
+        rows = []
+        for r, p2p in enumerate(pipeline_p2p(cfg, stages, p * v, FP32 * activation(cfg))):
+            mine = FP32 * sum(params[s] for s in stages[r])
+            tied = {"all_reduce": FP32 * c.vocab_size * c.d_model} if c.tie_weights and r in (0, p - 1) else {}
+            dp = {}
+            if layout.dp > 1:
+                dp = {"all_gather": mine, "reduce_scatter": mine} if o.dp_mode == "fsdp" else {"all_reduce": mine}
+            rows.append(total(p2p, tied, dp, clip_norm(cfg)))
+        return busiest(rows)
 
     # ---- in the worker ----
     @property

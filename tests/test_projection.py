@@ -1,0 +1,116 @@
+"""The step-time projection (projection.py), the collective benchmark (bench_comm.py) and estimate's columns."""
+import json
+import math
+
+import pytest
+from conftest import compose_run
+
+from parallelkit import bench_comm, calibrate
+from parallelkit.config import ConfigError
+from parallelkit.estimate import main
+from parallelkit.layout import Layout
+from parallelkit.metrics import CUDA_PEAK_TFLOPS
+from parallelkit.model import GPTConfig
+from parallelkit.projection import comm_seconds, group_size, project
+
+A, B = 5e-6, 10e9  # 5 us, 10 GB/s
+LINK = ["projection.latency_us=5", "projection.bandwidth_GBps=10"]
+
+
+def test_alpha_beta_costs_by_hand():
+    n, s, one = 4, 1e8, 2**40  # one message: the textbook formulas
+    t = comm_seconds({"all_reduce": s, "all_gather": s, "reduce_scatter": s, "broadcast": s, "send_recv": s},
+                     n, A, B, bucket=one)
+    assert t["all_reduce"] == pytest.approx(2 * 3 * 5e-6 + 1.5 * 1e8 / 1e10)
+    assert t["all_gather"] == t["reduce_scatter"] == pytest.approx(3 * 5e-6 + 0.75 * 1e8 / 1e10)
+    assert t["broadcast"] == pytest.approx(2 * 5e-6 + 1e8 / 1e10)  # ceil(log2 4) = 2
+    assert t["send_recv"] == pytest.approx(5e-6 + 1e8 / 1e10)
+    # the default: 25 MiB messages, each paying the latency (1e8 bytes: 4 of them)
+    assert comm_seconds({"all_reduce": s}, n, A, B)["all_reduce"] == pytest.approx(4 * 6 * 5e-6 + 1.5e-2)
+    assert comm_seconds({"all_reduce": 0.0}, n, A, B) == {}
+
+
+def test_group_size_from_layout():
+    assert group_size(Layout.data_parallel(8)) == 8
+    assert group_size(Layout.model_parallel(8, tp=2, pp=2)) == 2
+    assert group_size(Layout.model_parallel(2, tp=2)) == 2 and group_size(Layout.model_parallel(4, pp=4)) == 2
+
+
+def test_project_named_device_by_hand():
+    cfg = compose_run("world_size=4", "projection.device=H100", "projection.efficiency=0.5", *LINK)
+    lay = Layout.data_parallel(4)
+    p = project(cfg, {"all_reduce": 1e8}, lay)
+    c = GPTConfig.from_cfg(cfg.model)
+    flops = c.flops_per_token() * cfg.train.micro_batch_size * cfg.train.grad_accum * 4 * c.seq_len / 4
+    assert p["compute_s"] == pytest.approx(flops / (66.9e12 * 0.5))  # H100 fp32, the data sheet
+    assert p["comm_s"] == pytest.approx(4 * 6 * 5e-6 + 1.5e-2)
+    assert p["step_s"] == pytest.approx(p["compute_s"] + p["comm_s"])
+    assert (p["device"], p["peak_tflops"]) == ("H100", 66.9)
+    assert (p["alpha_s"], p["bandwidth_Bps"]) == pytest.approx((A, B))
+    assert "no overlap" in p["assumptions"] and "H100" in p["assumptions"] and "\n" not in p["assumptions"]
+    # a named GPU without an efficiency: 0.4, said to be an assumption; bf16 takes the bf16 peak
+    q = project(compose_run("world_size=4", "projection.device=A100", "train.precision=bf16", *LINK), {}, lay)
+    assert q["efficiency"] == 0.4 and "assumed" in q["source"] and q["peak_tflops"] == CUDA_PEAK_TFLOPS["A100"]["bf16"]
+    assert q["comm_s"] == 0 and q["step_s"] == q["compute_s"]
+    for bad, key in (("projection.device=Z80", "projection.device"), ("projection.efficiency=1.5", "efficiency"),
+                     ("projection.bandwidth_GBps=0", "bandwidth_GBps")):
+        with pytest.raises(ConfigError, match=key):
+            project(compose_run("projection.device=H100", bad), {"all_reduce": 1.0}, Layout.data_parallel(2))
+
+
+def test_project_without_measuring_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARALLELKIT_CACHE", str(tmp_path))  # nothing cached
+    p = project(compose_run(), {"all_reduce": 1e6}, Layout.data_parallel(2), measure=False)
+    if p["device"].startswith("CPU"):  # peak_tflops=1 (conftest.FAST), but no training rate measured
+        assert p["step_s"] is None and "no training-rate measurement cached" in p["source"]
+    assert "no collective calibration cached" in p["source"] and p["comm_s"] is None
+    assert not list(tmp_path.iterdir())
+    if p["device"].startswith("CPU"):  # measured: the proxy's forward + backward rate, cached; the peak cancels
+        q = project(compose_run(), {}, Layout.data_parallel(2))
+        rate = json.loads(next(tmp_path.glob("efficiency-*.json")).read_text())["tflops"]
+        assert "measured" in q["source"] and q["compute_s"] == pytest.approx(q["flops_per_device"] / (rate * 1e12))
+        assert q["step_s"] == q["compute_s"] and q["comm_s"] == 0
+
+
+def test_bench_comm_quick_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARALLELKIT_CACHE", str(tmp_path))
+    assert bench_comm.load_calibration(2, quick=True) is None
+    c = bench_comm.calibration(2, quick=True)
+    assert not c["cached"] and calibrate.cache_path(c["key"], "comm").is_file()
+    saved = bench_comm.load_calibration(2, quick=True)
+    assert saved is not None and saved["alpha_s"] > 0 and saved["bandwidth_Bps"] > 0
+    assert set(saved["kinds"]) == set(bench_comm.KINDS)
+    for kind, f in saved["kinds"].items():
+        assert f["alpha_s"] >= 0 and f["bandwidth_Bps"] > 0
+        assert [p["bytes"] for p in f["points"]] == list(bench_comm.QUICK_SIZES)
+        # a busy 2-core machine delays a handoff between ranks by up to a scheduler tick (10x on a 256 KiB
+        # ping-pong was seen): each point within a factor of 20, their geometric mean within a factor of 3
+        ratios = [p["fit_s"] / p["median_s"] for p in f["points"]]
+        assert all(len(p["trials_s"]) == bench_comm.TRIALS for p in f["points"])
+        assert all(1 / 20 < r < 20 for r in ratios) and 1 / 3 < math.prod(ratios) ** (1 / len(ratios)) < 3, (kind, f)
+    assert bench_comm.calibration(2, quick=True)["cached"] and bench_comm.load_calibration(2) is None
+    # a projection with no projection.* link reads the full calibration (here: the quick one saved as it), per kind
+    calibrate.write_cache(bench_comm.cache_key(2), {k: v for k, v in saved.items() if k != "key"}, "comm")
+    p = project(compose_run("projection.device=H100"), {"all_gather": 4e6, "all_to_all": 4e6}, Layout.data_parallel(2))
+    g = saved["kinds"]["all_gather"]
+    assert p["comm_s_by_kind"]["all_gather"] == pytest.approx(
+        bench_comm.model_time("all_gather", 4e6, 2, g["alpha_s"], g["bandwidth_Bps"]))
+    assert p["comm_s_by_kind"]["all_to_all"] == pytest.approx(  # not benchmarked: the machine's fit
+        bench_comm.model_time("all_to_all", 4e6, 2, saved["alpha_s"], saved["bandwidth_Bps"]))
+    assert "bench_comm" in p["source"] and "not the named device's interconnect" in p["source"]
+
+
+def test_estimate_cli_prints_projection(capsys):
+    args = ["model=tiny", "world_size=2", "projection.device=H100", "projection.efficiency=0.5", *LINK]
+    main(args)
+    out = capsys.readouterr().out
+    assert "comm/step" in out and "step (proj.)" in out and "a model, not a measurement" in out
+    main([*args, "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    c = GPTConfig.from_cfg(compose_run("model=tiny").model)
+    ddp = next(r for r in rep["rows"] if r["strategy"] == "ddp")
+    flops = c.flops_per_token() * rep["micro_batch_size"] * 1 * 2 * c.seq_len / 2
+    assert ddp["projection"]["compute_s"] == pytest.approx(flops / (66.9e12 * 0.5))
+    assert ddp["comm_bytes"] == sum(ddp["comm_by_kind"].values())
+    assert ddp["step_s"] == pytest.approx(ddp["projection"]["compute_s"] + ddp["projection"]["comm_s"])
+    assert all(r["step_s"] is not None and math.isfinite(r["step_s"]) for r in rep["rows"])

@@ -1,0 +1,101 @@
+"""python -m parallelkit.tune: candidates pruned by the config checks and the estimator, the rest measured as real
+runs within the budget, a ranked table, the winner as a command; one-line config errors; Ctrl-C keeps the table."""
+import csv
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, compose_run, run_cli
+
+from parallelkit.tune import main
+
+TINY = ["model=tiny", "world_size=2"]
+
+
+def rows(out) -> list[dict]:
+    with open(out / "tune.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tune_prunes_measures_and_names_the_fastest(tmp_path):
+    out = tmp_path / "tune"
+    t0 = time.monotonic()
+    p = run_cli(out, *TINY, "tune.strategies=ddp,zero2,fsdp,deepspeed,neox_3d", "tune.micro_batch_sizes=[2]",
+                "tune.activation_checkpointing=[false]", "tune.budget_s=70", f"hydra.run.dir={out}",
+                module="parallelkit.tune", timeout=300)
+    took = time.monotonic() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert took < 70 + 45, took  # the budget, plus the report (and the start-up of this Python)
+    table = rows(out)
+    by = {r["candidate"]: r for r in table}
+    assert by["deepspeed"]["status"] == "pruned" and by["deepspeed"]["why"] == "same as zero2"
+    assert by["neox_3d"]["status"] == "pruned" and by["neox_3d"]["why"].startswith("config: strategy.tp_size")
+    ok = [r for r in table if r["status"] == "ok"]
+    assert ok and all(r["run"] for r in ok), table
+    assert [float(r["tokens_per_s"]) for r in ok] == sorted((float(r["tokens_per_s"]) for r in ok), reverse=True)
+    assert table[0] is ok[0]  # ranked: the fastest measured first
+    assert all(r["status"] in ("ok", "pruned", "not run", "timeout", "failed") for r in table)
+    assert all(r["why"].startswith("budget: not measured") for r in table if r["status"] == "not run")
+    assert "trial 1/3: " in p.stderr and "s of budget left" in p.stderr
+    # the winner: the fastest measured row, as a command line that composes to that very run
+    md = (out / "tune.md").read_text()
+    cmd = next(line for line in p.stdout.splitlines() if line.startswith("winner: ")).split(": ", 1)[1]
+    assert f"`{cmd}`" in md
+    args = shlex.split(cmd)
+    assert args[:3] == ["python", "-m", "parallelkit.run"] and f"strategy={ok[0]['strategy']}" in args
+    assert "train.micro_batch_size=2" in args and "train.global_batch_size=8" in args
+    cfg = compose_run(*args[3:])
+    assert cfg.strategy.name == ok[0]["strategy"] and cfg.train.grad_accum == 2
+    # the measured trials got the sweep report
+    assert (out / "comparison.md").exists() and (out / "comparison.csv").exists()
+
+
+def test_gpu_memory_plans_for_the_gpu(tmp_path, capsys):
+    """With gpu_memory on a machine without CUDA, the device bytes are judged against it; budget 0: the plan only."""
+    out = tmp_path / "plan"
+    main(["model=gpt_1b", "world_size=2", "gpu_memory=24GB", "tune.budget_s=0", "tune.strategies=ddp,fsdp_zero3",
+          "tune.activation_checkpointing=false", f"hydra.run.dir={out}"])
+    printed = capsys.readouterr().out
+    by = {r["candidate"]: r for r in rows(out)}
+    if "planning for a GPU cluster" not in printed:
+        pytest.skip("a CUDA device judges against itself")
+    assert by["ddp mb=4"]["status"] == "pruned" and "GiB available" in by["ddp mb=4"]["why"]
+    assert by["fsdp_zero3 mb=1"]["status"] == "not run" and by["fsdp_zero3 mb=1"]["why"] == "budget: not measured"
+    assert int(by["fsdp_zero3 mb=1"]["judged_bytes"]) < int(by["ddp mb=1"]["judged_bytes"])
+    assert "winner: none" in printed and not (out / "comparison.md").exists()
+
+
+@pytest.mark.parametrize("bad,key", [("tune.budgt_s=5", "tune.budgt_s: no such key"),
+                                     ("tune.strategies=ddp,nope", "no such strategy nope"),
+                                     ("tune.micro_batch_sizes=[0]", "tune.micro_batch_sizes"),
+                                     ("strategy.zero_stage=3", "the tune searches presets"),
+                                     ("model=nope", "model=nope: no such model")])
+def test_bad_input_fails_in_one_line(tmp_path, capsys, bad, key):
+    with pytest.raises(SystemExit) as e:
+        main([*TINY, bad, f"hydra.run.dir={tmp_path / 't'}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("parallelkit: config error: ") and key in err and "\n" not in err, err
+    assert not (tmp_path / "t").exists()
+
+
+def test_ctrl_c_stops_the_trial_and_keeps_the_table(tmp_path):
+    out = tmp_path / "tune"
+    proc = subprocess.Popen([sys.executable, "-m", "parallelkit.tune", *TINY, "tune.strategies=ddp,zero2",
+                             "tune.micro_batch_sizes=2", "tune.activation_checkpointing=false",
+                             f"hydra.run.dir={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    started = lambda: next(out.glob("01_*/config.yaml"), None)  # noqa: E731 - the launcher writes it as it starts the workers
+    deadline = time.monotonic() + 120
+    while started() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert started() is not None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    table = rows(out)
+    assert table[0]["status"] == "interrupted" and all(r["status"] == "not run" for r in table[1:]), table
+    assert all(r["why"] == "SIGINT: not measured" for r in table[1:])
+    assert "winner: none" in stdout and (out / "tune.md").exists()
