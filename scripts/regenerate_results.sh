@@ -17,12 +17,12 @@ failed=()
 for name in "${names[@]}"; do
   [ -f "conf/experiment/$name.yaml" ] || { echo "no such experiment: conf/experiment/$name.yaml" >&2; failed+=("$name"); continue; }
   out="$RESULTS/$name"
+  commit=$(git describe --always --dirty 2>/dev/null || echo unknown)  # before the old results are deleted
   rm -rf "$out" && mkdir -p "$out"   # no stale summary.json from an earlier run in the report
   cmd=(python -m parallelkit.run -m "experiment=$name" "${extra[@]}" "hydra.sweep.dir=$out")
   echo "== $name: ${cmd[*]}"
   start=$(date +%s)
   started=$(date -u '+%Y-%m-%d %H:%M UTC')
-  commit=$(git describe --always --dirty 2>/dev/null || echo unknown)
   load_before=$(cut -d' ' -f1-3 /proc/loadavg)
   # hosts differ between days (AVX-512 or not changes speeds 3x): the CPU and its vector units, per experiment
   host="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, family $(grep -m1 'cpu family' /proc/cpuinfo | cut -d: -f2 | xargs) model $(grep -m1 '^model[[:space:]]' /proc/cpuinfo | cut -d: -f2 | xargs); $(grep -m1 -o -w -E 'avx2|avx512f|avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | xargs | tr ' ' ',')"
