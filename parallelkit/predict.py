@@ -321,9 +321,13 @@ def main(argv: list[str] | None = None) -> None:
         from .config import strategy_class
 
         t0 = time.perf_counter()
-        for presets in _presets_by_module().values():
-            with contextlib.suppress(RuntimeError):  # a GPU-only backend on a CPU machine
-                process_baseline(strategy_class(OmegaConf.create({"strategy": preset(presets[0])})))
+        for module, presets in _presets_by_module().items():
+            t1 = time.perf_counter()
+            try:
+                got = f"{process_baseline(strategy_class(OmegaConf.create({'strategy': preset(presets[0])}))) / 2**20:,.0f} MiB"
+            except RuntimeError:  # a GPU-only backend on a CPU machine
+                got = "cannot run here"
+            print(f"  {module.rsplit('.', 1)[-1]}: {got} ({time.perf_counter() - t1:.0f} s)", flush=True)
         print(f"parallelkit: each backend's worker footprint measured in {time.perf_counter() - t0:.0f} s "
               f"(cached for the pre-flight check)")
         return
