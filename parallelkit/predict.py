@@ -175,7 +175,7 @@ def summary_fields(cfg, p: dict | None = None) -> dict:
     if os.environ.get("PARALLELKIT_NO_PREDICTION"):  # the footprint's own tiny runs
         return {}
     try:
-        p = p or predict(cfg)
+        p = p if p and p.get("projection") else predict(cfg)
     except Exception as e:  # noqa: BLE001
         return {"prediction": {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}}
     return {"predicted_model_state_bytes": p["model_state_bytes"], "predicted_peak_mem_bytes": p["peak_mem_bytes"],
@@ -259,7 +259,7 @@ def preflight(cfg) -> dict | None:
         return None
     lay = plan(cfg)[2]
     try:
-        p = predict(cfg)
+        p = predict(cfg, projection=False)  # memory only: seconds, no benchmark on a first use
     except Exception as e:  # noqa: BLE001 - no prediction: nothing to refuse on; say so and run
         print(f"parallelkit: pre-flight: no prediction ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
               "running unchecked", file=sys.stderr)

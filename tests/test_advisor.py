@@ -14,8 +14,8 @@ def test_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
     out = tmp_path / "oss_1b"
     p = run_cli(out, "strategy=fairscale_oss", "model=gpt_1b", "gpu_memory=12GiB")
     assert p.returncode == 2, p.stderr[-2000:]
-    lines = [line for line in p.stderr.splitlines() if line.startswith("parallelkit:")]
-    assert len(lines) == 1 and "pre-flight: predicted" in lines[0] and "11.0 GiB available" in lines[0], lines
+    lines = [line for line in p.stderr.splitlines() if "pre-flight" in line]
+    assert len(lines) == 1 and lines[0].startswith("parallelkit: pre-flight: predicted") and "11.0 GiB available" in lines[0], lines
     assert "preflight=false" in lines[0] and "strategy=" in lines[0]  # names presets that fit
     s = summary(out)
     assert s["status"] == "skipped" and s["error"].startswith("pre-flight:")
