@@ -187,6 +187,12 @@ def validate(cfg: DictConfig) -> None:
                           f"train.steps={cfg.train.steps}: lower train.untimed_steps or raise train.steps")
     if not isinstance(cfg.train.get("instrument", False), bool):
         raise ConfigError(f"train.instrument={cfg.train.instrument!r}: must be true or false")
+    if not isinstance(cfg.get("preflight", True), bool):
+        raise ConfigError(f"preflight={cfg.preflight!r}: must be true or false")
+    if cfg.get("projection") is not None:
+        from .projection import check as check_projection
+
+        check_projection(cfg)
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.train.precision == "fp16" and not cuda_available():

@@ -67,6 +67,14 @@ def setting(cfg, key: str):
     return float(v)
 
 
+def check(cfg) -> None:
+    """One line for a bad ``projection.*`` value, before any worker starts."""
+    for key in SETTINGS:
+        setting(cfg, key)
+    if setting(cfg, "device"):
+        device_peak(cfg, None)  # a named device: the data sheet's peak, or one line naming the known ones
+
+
 def group_size(layout: Layout) -> int:
     """The ranks of the collectives' group (see the module doc)."""
     if layout.dp > 1:

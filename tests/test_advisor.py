@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
-from conftest import FAST, ROOT, run_cli, summary
+from conftest import FAST, ROOT, compose_run, run_cli, summary
 from parallelkit import predict
 
 
@@ -54,3 +55,15 @@ def test_predictions_hold_for_the_runs_in_results():
     assert len(rows) >= 20, rep["rows"][:3]
     worst = max(rows, key=lambda r: r["peak_ratio"])
     assert worst["peak_ratio"] <= 1 + predict.MARGIN, worst
+
+
+@pytest.mark.parametrize("bad,says", [("preflight=maybe", "preflight='maybe': must be true or false"),
+                                      ("projection.device=TPU9", "projection.device='TPU9': no fp32 peak known"),
+                                      ("projection.efficiency=2", "projection.efficiency=2: must be a number in (0, 1]"),
+                                      ("projection.bandwidth_GBps=0", "projection.bandwidth_GBps=0: must be")])
+def test_bad_advisor_settings_fail_in_one_line(bad, says):
+    from parallelkit.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        compose_run(bad)
+    assert says in str(e.value) and "\n" not in str(e.value)
