@@ -187,6 +187,9 @@ def _by_stage(r: dict, g) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     as_json = "--json" in argv
     try:
         with contextlib.redirect_stdout(sys.stderr):  # backends' import-time chatter (DeepSpeed logs to stdout)
