@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv == ["--baseline"]:  # scripts/setup.sh: measure every backend's footprint once, ahead of any run
         import time
 
+        if on_cuda():  # a GPU's memory is judged by the allocator's bytes: no process footprint in it
+            print("parallelkit: on a GPU the pre-flight check needs no worker footprint; nothing measured")
+            return
+
         from omegaconf import OmegaConf
 
         from .config import strategy_class
