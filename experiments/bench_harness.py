@@ -150,6 +150,7 @@ def run_bare(strategy: str, spec: dict, d: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))  # the threads parallelkit's workers set for themselves
+    env["MALLOC_MMAP_THRESHOLD_"] = "1048576"  # the allocator setting parallelkit's workers use (train.cpu_mmap_threshold)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "experiments" / "bare_loops.py"), str(d / "spec.json"), str(d / "result.json")]
     rc, wall = launch(cmd, d / "log.txt", env)

@@ -177,6 +177,10 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "train.grad_accum")
     _num(cfg, "train.grad_clip")
     _int(cfg, "train.timeout_s", 1, allow_none=True)
+    _int(cfg, "train.cpu_mmap_threshold", 0, allow_none=True)
+    if (cfg.train.get("cpu_mmap_threshold") or 0) > 32 * 2**20:
+        raise ConfigError(f"train.cpu_mmap_threshold={cfg.train.cpu_mmap_threshold}: glibc takes at most 33554432 "
+                          f"(32 MiB); use a smaller value, or null for glibc's own")
     _num(cfg, "optim.lr")
     _num(cfg, "optim.weight_decay")
     from .resume import validate_checkpoint

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import inspect
 import os
@@ -26,6 +27,23 @@ CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
     "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
 }
 
+
+
+def fix_mmap_threshold(nbytes: int | None) -> str:
+    """Set glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD)``): blocks of ``nbytes`` or more are
+    mapped on their own and unmapped when freed. glibc's default threshold starts at 128 KiB and rises to the size
+    of every mapped block freed (up to 32 MiB), after which tensors of a few MiB come from the heap and their
+    memory stays in the process after they are freed: peak RSS then runs hundreds of MiB above the tensors, by an
+    amount that varies from run to run and between backends (experiments/mem_phases.py). A fixed threshold also
+    turns the dynamic rise off. Returns what is in effect, for the summary."""
+    if nbytes is None:
+        return "glibc default (dynamic mmap threshold)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return "allocator default (not glibc)"
+    return f"mmap threshold {int(nbytes)} B" if ok == 1 else "glibc default (mallopt refused the threshold)"
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -103,7 +103,7 @@ def process_baseline(cls, measure: bool = True) -> int:
     from .jsonio import write_json
 
     key = json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "versions": versions(),
-                      "cores": os.cpu_count()}, sort_keys=True)
+                      "cores": os.cpu_count(), "malloc": "mmap threshold 1 MiB"}, sort_keys=True)
     path = cache_dir() / "process_baseline.json"
     read = lambda: (json.loads(path.read_text()) if path.exists() else {}).get(key, {})  # noqa: E731
     try:

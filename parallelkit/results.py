@@ -38,6 +38,7 @@ class Summary:
     peak_tflops: float | None = None
     peak_mem_bytes: list[int] | None = None
     peak_mem_kind: str | None = None
+    cpu_malloc: str | None = None  # glibc's mmap threshold in the workers (train.cpu_mmap_threshold): what RSS keeps
     peak_reserved_bytes: list[int] | None = None
     model_state_bytes: list[int] | None = None
     model_state_breakdown: list[dict] | None = None

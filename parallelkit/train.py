@@ -162,6 +162,7 @@ def run_steps(strategy: Strategy, cfg, start: int, run_dir: Path | None, label: 
 def train(cfg, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
     layout = plan(cfg)[2]
     summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    summary.cpu_malloc = metrics.fix_mmap_threshold(cfg.train.get("cpu_mmap_threshold"))  # before the model is built
     run_probe = RunProbe(cfg, ctx.device, cfg.train.precision, verbose=ctx.rank == 0)  # calibrated peak; precision warning
     peak = run_probe.peak
     strategy = make_strategy(cfg, ctx, run_dir)

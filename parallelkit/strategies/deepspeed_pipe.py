@@ -240,7 +240,12 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         the tied embedding, stepped like the first's) under ZeRO-0/1 over dp; the pipeline keeps whole gradients
         until its reduce step after the last micro-batch. Activations: 1F1B keeps up to pp - i micro-batches in
         flight at stage i (never more than grad_accum), each with its blocks' saved values and the stage's input
-        and output buffers; the last stage adds fp32 logits and their gradient for one micro-batch."""
+        and output buffers. The last stage adds the loss's fp32 tensors for one micro-batch (the log-softmax the
+        cross-entropy saves, its gradient and the logits' gradient: 12 bytes per logit, as ``activations``) and
+        the logits themselves of up to two micro-batches: the engine keeps each forward's output in its
+        ``pipe_buffers['outputs']`` (2 on the last stage, ``num_pipe_buffers``) and clears them on every stage
+        but the last, so they stay alive until overwritten, between steps too (measured on `small`, pp 2, two
+        micro-batches: two b·s·V logits alive beside the optimizer state after the step)."""
         c, t = GPTConfig.from_cfg(cfg.model), cfg.train
         tp, pp, b = layout.tp, layout.pp, t.micro_batch_size
         word, ckpt = (4 if t.precision == "fp32" else 2), bool(t.activation_checkpointing)
@@ -254,7 +259,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
             in_flight = min(pp - i, t.grad_accum)
             act = in_flight * (activation_values(c, b, blocks, tp, ckpt) + 2 * c.seq_len * b * c.d_model) * word
             if i == pp - 1:
-                act += 8 * b * c.seq_len * c.vocab_size
+                act += (12 + min(2, t.grad_accum) * word) * b * c.seq_len * c.vocab_size
             rows.append({**r, "activations": act, "layers": n, "in_flight": in_flight})
         return rows
 
