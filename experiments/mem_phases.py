@@ -16,12 +16,13 @@ and prints, per strategy and model (the median over the timed steps, the busiest
 
     predicted peak | measured peak RSS | error | live before | live peak | RSS - live at peak
 
-``live peak - live before`` is what the step allocates (activations, gradients, buffers: the
-model's parts); ``RSS - live`` is what the process holds beyond live bytes (code, freed heap kept
-by malloc). The prediction's footprint carries tiny's ``RSS - live``; the growth of it from tiny to
-a larger model is the part of the error no tensor count can give.
+``RSS - live`` is what the process holds beyond live bytes: code and libraries, and freed heap that
+malloc keeps. The prediction's footprint carries tiny's; what grows beyond it on a larger model is
+error no tensor count can give. With glibc's own mmap threshold (``null``) it grows by hundreds of
+MiB for the sharded strategies; with the fixed threshold parallelkit sets (1 MiB) it stays put.
 
-    python experiments/mem_phases.py [--models tiny,small] [--strategies ddp,zero1,...] [--out DIR] [OVERRIDE ...]
+    python experiments/mem_phases.py [--models tiny,small] [--strategies ddp,zero1,...]
+        [--thresholds 1048576,null] [--rounds 3] [--out DIR] [OVERRIDE ...]
 
 Linux with glibc only (``/proc/self/clear_refs``, ``mallinfo2``). A strategy may carry its own
 overrides after a colon, as in experiments/comm_check.py: ``torch_pipe:train.grad_accum=4``.
@@ -111,7 +112,7 @@ if os.environ.get("PARALLELKIT_MEM_PHASES") and "RANK" in os.environ:  # a worke
 """
 
 
-def run(name: str, model: str, extra: list[str], common: list[str], out: Path) -> dict:
+def run(name: str, model: str, extra: list[str], common: list[str], out: Path, probe: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for f in out.glob("rank*.jsonl"):
         f.unlink()
@@ -120,7 +121,7 @@ def run(name: str, model: str, extra: list[str], common: list[str], out: Path) -
     (site / "sitecustomize.py").write_text(SITE.format(path=repr(str(Path(__file__).resolve()))))
     cmd = [sys.executable, "-m", "parallelkit.run", f"strategy={name}", f"model={model}", *common, *extra,
            f"hydra.run.dir={out}"]
-    path = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(site) if probe else "", str(ROOT), os.environ.get("PYTHONPATH")]))
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
                        env={**os.environ, "PYTHONPATH": path, "PARALLELKIT_MEM_PHASES": str(out)})
     try:
@@ -134,40 +135,67 @@ def run(name: str, model: str, extra: list[str], common: list[str], out: Path) -
     for f in sorted(out.glob("rank*.jsonl")):
         steps = [json.loads(line) for line in f.read_text().splitlines()][-timed:]
         ranks.append({k: statistics.median(st[k] for st in steps) for k in steps[0]})
-    busiest = max(ranks, key=lambda r: r["rss_peak"])
+    busiest = max(ranks, key=lambda r: r["rss_peak"]) if ranks else {}
     pred = s.get("prediction") or {}
     return {"status": "ok", "predicted_peak": s.get("predicted_peak_mem_bytes"), "measured_peak": max(s["peak_mem_bytes"]),
             "footprint": pred.get("process_baseline_bytes"), "parts": sum((pred.get("parts") or {}).values()),
-            **busiest}
+            "tokens_per_s": s["tokens_per_s"], "cpu_malloc": s.get("cpu_malloc"), **busiest}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategies", default=DEFAULT)
     ap.add_argument("--models", default="tiny,small")
+    ap.add_argument("--thresholds", default="1048576",
+                    help="train.cpu_mmap_threshold values to compare, e.g. 1048576,null (null: glibc's own)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="run without the probe (no live-byte columns): tokens/s without its sampling thread")
     ap.add_argument("--out", default="/tmp/parallelkit_mem_phases")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     given = {o.split("=")[0] for o in a.overrides}
     common = [o for o in BASE if o.split("=")[0] not in given] + a.overrides
-    rows = []
-    print("| strategy | model | predicted peak | measured peak RSS | error | live before step | live peak | "
-          "RSS - live at peak |\n|---|---|---|---|---|---|---|---|", flush=True)
-    for model in a.models.split(","):
-        for spec in a.strategies.split(","):
+    configs = [(model, spec, th) for model in a.models.split(",") for spec in a.strategies.split(",")
+               for th in a.thresholds.split(",")]
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for rnd in range(a.rounds):  # round by round: a busy spell hits every configuration alike
+        for model, spec, th in configs:
             name, *extra = spec.split(":")
             t0 = time.time()
-            r = run(name, model, extra, common, Path(a.out) / model / "_".join([name, *(e.split("=")[-1] for e in extra)]))
-            label = " ".join([name, *extra])
-            rows.append({"strategy": label, "model": model, **r})
-            if r["status"] != "ok":
-                print(f"| {label} | {model} | {r['status']}: {r['error']} | | | | | |", flush=True)
-                continue
-            err = (r["predicted_peak"] - r["measured_peak"]) / r["measured_peak"] if r["predicted_peak"] else None
-            print(f"| {label} | {model} | {r['predicted_peak'] / MiB:,.0f} MiB | {r['measured_peak'] / MiB:,.0f} MiB | "
-                  f"{'' if err is None else f'{err:+.1%}'} | {r['live_before'] / MiB:,.0f} MiB | {r['live_peak'] / MiB:,.0f} MiB | "
-                  f"{(r['rss_peak'] - r['live_peak']) / MiB:,.0f} MiB |", flush=True)
-            print(f"    ({label} on {model}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            tag = "_".join([name, *(e.split("=")[-1] for e in extra), f"mmap{th}", f"r{rnd}"])
+            r = run(name, model, [*extra, f"train.cpu_mmap_threshold={th}"], common, Path(a.out) / model / tag,
+                    probe=not a.no_probe)
+            runs[model, spec, th].append(r)
+            print(f"    round {rnd + 1}/{a.rounds}: {spec} on {model}, cpu_mmap_threshold={th}: {r['status']} "
+                  f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    print("| strategy | model | cpu_mmap_threshold | predicted peak | measured peak RSS | error | live peak | "
+          "RSS - live at peak | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for (model, spec, th), rs in runs.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        label = spec.replace(":", " ")
+        if not ok:
+            print(f"| {label} | {model} | {th} | {rs[0]['status']}: {rs[0].get('error')} | | | | | |")
+            continue
+
+        def med(key, div=MiB):
+            vals = [r[key] / div for r in ok if key in r]
+            if not vals:
+                return None, "-"
+            m = statistics.median(vals)
+            return m, (f"{m:,.0f}" if len(vals) == 1 else f"{m:,.0f} ({min(vals):,.0f}-{max(vals):,.0f})")
+
+        peak, peak_s = med("measured_peak")
+        pred = ok[0]["predicted_peak"] / MiB if ok[0]["predicted_peak"] else None
+        for r in ok:
+            if "live_peak" in r:
+                r["retained"] = r["rss_peak"] - r["live_peak"]
+        err = "" if pred is None else f"{(pred - peak) / peak:+.1%}"
+        print(f"| {label} | {model} | {th} | {'' if pred is None else f'{pred:,.0f}'} MiB | {peak_s} MiB | {err} | "
+              f"{med('live_peak')[1]} MiB | {med('retained')[1]} MiB | {med('tokens_per_s', 1)[1]} |")
+        rows.append({"strategy": label, "model": model, "cpu_mmap_threshold": th, "runs": ok})
+    print(f"(median over {a.rounds} round(s), min-max in brackets; the busiest rank's median over the timed steps)")
     (Path(a.out) / "mem_phases.json").write_text(json.dumps(rows, indent=1))
 
 

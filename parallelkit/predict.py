@@ -30,10 +30,10 @@ from .config import STRATEGY_DIR, ConfigError, plan, preset, validate
 PARTS = ("params", "grads", "optimizer", "buffers", "activations")
 CUDA_CONTEXT = 2**30  # what a GPU's context, cuBLAS workspace and allocator slack take before the first tensor
 # Refuse only a prediction above available x (1 + MARGIN). The largest over-prediction of the peak (predicted /
-# measured - 1) over every ok run in results/ was +8.9% (deepspeed zero0 on `small`; 2026-11-24,
+# measured - 1) over every ok run in results/ was +16.3% (FSDP2 ZeRO-2 on `gpt_350m`, memory_vs_model; 2026-11-24,
 # `python -m parallelkit.predict --check results`, which tests/test_advisor.py re-runs); MARGIN leaves room above
 # it for other machines, so pre-flight refuses only what is clearly too big.
-MARGIN_SEEN = 0.089
+MARGIN_SEEN = 0.163
 MARGIN = 0.25
 
 

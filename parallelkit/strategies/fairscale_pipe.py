@@ -103,7 +103,8 @@ class FairScalePipeStrategy(Strategy):
 
     @classmethod
     def memory(cls, cfg, o, layout, mem):
-        """The largest stage: its layers' state (the last also its head copy, not stepped by the optimizer) and
+        """The largest stage: its layers' state (the last also its head copy, which gets no gradient and is not
+        stepped by the optimizer: measured on `small`, params count it, gradients and optimizer state do not) and
         GPipe's activations: every chunk's stage inputs, plus whole chunks where checkpointing keeps them."""
         c, t = GPTConfig.from_cfg(cfg.model), cfg.train
         d, V, T, L, b = c.d_model, c.vocab_size, c.seq_len, c.n_layer, t.micro_batch_size
@@ -115,7 +116,7 @@ class FairScalePipeStrategy(Strategy):
             psi = sum(costs[j] for j in layers)
             blocks = sum(1 for j in layers if 0 < j <= L)
             no_opt = V * d if c.tie_weights and L + 1 in layers else 0
-            r = {"params": 4 * psi, "grads": 4 * psi, "optimizer": 8 * (psi - no_opt), "buffers": 2 * psi if mp else 0,
+            r = {"params": 4 * psi, "grads": 4 * (psi - no_opt), "optimizer": 8 * (psi - no_opt), "buffers": 2 * psi if mp else 0,
                  "offloaded": 0}
             if ckpt or o.checkpoint == "never":
                 act = activation_values(c, b, blocks, 1, ckpt)
