@@ -186,6 +186,10 @@ def main() -> None:
             m = statistics.median(vals)
             return m, (f"{m:,.0f}" if len(vals) == 1 else f"{m:,.0f} ({min(vals):,.0f}-{max(vals):,.0f})")
 
+        def mib(key):
+            text = med(key)[1]
+            return text if text == "-" else f"{text} MiB"
+
         peak, peak_s = med("measured_peak")
         pred = ok[0]["predicted_peak"] / MiB if ok[0]["predicted_peak"] else None
         for r in ok:
@@ -193,7 +197,7 @@ def main() -> None:
                 r["retained"] = r["rss_peak"] - r["live_peak"]
         err = "" if pred is None else f"{(pred - peak) / peak:+.1%}"
         print(f"| {label} | {model} | {th} | {'' if pred is None else f'{pred:,.0f}'} MiB | {peak_s} MiB | {err} | "
-              f"{med('live_peak')[1]} MiB | {med('retained')[1]} MiB | {med('tokens_per_s', 1)[1]} |")
+              f"{mib('live_peak')} | {mib('retained')} | {med('tokens_per_s', 1)[1]} |")
         rows.append({"strategy": label, "model": model, "cpu_mmap_threshold": th, "runs": ok})
     print(f"(median over {a.rounds} round(s), min-max in brackets; the busiest rank's median over the timed steps)")
     (Path(a.out) / "mem_phases.json").write_text(json.dumps(rows, indent=1))
