@@ -31,7 +31,7 @@ PARTS = ("params", "grads", "optimizer", "buffers", "activations")
 UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}  # powers of 1000 (or of 1024 with an "i")
 ASSUMPTIONS = ("bytes/param: fp32 AdamW 4+4+8 (DeepSpeed: +4 fp32 master in stages 1-3; 16-bit: 2+2+12); "
                "activations 16·s·b·h values/block (Korthikanti 2022 less dropout masks, SDPA keeps no a·s² scores), "
-               "checkpointing: 1 value/block + one block; logits 12·b·s·V bytes (log-softmax and two gradients, fp32); 1 GiB allowance for a GPU's context; "
+               "checkpointing: 1 value/block + one block; logits 12·b·s·V bytes (log-softmax and two gradients, fp32; DeepSpeed's pipeline also keeps the logits of 2 micro-batches on its last stage); 1 GiB allowance for a GPU's context; "
                "total = sum (an upper bound)")
 
 

@@ -12,6 +12,7 @@ offloads, batch sizes, precision and clipping into the run; what both still set 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -422,11 +423,21 @@ def _check_sizes(zero: dict, extra: dict, origin: str) -> None:
         raise ConfigError(f"{src('reduce_bucket_size')} sets zero_optimization.reduce_bucket_size={rb}: DeepSpeed needs > 0")
 
 
+@functools.lru_cache(maxsize=None)
 def aio_available() -> bool:
-    """DeepSpeed's own test: can its async_io op compile and link against libaio here?"""
-    from deepspeed.accelerator import get_accelerator
+    """DeepSpeed's own test: can its async_io op compile and link against libaio here? Asked once per process, and
+    quietly: the test compiles a probe with gcc, whose command lines (and DeepSpeed's accelerator warning) would
+    otherwise be logged at INFO under Hydra, before the one line a refusal should be."""
+    import logging
 
-    return bool(get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False))
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return bool(get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False))
+    finally:
+        logging.disable(previous)
 
 
 def nvme_check(cfg, ds: dict) -> None:
