@@ -48,6 +48,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from parallelkit.config import shipped_default  # noqa: E402
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp_zero2", "zero1", "zero2", "zero3", "fairscale_oss", "fairscale_oss_ddp")
 OPTIONAL = ("fsdp_zero3", "zero0")  # also known to bare_loops.py
 VARIANTS = ("bare", "plain", "instrumented")
@@ -150,7 +152,9 @@ def run_bare(strategy: str, spec: dict, d: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))  # the threads parallelkit's workers set for themselves
-    env["MALLOC_MMAP_THRESHOLD_"] = "1048576"  # the allocator setting parallelkit's workers use (train.cpu_mmap_threshold)
+    threshold = shipped_default("train.cpu_mmap_threshold")  # the allocator setting parallelkit's workers use
+    if threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "experiments" / "bare_loops.py"), str(d / "spec.json"), str(d / "result.json")]
     rc, wall = launch(cmd, d / "log.txt", env)

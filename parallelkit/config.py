@@ -14,6 +14,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 STRATEGY_DIR = Path(__file__).resolve().parent.parent / "conf" / "strategy"
 
 
+def shipped_default(key: str):
+    """A setting's default as conf/config.yaml ships it (for what runs outside a composed run config)."""
+    return OmegaConf.select(OmegaConf.load(STRATEGY_DIR.parent / "config.yaml"), key)
+
+
 class ConfigError(ValueError):
     pass
 
@@ -178,9 +183,11 @@ def validate(cfg: DictConfig) -> None:
     _num(cfg, "train.grad_clip")
     _int(cfg, "train.timeout_s", 1, allow_none=True)
     _int(cfg, "train.cpu_mmap_threshold", 0, allow_none=True)
-    if (cfg.train.get("cpu_mmap_threshold") or 0) > 32 * 2**20:
-        raise ConfigError(f"train.cpu_mmap_threshold={cfg.train.cpu_mmap_threshold}: glibc takes at most 33554432 "
-                          f"(32 MiB); use a smaller value, or null for glibc's own")
+    from .metrics import MMAP_THRESHOLD_MAX
+
+    if (cfg.train.get("cpu_mmap_threshold") or 0) > MMAP_THRESHOLD_MAX:
+        raise ConfigError(f"train.cpu_mmap_threshold={cfg.train.cpu_mmap_threshold}: glibc takes at most "
+                          f"{MMAP_THRESHOLD_MAX} (32 MiB); use a smaller value, or null for glibc's own")
     _num(cfg, "optim.lr")
     _num(cfg, "optim.weight_decay")
     from .resume import validate_checkpoint

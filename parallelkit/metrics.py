@@ -29,6 +29,9 @@ CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
 
 
 
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's cap on M_MMAP_THRESHOLD (64-bit); its dynamic threshold rises to it
+
+
 def fix_mmap_threshold(nbytes: int | None) -> str:
     """Set glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD)``): blocks of ``nbytes`` or more are
     mapped on their own and unmapped when freed. glibc's default threshold starts at 128 KiB and rises to the size

@@ -25,7 +25,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import STRATEGY_DIR, ConfigError, plan, preset, validate
+from .config import STRATEGY_DIR, ConfigError, plan, preset, shipped_default, validate
 
 PARTS = ("params", "grads", "optimizer", "buffers", "activations")
 CUDA_CONTEXT = 2**30  # what a GPU's context, cuBLAS workspace and allocator slack take before the first tensor
@@ -103,7 +103,8 @@ def process_baseline(cls, measure: bool = True) -> int:
     from .jsonio import write_json
 
     key = json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "versions": versions(),
-                      "cores": os.cpu_count(), "malloc": "mmap threshold 1 MiB"}, sort_keys=True)
+                      "cores": os.cpu_count(), "mmap_threshold": shipped_default("train.cpu_mmap_threshold")},
+                     sort_keys=True)  # the footprint is measured by a run at the shipped allocator setting
     path = cache_dir() / "process_baseline.json"
     read = lambda: (json.loads(path.read_text()) if path.exists() else {}).get(key, {})  # noqa: E731
     try:

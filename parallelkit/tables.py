@@ -167,8 +167,9 @@ PREDICTION_NOTE = ("Predicted before the run (python -m parallelkit.estimate; pr
                    "peak RSS: the prediction is the strategy's parts (model state, buffers, activations) plus the "
                    "process's own footprint (interpreter, libraries, process group: 'process' below, measured once per "
                    "backend here); the workers fix glibc's mmap threshold (train.cpu_mmap_threshold) so that freed "
-                   "tensors leave RSS, else it also counts what malloc keeps (experiments/mem_phases.py). Communication is the payload handed to collectives per step (ZeRO paper volumes "
-                   "and each backend's own, see each strategy's comm()); step time is a model: FLOPs at a measured "
+                   "tensors leave RSS, else it also counts what malloc keeps (experiments/mem_phases.py). "
+                   "Communication is the payload handed to collectives per step (ZeRO paper volumes and each "
+                   "backend's own, see each strategy's comm()); step time is a model: FLOPs at a measured "
                    "efficiency plus an alpha-beta cost of the bytes, no overlap (projection.py).")
 
 

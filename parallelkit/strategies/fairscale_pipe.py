@@ -116,7 +116,8 @@ class FairScalePipeStrategy(Strategy):
             psi = sum(costs[j] for j in layers)
             blocks = sum(1 for j in layers if 0 < j <= L)
             no_opt = V * d if c.tie_weights and L + 1 in layers else 0
-            r = {"params": 4 * psi, "grads": 4 * (psi - no_opt), "optimizer": 8 * (psi - no_opt), "buffers": 2 * psi if mp else 0,
+            stepped = psi - no_opt
+            r = {"params": 4 * psi, "grads": 4 * stepped, "optimizer": 8 * stepped, "buffers": 2 * psi if mp else 0,
                  "offloaded": 0}
             if ckpt or o.checkpoint == "never":
                 act = activation_values(c, b, blocks, 1, ckpt)
