@@ -38,8 +38,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from parallelkit.data import Batches, make_dataset  # noqa: E402
-from parallelkit.model import build_model  # noqa: E402
+from parallelkit.data.datasets import Batches, make_dataset  # noqa: E402
+from parallelkit.models.gpt import build_model  # noqa: E402
 
 Micro = list[tuple[torch.Tensor, torch.Tensor]]
 Step = Callable[[Micro], torch.Tensor]

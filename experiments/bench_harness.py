@@ -49,7 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from parallelkit.config import shipped_default  # noqa: E402
+from parallelkit.config.compose import shipped_default  # noqa: E402
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp_zero2", "zero1", "zero2", "zero3", "fairscale_oss", "fairscale_oss_ddp")
 OPTIONAL = ("fsdp_zero3", "zero0")  # also known to bare_loops.py
 VARIANTS = ("bare", "plain", "instrumented")
@@ -94,7 +94,7 @@ def overrides(args, strategy: str) -> list[str]:
 def compose(args, strategy: str):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=overrides(args, strategy))
 
 
@@ -113,7 +113,7 @@ def bare_spec(args, strategy: str) -> dict:
             "micro_batch_size": t["micro_batch_size"], "grad_clip": t["grad_clip"]}
     if "zero_stage" in c["strategy"]:
         try:
-            from parallelkit.strategies.deepspeed_config import build_config
+            from parallelkit.strategies.deepspeed.config import build_config
 
             spec["ds_config"] = build_config(cfg)[0]
         except Exception as e:  # noqa: BLE001 - the bare loop then writes its own; the report flags any difference

@@ -33,7 +33,7 @@ BASE = ["model=tiny", "train.steps=4", "train.untimed_steps=3", "peak_tflops=1"]
 def predicted(run_dir: Path) -> dict[str, float]:
     from omegaconf import OmegaConf
 
-    from parallelkit.config import plan
+    from parallelkit.config.plan import plan
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     cls, opts, layout = plan(cfg)

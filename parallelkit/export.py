@@ -15,14 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
-from .checkpoint import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, read_meta, write_portable
-from .config import ConfigError
-from .resume import resolve_resume
-from .jsonio import write_json
+from parallelkit.checkpoint.format import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, read_meta, write_portable
+from parallelkit.config.errors import ConfigError
+from parallelkit.checkpoint.resume import resolve_resume
+from parallelkit.runtime.processes import spawn
+from parallelkit.util.jsonio import write_json
 
 
 def find_checkpoint(src: Path) -> Path:
@@ -37,19 +37,14 @@ def find_checkpoint(src: Path) -> Path:
     return resolve_resume(str(src), None)
 
 
-def _rank_main(rank: int, world: int, port: int, src: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank: int, src: str, out: str) -> None:
     import torch.distributed as dist
-    from omegaconf import OmegaConf
 
-    from .config import plan
-    from .train import init_distributed, make_strategy
+    from parallelkit.runtime.loop import init_distributed, make_strategy
 
     meta = read_meta(Path(src))
-    cfg = OmegaConf.create(meta["config"])
-    cfg.checkpoint.update(dir=None, every=0, resume=None)
-    strategy = make_strategy(cfg, init_distributed(plan(cfg)[2]), None)
+    plan = _plan_of(meta)
+    strategy = make_strategy(plan, init_distributed(plan.layout), None)
     strategy.load(Path(src))
     state = strategy.export_state()
     if rank == 0:
@@ -66,6 +61,17 @@ def _rank_main(rank: int, world: int, port: int, src: str, out: str) -> None:
     os._exit(0)
 
 
+def _plan_of(meta: dict):
+    """The plan of the run that wrote a checkpoint (its saved config), with nothing to save or resume."""
+    from omegaconf import OmegaConf
+
+    from parallelkit.config.plan import RunPlan
+
+    cfg = OmegaConf.create(meta["config"])
+    cfg.checkpoint.update(dir=None, every=0, resume=None)
+    return RunPlan.of(cfg)
+
+
 def export(src: Path, out: Path | None = None) -> Path:
     path = find_checkpoint(Path(src))
     meta = read_meta(path)
@@ -75,16 +81,11 @@ def export(src: Path, out: Path | None = None) -> Path:
     if meta.get("format", PORTABLE) != NATIVE:
         shutil.copytree(path, out)  # already portable: a copy, so OUT is always a folder of its own
         return out
-    from omegaconf import OmegaConf
-    import torch.multiprocessing as mp
-
-    from .config import plan
-
-    nproc = plan(OmegaConf.create(meta["config"]))[2].processes
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_main, args=(nproc, port, str(path), str(out)), nprocs=nproc, join=True)
+    plan = _plan_of(meta)
+    if not plan.cls.portable:
+        raise ConfigError(f"{path} is a native {meta.get('strategy')} checkpoint, and {meta.get('strategy')} has no "
+                          f"portable form yet: resume it under the same strategy, options and layout")
+    spawn(_rank_main, plan.layout.processes, str(path), str(out))
     return out
 
 

@@ -6,7 +6,6 @@ place instead, so multi-node jobs go through torchrun's rendezvous.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -15,21 +14,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, adopt_slurm_env, explicit_keys, plan, resolve, under_torchrun
-from .launch import Interrupted, raise_on_signals
-from .predict import DoesNotFit, preflight, summary_fields
-from .jsonio import read_json, write_json
-from .results import base_summary
-from .resume import lock_checkpoint_dir
+from parallelkit.advisor.predict import preflight, summary_fields
+from parallelkit.checkpoint.resume import lock_checkpoint_dir
+from parallelkit.config.compose import CONF_DIR, check_group_choices, check_keys, explicit_keys, open_strategy_keys
+from parallelkit.config.env import adopt_slurm_env, under_torchrun
+from parallelkit.config.env import rank as env_rank
+from parallelkit.config.errors import ConfigError, DoesNotFit
+from parallelkit.config.plan import RunPlan
+from parallelkit.measure.results import base_summary
+from parallelkit.runtime.launch import Interrupted, raise_on_signals
+from parallelkit.runtime.plan import build_plan
+from parallelkit.util.jsonio import read_json, write_json
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 CURRENT: dict = {"out": None, "sweep": None}  # the run (and sweep) in progress, for the interrupt path in main()
 
 
-def _failed_summary(cfg, error: str) -> dict:
-    """A summary for a run that never started: as many known fields as the config allows."""
+def _failed_summary(cfg, error: str, plan: RunPlan | None = None) -> dict:
+    """A summary for a run that never started: as many known fields as the plan (or the config) gives."""
     try:
-        s = base_summary(cfg).to_dict()
+        s = base_summary(plan or RunPlan.of(cfg)).to_dict()
     except Exception:  # noqa: BLE001 - the config itself may be what is broken
         s = {"strategy": OmegaConf.select(cfg, "strategy.name"), "label": OmegaConf.select(cfg, "strategy.name"),
              "model": OmegaConf.select(cfg, "model.name"), "losses": []}
@@ -51,18 +54,18 @@ def task(cfg: DictConfig) -> str:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     CURRENT.update(out=out, sweep=Path(hc.sweep.dir) if multirun else None)
-    lock = None
+    lock, plan = None, None
     try:
         # the keys this run (a sweep: this job) set on the command line, and those its strategy preset sets;
         # a backend's own config (a user's DeepSpeed JSON) fills the rest
-        resolve(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
-        if int(os.environ.get("RANK", "0")) == 0:  # a checkpoint.dir in use by another live run is refused
-            lock = lock_checkpoint_dir(cfg, out)
-        prediction = preflight(cfg)  # DoesNotFit when the predicted memory per rank clearly exceeds a rank's
+        plan = build_plan(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
+        if env_rank() == 0:  # a checkpoint.dir in use by another live run is refused
+            lock = lock_checkpoint_dir(plan.cfg, out)
+        prediction = preflight(plan)  # DoesNotFit when the predicted memory per rank clearly exceeds a rank's
     except DoesNotFit as e:
         if lock is not None:
             lock.release()
-        write_json(out / "summary.json", {**_failed_summary(cfg, f"pre-flight: {e}"), "status": "skipped"})
+        write_json(out / "summary.json", {**_failed_summary(cfg, f"pre-flight: {e}", plan), "status": "skipped"})
         print(f"parallelkit: pre-flight: {e}" + ("; the sweep goes on" if multirun else ""), file=sys.stderr)
         if multirun:
             return "skipped"
@@ -70,40 +73,40 @@ def task(cfg: DictConfig) -> str:
     except ConfigError as e:
         if lock is not None:
             lock.release()
-        write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}"))
+        write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}", plan))
         print(f"parallelkit: config error: {e}", file=sys.stderr)
         if multirun:
             return "failed"
         sys.exit(2)
     try:
-        return _run(cfg, out, multirun, prediction)
+        return _run(plan, out, multirun, prediction)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: DictConfig, out: Path, multirun: bool, prediction: dict | None = None) -> str:
-    predicted = summary_fields(cfg, prediction)
+def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = None) -> str:
+    # the predictions beside the measurements: made once, by rank 0 (under torchrun every rank plans)
+    predicted = summary_fields(plan, prediction) if env_rank() == 0 else {}
     if under_torchrun():  # we are one worker of the user's torchrun job
-        from .train import worker
+        from parallelkit.runtime.loop import worker
 
-        if int(os.environ.get("RANK", "0")) == 0:
-            OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        code = worker(cfg, out)
-        if int(os.environ.get("RANK", "0")) == 0 and (out / "summary.json").exists():
+        if env_rank() == 0:
+            plan.save(out)
+        code = worker(plan, out)
+        if env_rank() == 0 and (out / "summary.json").exists():
             write_json(out / "summary.json", {**read_json(out / "summary.json"), **predicted})
             print(result_line(read_json(out / "summary.json"), out), flush=True)
         if code:
             sys.exit(code)
         return "ok"
 
-    from .launch import launch
+    from parallelkit.runtime.launch import launch
 
-    layout = plan(cfg)[2]
-    base = base_summary(cfg)
-    print(f"parallelkit: {base.label} on {layout.processes} process(es), model {cfg.model.name} "
-          f"({base.params:,} params), {cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
-    summary = launch(cfg, out, layout.processes, {**base.to_dict(), **predicted})
+    base = base_summary(plan)
+    print(f"parallelkit: {base.label} on {plan.layout.processes} process(es), model {plan.cfg.model.name} "
+          f"({base.params:,} params), {plan.cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
+    summary = launch(plan, out, {**base.to_dict(), **predicted})
     print(result_line(summary, out), flush=True)
     if summary["status"] != "ok" and not multirun:
         print(f"parallelkit: {summary['status']}: {summary['error']}", file=sys.stderr)
@@ -116,53 +119,10 @@ def _hydra_main(cfg: DictConfig) -> str:
     return task(cfg)
 
 
-def check_group_choices(argv: list[str]) -> str | None:
-    """One line for an unknown config-group option (Hydra's own message is a page long)."""
-    conf = Path(CONF_DIR)
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or "." in key or "/" in key or not (conf / key).is_dir() or value in ("", "null"):
-            continue
-        options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
-        values = [] if value.startswith(("glob(", "choice(", "range(", "${")) else value.split(",")
-        for v in values:
-            if v not in options:
-                return f"{key}={v}: no such {key}; choose one of {', '.join(options)}"
-    return None
 
 
-def check_keys(argv: list[str]) -> str | None:
-    """One line for an override of a key that does not exist (a typo such as train.stepz=5).
-
-    Only for single runs: a sweep's jobs may compose different strategy presets.
-    """
-    if any(a in ("-m", "--multirun") for a in argv):
-        return None
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
-
-    overrides = [a for a in argv if "=" in a and not a.startswith(("hydra.", "hydra/", "-"))]
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose("config", overrides=overrides)
-    except ConfigCompositionException as e:
-        text = str(e.__cause__ or e)
-        if "not in struct" not in text:
-            return None
-        key = next((a.split("=", 1)[0] for a in overrides if f"'{a.split('=', 1)[0]}'" in str(e)), None)
-        if key is None:
-            return None
-        return f"{key}: no such key; to add a new one write +{key}=..., or see conf/ for the keys of each group"
-    except Exception:  # noqa: BLE001 - anything else: Hydra reports it as usual
-        return None
-    return None
 
 
-def open_strategy_keys(argv: list[str]) -> list[str]:
-    """``strategy.KEY=V`` -> ``++strategy.KEY=V``. A backend's options and their defaults live in its schema
-    (``Options`` in its file), not in its YAML, so Hydra must be let to add them; the schema then refuses a
-    wrong type or an unknown option in one line (``Strategy.options``)."""
-    return [f"++{a}" if re.match(r"strategy\.[\w.]+=", a) else a for a in argv]
 
 
 def main() -> None:
@@ -172,7 +132,7 @@ def main() -> None:
         print(f"parallelkit: config error: {err}", file=sys.stderr)
         sys.exit(2)
     if {"-m", "--multirun"} & set(sys.argv):  # sweeps: each configuration once; repeats=N interleaved (sweep.py)
-        from .sweep import distinct_strategies, interleave_repeats
+        from parallelkit.config.sweep import distinct_strategies, interleave_repeats
 
         sys.argv[1:] = interleave_repeats(distinct_strategies(sys.argv[1:]))
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
@@ -193,7 +153,7 @@ def interrupted(e: Interrupted) -> None:
     print(f"parallelkit: interrupted: {e.name}; every worker stopped" + (f"; results in {where}" if where else ""),
           file=sys.stderr, flush=True)
     if CURRENT["sweep"] is not None:
-        from .report import write_report
+        from parallelkit.report.compare import write_report
 
         try:
             write_report(CURRENT["sweep"])

@@ -57,45 +57,44 @@ def compose_run(*overrides: str, checked: bool = True):
     (``checked=False``: composed only, no checks)."""
     from hydra import compose, initialize_config_dir
 
-    from parallelkit.config import resolve
-    from parallelkit.run import open_strategy_keys
+    from parallelkit.config.compose import open_strategy_keys
+    from parallelkit.runtime.plan import build_plan
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=open_strategy_keys(["world_size=2", *FAST, *overrides]))
-    return resolve(cfg) if checked else cfg
+    return build_plan(cfg, quiet=True).cfg if checked else cfg
 
 
-def _rank_main(rank: int, world: int, port: int, run_dir: str) -> None:
-    from omegaconf import OmegaConf
+def _rank_main(rank: int, run_dir: str) -> None:
+    from parallelkit.config.plan import RunPlan
+    from parallelkit.runtime.loop import worker
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from parallelkit.train import worker
-
-    code = worker(OmegaConf.load(Path(run_dir) / "config.yaml"), Path(run_dir))
+    code = worker(RunPlan.load(Path(run_dir)), Path(run_dir))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # as the real worker: skip interpreter teardown, where backend threads can abort
 
 
+def compose_plan(*overrides: str):
+    """The plan ``python -m parallelkit.run`` would build for these overrides (world_size 2, FAST)."""
+    from hydra import compose, initialize_config_dir
+
+    from parallelkit.config.compose import open_strategy_keys
+    from parallelkit.runtime.plan import build_plan
+
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=open_strategy_keys(["world_size=2", *FAST, *overrides]))
+    return build_plan(cfg, quiet=True)
+
+
 def train_ranks(tmp_path: Path, name: str, *overrides: str) -> dict:
-    """Run the training loop on the layout's processes (spawned, gloo) and return rank 0's summary."""
-    import socket
+    """Run the training loop on the plan's processes (spawned, gloo) and return rank 0's summary."""
+    from parallelkit.runtime.processes import spawn
 
-    import torch.multiprocessing as mp
-    from omegaconf import OmegaConf
-
-    from parallelkit.config import plan
-
-    cfg = compose_run(*overrides)
+    plan = compose_plan(*overrides)
     out = tmp_path / name
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    nproc = plan(cfg)[2].processes
-    mp.spawn(_rank_main, args=(nproc, port, str(out)), nprocs=nproc, join=True)
+    plan.save(out)
+    spawn(_rank_main, plan.layout.processes, str(out), timeout=600)
     s = summary(out)
     assert s["status"] == "ok", s
     return s
@@ -104,44 +103,36 @@ def train_ranks(tmp_path: Path, name: str, *overrides: str) -> dict:
 # ---- several runs in one process group: for matrices of runs, where process start-up would dominate ----
 
 def prepare_run(out: Path, *overrides: str) -> Path:
-    """A run folder holding the resolved config for these overrides (what ``jobs_in_one_group`` runs)."""
-    from omegaconf import OmegaConf
-
-    out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(compose_run(*overrides), out / "config.yaml", resolve=True)
+    """A run folder holding the plan for these overrides (what ``jobs_in_one_group`` runs)."""
+    compose_plan(*overrides).save(out)
     return out
 
 
-def _jobs_main(rank: int, world: int, port: int, jobs: list) -> None:
+def _jobs_main(rank: int, jobs: list) -> None:
     import dataclasses
     import json
 
-    from omegaconf import OmegaConf
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from parallelkit import checkpoint
-    from parallelkit.config import plan
-    from parallelkit.jsonio import write_json
-    from parallelkit.results import base_summary
-    from parallelkit.train import init_distributed, make_strategy, run_steps, train
+    from parallelkit.checkpoint import format as checkpoint
+    from parallelkit.config.plan import RunPlan
+    from parallelkit.measure.results import base_summary
+    from parallelkit.runtime.loop import init_distributed, make_strategy, run_steps, train
+    from parallelkit.util.jsonio import write_json
 
     ctx0 = None
     for job in jobs:
         run_dir = Path(job[1])
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        layout = plan(cfg)[2]
-        ctx0 = ctx0 or init_distributed(layout)
-        ctx = dataclasses.replace(ctx0, layout=layout)
+        plan = RunPlan.load(run_dir)
+        ctx0 = ctx0 or init_distributed(plan.layout)
+        ctx = dataclasses.replace(ctx0, layout=plan.layout)
         if job[0] == "train":  # the whole run, as a worker does it
-            s = train(cfg, ctx, run_dir, base_summary(cfg))
+            s = train(plan, ctx, run_dir, base_summary(plan))
             if rank == 0:
                 write_json(run_dir / "summary.json", s)
         else:  # ("resume", run_dir, checkpoints): one strategy, stepped on from each checkpoint in turn
-            strategy, out = make_strategy(cfg, ctx, None), {}
+            strategy, out = make_strategy(plan, ctx, None), {}
             for ck in job[2]:
                 start = checkpoint.load(strategy, Path(ck))
-                out[str(ck)] = run_steps(strategy, cfg, start, None).losses
+                out[str(ck)] = run_steps(strategy, plan, start, None).losses
             strategy.teardown()
             if rank == 0:
                 (run_dir / "resumed.json").write_text(json.dumps(out, indent=1))
@@ -150,17 +141,11 @@ def _jobs_main(rank: int, world: int, port: int, jobs: list) -> None:
     os._exit(0)
 
 
-def jobs_in_one_group(nproc: int, jobs: list) -> None:
+def jobs_in_one_group(nproc: int, jobs: list, timeout: float = 1200) -> None:
     """Run ``jobs`` one after another in the same ``nproc`` spawned processes and process group (gloo):
     ``("train", run_dir)`` trains a prepared run and writes its summary.json; ``("resume", run_dir, [ckpt, ...])``
     sets the run's strategy up once, loads each checkpoint in turn and steps to ``train.steps``, writing the
     losses after each to run_dir/resumed.json."""
-    import socket
+    from parallelkit.runtime.processes import spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_jobs_main, args=(nproc, port, [[str(x) if isinstance(x, Path) else x for x in j] for j in jobs]),
-             nprocs=nproc, join=True)
+    spawn(_jobs_main, nproc, [[str(x) if isinstance(x, Path) else x for x in j] for j in jobs], timeout=timeout)

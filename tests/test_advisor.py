@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import FAST, ROOT, compose_run, run_cli, summary
-from parallelkit import predict
+from parallelkit.advisor import predict
 
 
 def test_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
@@ -62,7 +62,7 @@ def test_predictions_hold_for_the_runs_in_results():
                                       ("projection.efficiency=2", "projection.efficiency=2: must be a number in (0, 1]"),
                                       ("projection.bandwidth_GBps=0", "projection.bandwidth_GBps=0: must be")])
 def test_bad_advisor_settings_fail_in_one_line(bad, says):
-    from parallelkit.config import ConfigError
+    from parallelkit.config.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         compose_run(bad)

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import FAST, assert_close_trajectory, compose_run, run_cli, train_ranks
+from conftest import FAST, assert_close_trajectory, compose_plan, compose_run, run_cli, train_ranks
 
-from parallelkit.config import ConfigError
-from parallelkit.resume import DirLock
+from parallelkit.config.errors import ConfigError
+from parallelkit.checkpoint.resume import DirLock
 
 DDP = ["strategy=ddp", "train.steps=6"]
 
@@ -26,15 +25,13 @@ def ddp_run(tmp_path_factory):
     return s["losses"], tmp / "ck"
 
 
-def _dying_main(rank: int, world: int, port: int, run_dir: str, crash_step: int) -> None:
+def _dying_main(rank: int, run_dir: str, crash_step: int) -> None:
     """A rank of a real run whose rank 0 is SIGKILLed after writing part of step ``crash_step``'s files."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from parallelkit import checkpoint
-    from parallelkit.train import worker
+    from parallelkit.checkpoint import format as checkpoint
+    from parallelkit.config.plan import RunPlan
+    from parallelkit.runtime.loop import worker
 
     whole = checkpoint.write_portable
 
@@ -46,23 +43,19 @@ def _dying_main(rank: int, world: int, port: int, run_dir: str, crash_step: int)
 
     if rank == 0:
         checkpoint.write_portable = write_half_then_die
-    worker(OmegaConf.load(Path(run_dir) / "config.yaml"), Path(run_dir))
+    worker(RunPlan.load(Path(run_dir)), Path(run_dir))
     sys.stdout.flush()
     os._exit(0)
 
 
 def test_rank0_killed_mid_save_leaves_the_step_refused_and_the_previous_one_resumes(tmp_path, ddp_run):
-    from omegaconf import OmegaConf
+    from parallelkit.runtime.processes import spawn
 
     losses, _ = ddp_run
     ck, run = tmp_path / "ck", tmp_path / "run"
-    run.mkdir()
-    OmegaConf.save(compose_run(*DDP, f"checkpoint.dir={ck}", "checkpoint.every=2"), run / "config.yaml", resolve=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    compose_plan(*DDP, f"checkpoint.dir={ck}", "checkpoint.every=2").save(run)
     with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
-        mp.spawn(_dying_main, args=(2, port, str(run), 4), nprocs=2, join=True)
+        spawn(_dying_main, 2, str(run), 4, timeout=600)
     partial = ck / "step_4.incomplete"
     assert (ck / "step_2" / "complete").is_file() and not (ck / "step_4").exists()
     assert (partial / "model.safetensors").is_file() and not (partial / "complete").exists()

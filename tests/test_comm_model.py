@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import pytest
 
-from parallelkit.config import plan
+from parallelkit.config.plan import RunPlan, options_dict, planned_strategy  # noqa: F401
+from parallelkit.runtime.plan import build_plan  # noqa: F401
 
-from conftest import compose_run, train_ranks
+from conftest import compose_plan, train_ranks
 
 PSI, BLOCK, VD, SBH = 136960, 49984, 512 * 64, 8192
 PERSISTENT = 2 * 13 * 64 + 2 * 64  # ZeRO-3 keeps tensors of <= 10 d elements gathered: LayerNorms and biases
 
 
 def predicted(*overrides: str) -> dict[str, float]:
-    cfg = compose_run(*overrides)
-    cls, opts, layout = plan(cfg)
-    return cls.comm(cfg, opts, layout)
+    p = compose_plan(*overrides)
+    return p.cls.comm(p.cfg, p.opts, p.layout)
 
 
 # ---- (a) the formulas, no training ----

@@ -11,9 +11,10 @@ from hydra import compose, initialize_config_dir
 
 pytest.importorskip("deepspeed")
 
-from parallelkit.config import ConfigError, validate  # noqa: E402
-from parallelkit.run import open_strategy_keys  # noqa: E402
-from parallelkit.strategies.deepspeed_config import aio_available, build_config, sizes  # noqa: E402
+from parallelkit.config.errors import ConfigError  # noqa: E402
+from parallelkit.runtime.plan import build_plan  # noqa: E402
+from parallelkit.config.compose import open_strategy_keys  # noqa: E402
+from parallelkit.strategies.deepspeed.config import aio_available, build_config, sizes  # noqa: E402
 
 PARITY = ["train.steps=12", "train.grad_accum=2", "world_size=2"]
 # Same torch AdamW, weights, data and schedule as ddp: the only difference is the order of fp32
@@ -24,7 +25,7 @@ RTOL = 1e-5
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         return compose("config", overrides=["world_size=2", *open_strategy_keys(list(overrides))])
 
 
@@ -135,7 +136,7 @@ def test_conflicting_batch_size_fails_before_workers(tmp_path):
 ])
 def test_bad_config_is_one_line(overrides, key):
     with pytest.raises(ConfigError) as e:
-        validate(cfg_of(*overrides))
+        build_plan(cfg_of(*overrides))
     assert key in str(e.value) and "\n" not in str(e.value)
 
 

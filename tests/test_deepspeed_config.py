@@ -14,13 +14,14 @@ pytest.importorskip("deepspeed")
 
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # noqa: E402
 
-from parallelkit.config import ConfigError, resolve  # noqa: E402
-from parallelkit.model import GPT, GPTConfig  # noqa: E402
-from parallelkit.strategies.deepspeed import DeepSpeedStrategy  # noqa: E402
-from parallelkit.config import explicit_keys  # noqa: E402
-from parallelkit.run import open_strategy_keys  # noqa: E402
-from parallelkit.strategies.deepspeed_config import adopt_user_config, build_config, sizes  # noqa: E402
-from parallelkit.optim import param_groups  # noqa: E402
+from parallelkit.config.errors import ConfigError  # noqa: E402
+from parallelkit.runtime.plan import build_plan  # noqa: E402
+from parallelkit.models.gpt import GPT, GPTConfig  # noqa: E402
+from parallelkit.strategies.deepspeed.zero import DeepSpeedStrategy  # noqa: E402
+from parallelkit.config.compose import explicit_keys  # noqa: E402
+from parallelkit.config.compose import open_strategy_keys  # noqa: E402
+from parallelkit.strategies.deepspeed.config import adopt_user_config, build_config, sizes  # noqa: E402
+from parallelkit.strategies.shared.optim import param_groups  # noqa: E402
 
 # The JSON of the DeepSpeed-vs-FairScale talk: written for 2 GPUs x micro-batch 4 x accumulation 2, fp16,
 # ZeRO-2 with both offloads (DeepSpeed ignores offload_param below stage 3), its own AdamW and scheduler.
@@ -36,7 +37,7 @@ TALK = {
 
 
 def compose_cfg(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         return compose("config", overrides=open_strategy_keys(list(overrides)))
 
 
@@ -44,7 +45,7 @@ def compose_cfg(*overrides: str):
 
 def shapes():
     """Every conf/model shape at several seq_lens, and odd ones (odd d_model, odd vocab, one layer, untied)."""
-    models = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    models = sorted(p.stem for p in (ROOT / "parallelkit" / "conf" / "model").glob("*.yaml"))
     out = [(m, {"seq_len": t}) for m in models for t in (64, 127, 128, 256, 257, 1024)]
     out += [("tiny", {"d_model": 65, "n_head": 5}), ("tiny", {"vocab_size": 50257}), ("tiny", {"n_layer": 1}),
             ("small", {"d_model": 255, "n_head": 5, "vocab_size": 50257, "seq_len": 99, "n_layer": 1}),
@@ -91,7 +92,7 @@ def test_generated_sizes_meet_deepspeeds_constraints():
     base = {s: compose_cfg("strategy=zero3_offload" if s == 3 else f"strategy=zero{s}") for s in (1, 2, 3)}
     checked = 0
     for model, change in shapes():
-        m = OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml"), change)
+        m = OmegaConf.merge(OmegaConf.load(ROOT / "parallelkit" / "conf" / "model" / f"{model}.yaml"), change)
         c = GPTConfig.from_cfg(m)
         groups = group_numels(c)
         biggest = max(max(g) for g in groups)
@@ -139,9 +140,7 @@ def adopt(tmp_path, *overrides: str, ds: dict | None = None, strategy: str = "de
     f = tmp_path / "ds.json"
     f.write_text(json.dumps(TALK if ds is None else ds))
     given = [f"strategy={strategy}", f"strategy.config_file={f}", "world_size=2", *overrides]
-    cfg = compose_cfg(*given)
-    resolve(cfg, explicit=explicit_keys(given, strategy))
-    return cfg
+    return build_plan(compose_cfg(*given), explicit=explicit_keys(given, strategy)).cfg
 
 
 def test_explicit_keys_of_overrides_and_presets():
@@ -224,7 +223,7 @@ def test_a_json_without_batch_or_precision_changes_only_what_it_says(tmp_path):
 
 def test_estimate_adopts_the_json(tmp_path):
     """python -m parallelkit.estimate composes without Hydra's runtime: the overrides it was given are explicit."""
-    from parallelkit.estimate import estimate_all
+    from parallelkit.advisor.estimate import estimate_all
 
     f = tmp_path / "ds.json"
     f.write_text(json.dumps(TALK))

@@ -139,13 +139,14 @@ def test_bad_layouts_are_config_errors(overrides, message):
     """The same checks as the CLI's, in-process (no start-up cost): composed config -> resolve."""
     from hydra import compose, initialize_config_dir
 
-    from parallelkit.config import ConfigError, resolve
-    from parallelkit.run import open_strategy_keys
+    from parallelkit.config.errors import ConfigError
+    from parallelkit.config.compose import open_strategy_keys
+    from parallelkit.runtime.plan import build_plan
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=open_strategy_keys([*FAST, *overrides]))
     with pytest.raises(ConfigError, match=re.escape(message)):
-        resolve(cfg)
+        build_plan(cfg)
 
 
 @gpu

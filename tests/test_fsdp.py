@@ -105,10 +105,10 @@ def _clip_worker(rank: int, world: int, port: int) -> None:
     try:
         from functools import partial
 
-        from parallelkit.layout import Layout
-        from parallelkit.model import build_model, lm_loss
+        from parallelkit.config.layout import Layout
+        from parallelkit.models.gpt import build_model, lm_loss
         from parallelkit.strategies.base import Context
-        from parallelkit.strategies.fsdp import FSDPOptions, FSDPStrategy
+        from parallelkit.strategies.torch.fsdp import FSDPOptions, FSDPStrategy
 
         mcfg = OmegaConf.create({"n_layer": 2, "d_model": 64, "n_head": 4, "vocab_size": 512, "seq_len": 64})
         ocfg = OmegaConf.create({"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1})

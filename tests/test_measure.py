@@ -13,8 +13,8 @@ import torch
 
 from conftest import FAST, ROOT, run_cli, summary
 
-from parallelkit import calibrate
-from parallelkit.noise import DRIFT_LIMIT, SPREAD_LIMIT, mfu, noise_fields, quantile
+from parallelkit.measure import calibrate
+from parallelkit.measure.noise import DRIFT_LIMIT, SPREAD_LIMIT, mfu, noise_fields, quantile
 
 CPU = torch.device("cpu")
 

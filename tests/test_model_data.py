@@ -4,8 +4,8 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from parallelkit.data import Batches, Synthetic, Text
-from parallelkit.model import GPT, GPTConfig, build_model, lm_loss
+from parallelkit.data.datasets import Batches, Synthetic, Text
+from parallelkit.models.gpt import GPT, GPTConfig, build_model, lm_loss
 
 
 def cfg_of(name: str) -> GPTConfig:

@@ -7,11 +7,11 @@ gradient norm is between 0.1 and 1; without clipping the losses move by 3.7e-5).
 import re
 
 import pytest
-from conftest import assert_close_trajectory, compose_run, train_ranks
+from conftest import assert_close_trajectory, compose_plan, compose_run, train_ranks
 
 pytest.importorskip("deepspeed")
 
-from parallelkit.config import ConfigError  # noqa: E402
+from parallelkit.config.errors import ConfigError  # noqa: E402
 
 COMMON = ["train.global_batch_size=8", "train.grad_clip=0.1"]
 # Same weights, data, AdamW and schedule as single; pipelines add the micro-batch losses, the tied gradient
@@ -118,11 +118,10 @@ def test_bad_pipeline_configs_fail_before_workers_start(overrides, message):
 def test_deepspeed_batch_sizes_count_the_pipeline_replicas_only():
     """dp = world / (tp x pp): a DeepSpeed train_batch_size of 16 on 8 ranks of 2 x 2 x 2 is 2 x 4 micro-batches
     of 2 per replica, and the generated config says so (DeepSpeed's engine asserts it)."""
-    from parallelkit.config import plan
-    from parallelkit.strategies.deepspeed_config import build_config
+    from parallelkit.strategies.deepspeed.config import build_config
 
-    cfg = compose_run("strategy=neox_3d", "world_size=8", "strategy.config={train_batch_size: 16}")
-    lay = plan(cfg)[2]
+    p = compose_plan("strategy=neox_3d", "world_size=8", "strategy.config={train_batch_size: 16}")
+    cfg, lay = p.cfg, p.layout
     assert (lay.tp, lay.pp, lay.dp) == (2, 2, 2) and cfg.train.grad_accum == 4
     ds = build_config(cfg, lay.dp)[0]
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]) == (16, 4, 2)

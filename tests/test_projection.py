@@ -5,13 +5,14 @@ import math
 import pytest
 from conftest import compose_run
 
-from parallelkit import bench_comm, calibrate
-from parallelkit.config import ConfigError
-from parallelkit.estimate import main
-from parallelkit.layout import Layout
-from parallelkit.metrics import CUDA_PEAK_TFLOPS
-from parallelkit.model import GPTConfig
-from parallelkit.projection import comm_seconds, group_size, project
+from parallelkit.advisor import bench_comm
+from parallelkit.measure import calibrate
+from parallelkit.config.errors import ConfigError
+from parallelkit.advisor.estimate import main
+from parallelkit.config.layout import Layout
+from parallelkit.util.devices import CUDA_PEAK_TFLOPS
+from parallelkit.models.gpt import GPTConfig
+from parallelkit.advisor.projection import comm_seconds, group_size, project
 
 A, B = 5e-6, 10e9  # 5 us, 10 GB/s
 LINK = ["projection.latency_us=5", "projection.bandwidth_GBps=10"]

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import FAST, ROOT, run_cli
 
-from parallelkit.report import build, load, terminal_report, write_report
-from parallelkit.tables import hbytes, hcount, htime
+from parallelkit.report.compare import build, load, terminal_report, write_report
+from parallelkit.report.tables import hbytes, hcount, htime
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.html", "memory.png", "throughput.png", "loss.png")
@@ -130,7 +130,7 @@ HOST = {"cpu": "Test CPU", "avx2": True, "avx512f": True, "avx512_bf16": True, "
 
 def measured(steps: list[float], before: float | None = 0.06, after: float | None = 0.058, **fields) -> dict:
     """The fields the loop adds (noise.RunProbe.finish) for these step times."""
-    from parallelkit.noise import noise_fields
+    from parallelkit.measure.noise import noise_fields
 
     return {"step_times_s": steps, "timed_steps": len(steps), "step_time_s": sorted(steps)[len(steps) // 2],
             "tokens_per_s": 256 / sorted(steps)[len(steps) // 2], "host": HOST, "repeat": None,
@@ -207,7 +207,7 @@ def test_repeats_vary_slowest_through_an_experiment_and_command_line():
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from parallelkit.sweep import interleave_repeats
+    from parallelkit.config.sweep import interleave_repeats
 
     argv = ["-m", "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp", "repeats=2"]
     new = interleave_repeats(argv)
@@ -231,9 +231,9 @@ def test_report_cli_on_an_empty_folder_says_so(tmp_path):
 def test_every_experiment_composes_to_a_sweep_of_existing_configs():
     from hydra import compose, initialize_config_dir
 
-    experiments = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    experiments = sorted(p.stem for p in (ROOT / "parallelkit" / "conf" / "experiment").glob("*.yaml"))
     assert {"compare_all", "zero_stages", "memory_vs_model", "dp_scaling"} <= set(experiments)
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         for name in experiments:
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
             params = cfg.hydra.sweeper.params
@@ -241,7 +241,7 @@ def test_every_experiment_composes_to_a_sweep_of_existing_configs():
             for group in ("strategy", "model"):
                 for v in str(params.get(group, "")).split(","):
                     if v and not v.startswith("glob("):
-                        assert (ROOT / "conf" / group / f"{v}.yaml").exists(), (name, group, v)
+                        assert (ROOT / "parallelkit" / "conf" / group / f"{v}.yaml").exists(), (name, group, v)
             assert (ROOT / "experiments" / "README.md").read_text().count(f"experiment={name}") >= 1, name
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, ROOT, summary
 
-from parallelkit.launch import diagnose
-from parallelkit.procs import Tree, oom_kill_count
+from parallelkit.runtime.launch import diagnose
+from parallelkit.runtime.procs import Tree, oom_kill_count
 
 
 def start(out: Path, *overrides: str, sweep: bool = False) -> subprocess.Popen:

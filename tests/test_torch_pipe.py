@@ -6,9 +6,11 @@ import pytest
 from conftest import assert_close_trajectory, compose_run, train_ranks
 from test_report import rows, write_run
 
-from parallelkit.config import ConfigError, plan
-from parallelkit.memory_model import in_flight
-from parallelkit.report import write_report
+from parallelkit.config.errors import ConfigError
+from parallelkit.config.plan import RunPlan, options_dict, planned_strategy  # noqa: F401
+from parallelkit.runtime.plan import build_plan  # noqa: F401
+from parallelkit.strategies.shared.memory_model import in_flight
+from parallelkit.report.compare import write_report
 
 # 4 blocks (6 layers: 4 stages for interleaving), 2 micro-batches of 4 per pipeline, clipping active (the
 # gradient norm starts near 1.3), 6 steps; every run at the same global batch of 8 as single.
@@ -43,7 +45,8 @@ def _check_pipeline(s: dict, single: dict, chunks: int) -> None:
         assert kinds["all_reduce"]["bytes"] >= 512 * 64 * 4
     # the memory model's state per stage (the last stage also holds the head's copy and its moments),
     # against the bytes each rank holds (AdamW's scalar step counters aside)
-    cls, o, lay = plan(cfg)
+    p = RunPlan.of(cfg)
+    cls, o, lay = p.cls, p.opts, p.layout
     want = [st["params"] + st["grads"] + st["optimizer"] for st in cls.memory(cfg, o, lay, None)["stages"]]
     assert s["model_state_bytes"] == pytest.approx(want, rel=1e-3)
 
@@ -106,7 +109,7 @@ def test_config_errors_are_one_line(overrides, message):
 
 
 def test_estimate_gives_every_stage_and_the_largest():
-    from parallelkit.estimate import estimate
+    from parallelkit.advisor.estimate import estimate
 
     gpipe, one = (estimate(compose_run(*PIPE, f"strategy.schedule={k}", "train.global_batch_size=32"))
                   for k in ("gpipe", "1f1b"))

@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import ROOT, compose_run, run_cli
 
-from parallelkit.tune import main
+from parallelkit.advisor.tune import main
 
 TINY = ["model=tiny", "world_size=2"]
 

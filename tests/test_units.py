@@ -10,11 +10,13 @@ import torch.distributed as dist
 from conftest import ROOT, compose_run
 from omegaconf import OmegaConf, open_dict
 
-from parallelkit.config import ConfigError, plan
-from parallelkit.layout import Layout, split_stages
-from parallelkit.metrics import CommCounter, tensor_bytes
-from parallelkit.model import build_model
-from parallelkit.optim import lr_at, param_groups
+from parallelkit.config.errors import ConfigError
+from parallelkit.config.plan import RunPlan, options_dict, planned_strategy  # noqa: F401
+from parallelkit.runtime.plan import build_plan  # noqa: F401
+from parallelkit.config.layout import Layout, split_stages
+from parallelkit.measure.metrics import CommCounter, tensor_bytes
+from parallelkit.models.gpt import build_model
+from parallelkit.strategies.shared.optim import lr_at, param_groups
 
 TINY = OmegaConf.create({"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 512, "seq_len": 64})
 
@@ -103,7 +105,7 @@ def test_layout_and_its_errors():
     assert split_stages([1, 1, 1, 1], 2) == [2, 2] and split_stages([5, 1, 1, 1, 1, 1, 5], 3) == [1, 5, 1]
 
 
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "strategy").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (ROOT / "parallelkit" / "conf" / "strategy").glob("*.yaml"))
 BAD = {int: "abc", float: "fast", bool: "maybe"}
 
 
@@ -113,9 +115,9 @@ def test_every_option_is_typed_and_unknown_ones_are_refused(preset):
     refused in one line naming the key."""
     # plan: the schema and the layout, not the machine checks; world_size 8 fits every preset's default layout
     cfg = compose_run(f"strategy={preset}", "world_size=8", checked=False)
-    cls = plan(cfg)[0]
+    cls = planned_strategy(cfg)[0]
     fields = [f for f in dataclasses.fields(cls.Options) if f.name != "name"]
-    assert all(f.name in cfg.strategy for f in fields)  # defaults written into the run's config
+    assert set(options_dict(cls.options(cfg))) == {f.name for f in fields}  # every option, defaults filled in
     for f in fields:
         bad = BAD.get(f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}.get(str(f.type)))
         if bad is None:
@@ -123,21 +125,21 @@ def test_every_option_is_typed_and_unknown_ones_are_refused(preset):
         c = cfg.copy()
         c.strategy[f.name] = bad  # what Hydra hands over for strategy.<name>=<bad> on the command line
         with pytest.raises(ConfigError) as e:
-            plan(c)
+            planned_strategy(c)
         assert str(e.value).startswith(f"strategy.{f.name}='{bad}': must be") and "\n" not in str(e.value)
     c = cfg.copy()
     with open_dict(c.strategy):
         c.strategy.no_such_option = 1
     with pytest.raises(ConfigError, match=r"^strategy.no_such_option: no such option"):
-        plan(c)
+        planned_strategy(c)
 
 
 def test_compare_all_lists_every_configuration_once():
     """The canned comparison covers every preset, each configuration once (a preset equal to a listed one,
     like deepspeed = zero2, is left out), at one global batch for every layout."""
-    from parallelkit.sweep import _preset_key, distinct_strategies
+    from parallelkit.config.sweep import _preset_key, distinct_strategies
 
-    exp = OmegaConf.load(ROOT / "conf" / "experiment" / "compare_all.yaml")
+    exp = OmegaConf.load(ROOT / "parallelkit" / "conf" / "experiment" / "compare_all.yaml")
     listed = exp.hydra.sweeper.params.strategy.split(",")
     keys = {_preset_key(n) for n in listed}
     assert len(keys) == len(listed)  # no two listed presets are the same job
@@ -149,7 +151,7 @@ def test_compare_all_lists_every_configuration_once():
 
 RETENTION = r"""
 import sys, torch
-from parallelkit.metrics import fix_mmap_threshold
+from parallelkit.measure.metrics import fix_mmap_threshold
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -190,10 +192,8 @@ def test_mmap_threshold_gives_freed_tensors_back(threshold):
 @pytest.mark.parametrize("value, says", [(-1, "must be an integer >= 0"), (2**26, "at most 33554432"),
                                          ("big", "must be an integer")])
 def test_bad_mmap_threshold_is_one_line(value, says):
-    cfg = compose_run("strategy=ddp", "model=tiny")
+    cfg = compose_run("strategy=ddp", "model=tiny", checked=False)
     with open_dict(cfg):
         cfg.train.cpu_mmap_threshold = value
-    from parallelkit.config import validate
-
     with pytest.raises(ConfigError, match=says):
-        validate(cfg)
+        build_plan(cfg)

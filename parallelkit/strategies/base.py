@@ -28,16 +28,16 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
-from ..config import ConfigError
-from ..layout import Layout
-from ..model import GPTConfig, lm_loss
-from ..optim import build_optimizer, param_groups
-from ..precision import Precision
-from .state import load_by_name, state_by_name
+from parallelkit.config.errors import ConfigError
+from parallelkit.config.layout import Layout
+from parallelkit.models.gpt import GPTConfig, lm_loss
+from parallelkit.strategies.shared.optim import build_optimizer, param_groups
+from parallelkit.strategies.shared.precision import Precision
+from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 
 
 @dataclass
@@ -103,8 +103,8 @@ class Strategy:
     # ---- before any worker starts (in the launching process; again in each worker) ----
     @classmethod
     def options(cls, cfg) -> Options:
-        """``cfg.strategy`` checked against ``Options``: one line for a wrong type or an unknown option.
-        The defaults are written back into ``cfg.strategy``, so the saved config is complete."""
+        """``cfg.strategy`` checked against ``Options``: one line for a wrong type or an unknown option. The config
+        is not changed (the plan builder writes the complete options into the plan's copy)."""
         raw = OmegaConf.to_container(cfg.strategy, resolve=True) if isinstance(cfg.strategy, DictConfig) else dict(cfg.strategy)
         raw.pop("_target_", None)
         try:
@@ -121,15 +121,14 @@ class Strategy:
             raise ConfigError(f"strategy.{e.full_key}={value!r}: must be {want}") from None
         opts.name = opts.name or OmegaConf.select(cfg, "strategy.name") or cls.__name__
         opts.validate()
-        with open_dict(cfg.strategy):
-            for f in dataclasses.fields(opts):
-                cfg.strategy[f.name] = getattr(opts, f.name)
         return opts
 
     @classmethod
-    def prepare(cls, cfg, explicit: set[str]) -> None:
-        """Before the checks: fill what the command line (``explicit``: the keys it set) leaves unsaid from a
-        backend's own config file (DeepSpeed: the user's JSON is the source of truth for the rest)."""
+    def prepare(cls, cfg, explicit: set[str]) -> list[str]:
+        """Planning, before the checks, on the plan's private copy of the config: fill what the command line
+        (``explicit``: the keys it set) leaves unsaid from a backend's own config file (DeepSpeed: the user's
+        JSON is the source of truth for the rest). Returns what it did, as notes."""
+        return []
 
     @classmethod
     def layout(cls, cfg, o: Options) -> Layout:
@@ -146,7 +145,7 @@ class Strategy:
     @classmethod
     def memory(cls, cfg, o: Options, layout: Layout, mem: int | None) -> dict:
         """Predicted bytes per rank by part (see memory_model.py); the default is a full replica."""
-        from ..memory_model import replica
+        from parallelkit.strategies.shared.memory_model import replica
 
         return replica(cfg, layout, ddp_buckets=False)
 
@@ -191,8 +190,21 @@ class Strategy:
         return self.ctx.layout.data_ranks_of(self.dp_rank)
 
     @property
+    def coords(self) -> dict[str, int]:
+        """This rank's place on the layout's mesh, {pp, dp, tp} (config/layout.py: the one rank map)."""
+        return self.ctx.layout.coords(self.ctx.rank)
+
+    @property
     def dp_rank(self) -> int:
-        return self.ctx.rank // (self.ctx.layout.tp * self.ctx.layout.pp)
+        return self.coords["dp"]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords["tp"]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords["pp"]
 
     def autocast(self):
         return self.precision.autocast() if self.autocast_forward else contextlib.nullcontext()

@@ -1,0 +1,356 @@
+"""Predictions made before a run, recorded beside what it measures, and the pre-flight fit check.
+
+``predict(cfg)`` gives, for the busiest rank: model-state bytes and peak memory (the strategy's
+``memory()``: memory_model.py), communication per step by kind (the strategy's ``comm()``: the
+payload ``metrics.CommCounter`` counts) and the step time (projection.py). On CPU the measured
+peak is a worker's peak RSS, so the prediction adds the process's own footprint: the resident
+bytes of a worker that has imported its backend and joined a process group, before it builds
+anything and what its backend keeps besides the model (``process_baseline``: measured once per backend
+here with a real run of the tiny model, and cached).
+
+``preflight(cfg)`` compares that peak with what a rank will have: the GPU's memory (or
+``gpu_memory``) less the CUDA context, or on CPU the machine's available memory shared by the
+local processes. It refuses only when the prediction exceeds that by more than ``MARGIN``,
+the largest over-prediction measured on the runs in results/ (see ``MARGIN``), so it never
+refuses what would have fitted there.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from parallelkit.config.compose import STRATEGY_DIR, preset, shipped_default
+from parallelkit.config.errors import DoesNotFit  # noqa: F401 - raised here, kept importable from here
+from parallelkit.config.plan import RunPlan
+from parallelkit.runtime.plan import build_plan
+from parallelkit.strategies.shared.memory_model import GPU_ALLOWANCE, PARTS
+from parallelkit.util.units import gib
+
+CUDA_CONTEXT = GPU_ALLOWANCE  # what a GPU's context, cuBLAS workspace and allocator slack take before the first tensor
+# Refuse only a prediction above available x (1 + MARGIN). The largest over-prediction of the peak (predicted /
+# measured - 1) over every ok run in results/ was +16.3% (FSDP2 ZeRO-2 on `gpt_350m`, memory_vs_model; 2026-11-24,
+# `python -m parallelkit.predict --check results`, which tests/test_advisor.py re-runs); MARGIN leaves room above
+# it for other machines, so pre-flight refuses only what is clearly too big.
+MARGIN_SEEN = 0.163
+MARGIN = 0.25
+
+
+# ---- the process's own footprint ----
+TINY = ["model=tiny", "train.steps=4", "train.untimed_steps=2", "train.micro_batch_size=2", "train.grad_accum=2",
+        "train.global_batch_size=null", "peak_tflops=1", "preflight=false", "checkpoint.dir=null"]
+
+
+def _presets_by_module() -> dict[str, list[str]]:
+    """Backend module -> its presets, the plainest first (a base preset with no options, then the rest)."""
+    out: dict[str, list[str]] = {}
+    for p in sorted(Path(STRATEGY_DIR).glob("*.yaml"), key=lambda p: (len(p.read_text().splitlines()), p.stem)):
+        target = next((line.split(":", 1)[1].strip() for line in p.read_text().splitlines()
+                       if line.startswith("_target_:")), None)
+        if target:
+            out.setdefault(target.rsplit(".", 1)[0], []).append(p.stem)
+    return out
+
+
+def _measure_baseline(module: str, presets: list[str]) -> int | None:
+    """Peak RSS of a real run of this backend on the tiny model (2 layers, 64 wide), less the tiny model's own
+    predicted parts (a few MB): the interpreter, the libraries, the process group, the backend's fixed buffers
+    and the allocator's habits, as a worker of a real run has them."""
+    import tempfile
+
+
+    env = {**os.environ, "PARALLELKIT_NO_PREDICTION": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent.parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+    # the first preset that runs here (fsdp1 and fairscale_fsdp need a GPU), on the fewest ranks its layout takes
+    # (one process costs half the time; measured: ddp and zero2 hold the same within 1 MiB at 1 and 2 ranks)
+    for name in presets:
+        for world in (1, 2, 4):
+            with tempfile.TemporaryDirectory(prefix="parallelkit-footprint-") as tmp:
+                cmd = [sys.executable, "-m", "parallelkit.run", f"strategy={name}", f"world_size={world}", *TINY,
+                       f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
+                subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+                try:
+                    summary = json.loads((Path(tmp) / "summary.json").read_text())
+                except (OSError, ValueError):
+                    break  # no summary at all: the next preset
+                if summary.get("status") == "ok" and summary.get("peak_mem_bytes"):
+                    own = predict(RunPlan.load(Path(tmp)), baseline=False, projection=False)["peak_mem_bytes"]
+                    return max(summary["peak_mem_bytes"]) - own
+                if "world_size" not in (summary.get("error") or ""):
+                    break
+    return None
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def process_baseline(cls, measure: bool = True) -> int:
+    """What a worker of ``cls``'s backend holds besides the model's predicted parts: measured here once with a
+    real tiny run (seconds; scripts/setup.sh measures every backend ahead), then read from the cache. With
+    ``measure=False`` a backend not measured yet gets the largest footprint measured so far (cautious)."""
+    import torch
+
+    from parallelkit.measure.calibrate import cache_dir
+    from parallelkit.measure.host import versions
+    from parallelkit.util.jsonio import write_json
+
+    key = json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "versions": versions(),
+                      "cores": os.cpu_count(), "mmap_threshold": shipped_default("train.cpu_mmap_threshold")},
+                     sort_keys=True)  # the footprint is measured by a run at the shipped allocator setting
+    path = cache_dir() / "process_baseline.json"
+    read = lambda: (json.loads(path.read_text()) if path.exists() else {}).get(key, {})  # noqa: E731
+    try:
+        known = read()
+    except ValueError:
+        known = {}
+    module = cls.__module__
+    if module not in known and measure:
+        print(f"parallelkit: measuring a {module.rsplit('.', 1)[-1]} worker's own footprint with a tiny run (once; "
+              f"cached in {path})", file=sys.stderr, flush=True)
+        value = _measure_baseline(module, _presets_by_module().get(module, []))
+        with _CACHE_LOCK:  # another process or thread may have written meanwhile: merge
+            try:
+                everything = json.loads(path.read_text()) if path.exists() else {}
+            except ValueError:
+                everything = {}
+            everything.setdefault(key, {})[module] = value  # None: cannot run here (GPU only); not tried again
+            write_json(path, everything)
+        known = everything[key]
+    value = known.get(module)
+    if value is None and not measure and any(v for v in known.values()):
+        return max(v for v in known.values() if v)
+    if value is None:
+        raise RuntimeError(f"no footprint for {module}: no tiny run of it succeeds on this machine")
+    return int(value)
+
+
+def on_cuda() -> bool:
+    with contextlib.suppress(Exception):
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+# ---- the prediction ----
+def predict(plan: RunPlan, baseline: bool = True, projection: bool = True, measure: bool = True) -> dict:
+    """Predicted figures of this run's busiest rank, in the units the run measures."""
+    cfg, cls, opts, lay = plan.cfg, plan.cls, plan.opts, plan.layout
+    m = dict(cls.memory(cfg, opts, lay, None))
+    stages = m.pop("stages", None)
+    parts = {k: int(m.get(k, 0)) for k in PARTS}
+    if cls.one_process and stages:  # one process drives every stage (FairScale Pipe): it holds them all
+        parts = {k: int(sum(st.get(k, 0) for st in stages)) for k in PARTS}
+        m["offloaded"] = sum(st.get("offloaded", 0) for st in stages)
+    cuda = on_cuda()
+    offloaded = int(m.get("offloaded", 0))
+    if not cuda and "nvme" not in (getattr(opts, "offload_optimizer", None), getattr(opts, "offload_param", None)):
+        parts["offloaded"] = offloaded  # on CPU, state offloaded to host memory is still this process's memory
+    base = 0 if cuda or not baseline else process_baseline(cls, measure)
+    comm = {k: int(v) for k, v in cls.comm(cfg, opts, lay).items() if v}
+    # on the device; on CPU also what is "offloaded" to host memory, which is the same memory there
+    out = {"model_state_bytes": parts["params"] + parts["grads"] + parts["optimizer"] + parts.get("offloaded", 0),
+           "peak_mem_bytes": sum(parts.values()) + base, "parts": parts, "process_baseline_bytes": base,
+           "offloaded_bytes": offloaded, "comm_by_kind": comm, "comm_bytes_per_step": sum(comm.values()),
+           "step_time_s": None, "projection": None,
+           "peak_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss"}
+    if stages:
+        out["stage_peaks"] = [int(sum(st.get(k, 0) for k in PARTS) + base) for st in stages]
+    with contextlib.suppress(ImportError):
+        if not projection:
+            raise ImportError
+        from parallelkit.advisor.projection import project
+
+        try:
+            proj = project(cfg, comm, lay)
+            out.update(step_time_s=proj["step_s"], projection=proj)
+        except Exception as e:  # noqa: BLE001 - a projection that cannot be made leaves the memory prediction
+            out["projection"] = {"error": " ".join(str(e).split())[:200]}
+    return out
+
+
+def summary_fields(plan: RunPlan, p: dict | None = None) -> dict:
+    """The predicted_* fields of summary.json from ``p`` (or a new prediction); only a note when the prediction
+    itself fails: the run is not its hostage."""
+    if os.environ.get("PARALLELKIT_NO_PREDICTION"):  # the footprint's own tiny runs
+        return {}
+    try:
+        p = p if p and p.get("projection") else predict(plan)
+    except Exception as e:  # noqa: BLE001
+        return {"prediction": {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}}
+    return {"predicted_model_state_bytes": p["model_state_bytes"], "predicted_peak_mem_bytes": p["peak_mem_bytes"],
+            "predicted_comm_bytes_per_step": p["comm_bytes_per_step"], "predicted_comm_by_kind": p["comm_by_kind"],
+            "predicted_step_time_s": p["step_time_s"],
+            "prediction": {k: p[k] for k in ("parts", "process_baseline_bytes", "offloaded_bytes", "peak_kind",
+                                             "projection", "stage_peaks") if k in p}}
+
+
+# ---- what a rank has ----
+def available_per_rank(cfg, processes: int) -> tuple[int, str]:
+    """Bytes one rank can use and where the figure comes from: ``gpu_memory`` (or the local GPU's memory) less the
+    CUDA context, else (CPU) the machine's available memory shared by the local processes."""
+    from parallelkit.util.units import parse_bytes
+
+    ctx = f"less {CUDA_CONTEXT / 2**30:.0f} GiB for the CUDA context"
+    if (given := parse_bytes(cfg.get("gpu_memory"))) is not None:
+        return given - CUDA_CONTEXT, f"gpu_memory={cfg.get('gpu_memory')} {ctx}"
+    if on_cuda():
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory - CUDA_CONTEXT, f"{torch.cuda.get_device_name(0)} {ctx}"
+    avail = _mem_available()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    return avail // max(1, local), f"this machine's available memory {avail / 2**30:.1f} GiB / {local} local process(es)"
+
+
+def judged(plan: RunPlan, p: dict) -> tuple[int, int, str]:
+    """(predicted bytes, bytes a rank has, where that comes from). With ``gpu_memory`` on a machine without CUDA
+    the user plans for a GPU: the device's bytes count (model state, buffers, activations; not what is offloaded
+    to the host nor a CPU process's own footprint)."""
+    cfg = plan.cfg
+    avail, source = available_per_rank(cfg, plan.layout.processes)
+    if cfg.get("gpu_memory") is not None and not on_cuda():
+        return p["peak_mem_bytes"] - p["process_baseline_bytes"] - p["parts"].get("offloaded", 0), avail, \
+            source + " (planning for a GPU: device bytes only)"
+    return p["peak_mem_bytes"], avail, source
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)}
+    return info.get("MemAvailable", info.get("MemFree", 0))
+
+
+def fits(predicted: int, available: int) -> bool:
+    return predicted <= available * (1 + MARGIN)
+
+
+def alternatives(plan: RunPlan, available: int, limit: int = 5) -> list[tuple[str, int]]:
+    """Presets (conf/strategy) predicted to fit on this run's model, global batch and world size, largest margin
+    first: each at the configured micro-batch, else at micro-batch 1 with activation checkpointing (the same
+    global batch, more accumulation)."""
+    cfg, t = plan.cfg, plan.cfg.train
+    found = []
+    for name in sorted(p.stem for p in Path(STRATEGY_DIR).glob("*.yaml")):
+        variants = [("", {})]
+        if t.micro_batch_size > 1 or not t.activation_checkpointing:
+            variants.append((" with train.micro_batch_size=1 train.activation_checkpointing=true",
+                             {"micro_batch_size": 1, "grad_accum": t.micro_batch_size * t.grad_accum,
+                              "activation_checkpointing": True}))
+        for how, change in variants:
+            pc = copy.deepcopy(cfg)
+            OmegaConf.set_readonly(pc, False)
+            pc.strategy = preset(name)
+            for k, v in change.items():
+                pc.train[k] = v
+            try:
+                alt = build_plan(pc, quiet=True)
+                peak = judged(alt, predict(alt, projection=False, measure=False))[0]
+            except Exception:  # noqa: BLE001 - a preset that cannot run here is no alternative
+                continue
+            if peak <= available:
+                found.append((name + how, available - peak))
+                break
+    return sorted(found, key=lambda x: -x[1])[:limit]
+
+
+def preflight(plan: RunPlan) -> dict | None:
+    """Raise DoesNotFit (one line) when the run is predicted not to fit; else return the prediction (None when
+    ``preflight=false``)."""
+    if not plan.cfg.get("preflight", True) or os.environ.get("PARALLELKIT_NO_PREDICTION"):
+        return None
+    try:
+        p = predict(plan, projection=False)  # memory only: seconds, no benchmark on a first use
+    except Exception as e:  # noqa: BLE001 - no prediction: nothing to refuse on; say so and run
+        print(f"parallelkit: pre-flight: no prediction ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+              "running unchecked", file=sys.stderr)
+        return None
+    used, avail, source = judged(plan, p)
+    if fits(used, avail):
+        return p
+    g = gib
+    alt = alternatives(plan, avail)
+    names = ", ".join(f"strategy={n} ({g(m)} spare)" for n, m in alt) or "none at this world size; try more ranks " \
+        "or a smaller model"
+    raise DoesNotFit(f"predicted {g(used)} per rank, {g(avail)} available ({source}): "
+                     f"will not fit; presets that fit, largest margin first: {names}; preflight=false runs it anyway")
+
+
+def check_results(root: Path) -> dict:
+    """Predicted over measured peak and model state for every ok run under ``root`` (its saved config): the
+    evidence behind MARGIN, and the check that pre-flight would have refused none of them."""
+
+    rows = []
+    for s_path in sorted(root.rglob("summary.json")):
+        s = json.loads(s_path.read_text())
+        c_path = s_path.parent / "config.yaml"
+        if s.get("status") != "ok" or not c_path.exists() or not s.get("peak_mem_bytes"):
+            continue
+        try:
+            p = predict(RunPlan.load(s_path.parent), projection=False)
+        except Exception as e:  # noqa: BLE001
+            rows.append({"run": str(s_path.parent), "error": str(e)[:200]})
+            continue
+        peak = max(s["peak_mem_bytes"])
+        rows.append({"run": str(s_path.parent), "label": s.get("label"), "measured_peak": peak,
+                     "predicted_peak": p["peak_mem_bytes"], "peak_ratio": p["peak_mem_bytes"] / peak,
+                     "measured_state": max(s.get("model_state_bytes") or [0]), "predicted_state": p["model_state_bytes"]})
+    ratios = [r["peak_ratio"] for r in rows if "peak_ratio" in r]
+    return {"rows": rows, "max_over": max(ratios) - 1 if ratios else None, "max_under": 1 - min(ratios) if ratios else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 2 and argv[0] == "--check":
+        rep = check_results(Path(argv[1]))
+        for r in rep["rows"]:
+            if "error" in r:
+                print(f"{r['run']}: not predicted: {r['error']}")
+            else:
+                print(f"{r['peak_ratio']:6.3f}  peak {r['predicted_peak'] / 2**20:8.0f} / {r['measured_peak'] / 2**20:8.0f} MiB"
+                      f"  state {r['predicted_state'] / 2**20:8.1f} / {r['measured_state'] / 2**20:8.1f} MiB  {r['run']}")
+        print(f"largest over-prediction of the peak: {rep['max_over']:+.1%}; largest under-prediction: "
+              f"{rep['max_under']:+.1%}; pre-flight refuses above +{MARGIN:.0%}")
+        return
+    if argv == ["--baseline"]:  # scripts/setup.sh: measure every backend's footprint once, ahead of any run
+        import time
+
+        if on_cuda():  # a GPU's memory is judged by the allocator's bytes: no process footprint in it
+            print("parallelkit: on a GPU the pre-flight check needs no worker footprint; nothing measured")
+            return
+
+        from omegaconf import OmegaConf
+
+        from parallelkit.config.plan import strategy_class
+
+        t0 = time.perf_counter()
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(item):
+            module, presets = item
+            t1 = time.perf_counter()
+            try:
+                got = f"{process_baseline(strategy_class(OmegaConf.create({'strategy': preset(presets[0])}))) / 2**20:,.0f} MiB"
+            except RuntimeError:  # a GPU-only backend on a CPU machine
+                got = "cannot run here"
+            print(f"  {module.rsplit('.', 1)[-1]}: {got} ({time.perf_counter() - t1:.0f} s)", flush=True)
+
+        with ThreadPoolExecutor(2) as pool:  # most are one-process runs, mostly start-up: two at a time
+            list(pool.map(one, _presets_by_module().items()))
+        print(f"parallelkit: each backend's worker footprint measured in {time.perf_counter() - t0:.0f} s "
+              f"(cached for the pre-flight check)")
+        return
+    print("usage: python -m parallelkit.predict --check RESULTS_DIR | --baseline", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

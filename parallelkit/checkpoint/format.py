@@ -1,0 +1,180 @@
+"""Checkpoints in ``checkpoint.dir/step_N``: written atomically, portable across strategies by default.
+
+A save writes into ``step_N.incomplete``; when every rank has written its part, rank 0 adds
+``meta.json`` and the ``complete`` marker and renames the folder to ``step_N``. A folder
+without the marker is never loaded, so a run killed mid-save leaves an ``.incomplete``
+folder that is refused by name, and the previous ``step_N`` still resumes.
+
+The portable form (``checkpoint.format=portable``, the default), the same whatever the strategy:
+
+* ``model.safetensors``: full fp32 weights under the single-process GPT's parameter names
+  (``GPT.named_parameters()``; a tied output projection once, as ``embed.tok.weight``);
+* ``optim.safetensors``: AdamW's state beside them, ``NAME/exp_avg``, ``NAME/exp_avg_sq``, ``NAME/step``;
+* ``meta.json``: the step, the schedule (``optim.*`` and ``train.steps``), the data position
+  (the step: the sampler is a pure function of (seed, sample index), so the step is all of it),
+  every rank's RNG state, the layout and the whole config.
+
+``checkpoint.format=native`` keeps the backend's own files (each rank writes its shards, no
+gather to rank 0: the form that fits when a model's full state does not fit on one rank). Only
+the same strategy and layout resume from it; ``python -m parallelkit.export`` converts it.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from parallelkit.measure.collective import barrier, gather_named
+from parallelkit.util.jsonio import read_json, write_json
+from parallelkit.measure.host import versions
+
+PORTABLE, NATIVE = "portable", "native"
+FORMATS = (PORTABLE, NATIVE)
+COMPLETE = "complete"  # the marker: present only once every rank's part and meta.json are written
+STEP = re.compile(r"step_(\d+)$")
+INCOMPLETE = ".incomplete"
+
+
+# ---- the portable files ----
+def write_portable(path: Path, model: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]]) -> None:
+    from safetensors.torch import save_file
+
+    flat = {f"{name}/{k}": v.contiguous() for name, st in optim.items() for k, v in st.items()}
+    save_file({k: v.contiguous() for k, v in model.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(flat, str(path / "optim.safetensors"), metadata={"format": "pt"})
+
+
+def read_portable(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    model = load_file(str(path / "model.safetensors"))
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+    if (path / "optim.safetensors").exists():
+        for key, v in load_file(str(path / "optim.safetensors")).items():
+            name, _, k = key.rpartition("/")
+            optim.setdefault(name, {})[k] = v
+    return model, optim
+
+
+# ---- RNG: the loop draws nothing at random (data is a function of (seed, index)); kept for models that do ----
+def rng_state(device: torch.device) -> dict[str, str | None]:
+    enc = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    cuda = enc(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None
+    return {"torch": enc(torch.get_rng_state()), "cuda": cuda}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(dec(state["torch"]))
+    if device.type == "cuda" and state.get("cuda"):
+        torch.cuda.set_rng_state(dec(state["cuda"]), device)
+
+
+# ---- save / load, called by every rank ----
+def meta_for(strategy, cfg, step: int, fmt: str, rng: list[dict]) -> dict:
+    t, lay = cfg.train, strategy.ctx.layout
+    g = t.micro_batch_size * t.grad_accum * lay.data_ranks
+    options = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k not in ("name", "_target_")}
+    return {"format": fmt, "step": step, "strategy": cfg.strategy.name, "strategy_target": cfg.strategy._target_,
+            "strategy_options": options, "layout": lay.as_dict(),
+            "schedule": {"train_steps": t.steps, "optim": OmegaConf.to_container(cfg.optim, resolve=True)},
+            "data": {"step": step, "samples_seen": step * g, "global_batch": g, "seed": cfg.seed,
+                     "data": OmegaConf.to_container(cfg.data, resolve=True)},
+            "model": OmegaConf.to_container(cfg.model, resolve=True), "precision": t.precision, "rng": rng,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def save(strategy, cfg, step: int) -> Path:
+    """Write ``checkpoint.dir/step_N`` (collective). Returns the final folder."""
+    root = Path(cfg.checkpoint.dir)
+    final, tmp = root / f"step_{step}", root / f"step_{step}{INCOMPLETE}"
+    rank0, fmt = strategy.ctx.rank == 0, cfg.checkpoint.get("format", PORTABLE)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous run's half-written attempt at this step
+        tmp.mkdir(parents=True)
+    barrier()
+    if fmt == NATIVE:
+        strategy.save(tmp)
+    else:
+        state = strategy.export_state()
+        if rank0:
+            write_portable(tmp, *state)
+    rng = [r["rng"] for r in gather_named({"rng": rng_state(strategy.ctx.device)})]
+    barrier()  # every rank's part is on disk
+    if rank0:
+        write_json(tmp / "meta.json", meta_for(strategy, cfg, step, fmt, rng))
+        (tmp / COMPLETE).write_text(f"step {step} written by every rank\n")
+        _sync(tmp)
+        old = root / f".step_{step}.replaced"
+        if final.exists():  # an earlier run's step_N: replaced whole, never mixed
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _sync(folder: Path) -> None:
+    """Flush the files and the folder, so the marker never reaches the disk before what it vouches for."""
+    for p in [*folder.rglob("*"), folder]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def load(strategy, path: Path) -> int:
+    """Load a complete checkpoint folder into the strategy (collective); return its step."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") == NATIVE:
+        strategy.load(path)
+    else:
+        strategy.import_state(*read_portable(path))
+    rng = meta.get("rng") or []
+    if rng:
+        set_rng_state(rng[strategy.ctx.rank % len(rng)], strategy.ctx.device)
+    return int(meta["step"])
+
+
+def read_meta(path: Path) -> dict:
+    if not (Path(path) / COMPLETE).is_file():
+        raise ValueError(f"{path} is an incomplete checkpoint (no '{COMPLETE}' marker)")
+    return read_json(Path(path) / "meta.json")
+
+
+# ---- finding checkpoints ----
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
+    """The complete ``step_N`` folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP.match(p.name)) and (p / COMPLETE).is_file()]
+    return sorted(found)
+
+
+def incomplete_steps(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and
+                  (p.name.endswith(INCOMPLETE) or (STEP.match(p.name) and not (p / COMPLETE).exists())))
+
+
+def last_complete(root: Path) -> str:
+    steps = complete_steps(root)
+    return f"the last complete one is {steps[-1][1]}" if steps else f"{root} holds no complete checkpoint"

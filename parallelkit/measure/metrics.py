@@ -1,0 +1,199 @@
+"""Measurements shared by every strategy: peak compute, memory, state bytes, communication."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import inspect
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+# Dense peak TFLOP/s per device, from the vendors' data sheets (no sparsity).
+# fp32 is plain FP32 (not TF32), since parallelkit does not enable TF32.
+
+
+
+
+
+def fix_mmap_threshold(nbytes: int | None) -> str:
+    """Set glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD)``): blocks of ``nbytes`` or more are
+    mapped on their own and unmapped when freed. glibc's default threshold starts at 128 KiB and rises to the size
+    of every mapped block freed (up to 32 MiB), after which tensors of a few MiB come from the heap and their
+    memory stays in the process after they are freed: peak RSS then runs hundreds of MiB above the tensors, by an
+    amount that varies from run to run and between backends (experiments/mem_phases.py). A fixed threshold also
+    turns the dynamic rise off. Returns what is in effect, for the summary."""
+    if nbytes is None:
+        return "glibc default (dynamic mmap threshold)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return "allocator default (not glibc)"
+    return f"mmap threshold {int(nbytes)} B" if ok == 1 else "glibc default (mallopt refused the threshold)"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: CUDA's counters, or the kernel's VmHWM via clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    if device.type == "cuda":
+        return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"rss": int(fields["VmHWM"].split()[0]) * 1024}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        t = getattr(t, "_local_tensor", t)  # DTensor: this rank's shard
+        if t.numel() == 0:
+            continue
+        s = t.untyped_storage()
+        seen[(str(t.device), s.data_ptr())] = s.nbytes()
+    return sum(seen.values())
+
+
+def comm_kind(op: str) -> str:
+    """The collective family of a torch.distributed entry point (all_gather_into_tensor -> all_gather)."""
+    for kind in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "reduce"):
+        if kind in op:
+            return kind
+    return "send_recv"  # send, recv, isend, irecv
+
+
+class CommCounter:
+    """Counts the calls and bytes handed to torch.distributed collectives and point-to-point ops, by kind.
+
+    It wraps the Python entry points (``torch.distributed.all_reduce`` and friends), which
+    DeepSpeed, FairScale and FSDP call, only while installed: the loop installs it for the
+    untimed probe step (or for every step with ``train.instrument=true``), so timed steps run the
+    backends' own code. DDP's C++ reducer does not go through Python: its strategy reports its
+    buckets itself (``Strategy.probe_comm``). The figure is the payload per rank (what a rank
+    contributes), not wire traffic: a ring all-reduce of S bytes moves about 2 S (n-1)/n per rank.
+    """
+
+    OPS = {  # op -> index of the tensor argument whose size is the payload
+        "all_reduce": 0, "reduce": 0, "broadcast": 0, "send": 0, "recv": 0, "isend": 0, "irecv": 0,
+        "all_gather_into_tensor": 0, "_all_gather_base": 0, "all_gather": 0,
+        "reduce_scatter_tensor": 1, "_reduce_scatter_base": 1, "reduce_scatter": 1,
+        "all_to_all_single": 1, "all_reduce_coalesced": 0,
+        "all_gather_single": 0, "reduce_scatter_single": 1,  # torch >= 2.13; FSDP2 calls these (with keywords)
+    }
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, list[int]] = {}  # kind -> [calls, bytes]
+        self._saved: list = []
+        self._depth = threading.local()  # the deprecated names call the new ones: count the outermost call only
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.kinds.values())
+
+    def add(self, kind: str, nbytes: int, calls: int = 1) -> None:
+        c = self.kinds.setdefault(kind, [0, 0])
+        c[0] += calls
+        c[1] += nbytes
+
+    def reset(self) -> None:
+        self.kinds = {}
+
+    def _wrap(self, fn, name: str, idx: int):
+        try:
+            key = list(inspect.signature(fn).parameters)[idx]  # the payload may come as a keyword
+        except (TypeError, ValueError, IndexError):
+            key = None
+        kind = comm_kind(name)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            depth = getattr(self._depth, "n", 0)
+            if depth == 0:
+                self.add(kind, _payload(args[idx] if len(args) > idx else kwargs.get(key)))
+            self._depth.n = depth + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth.n = depth
+
+        counted.__parallelkit_wrapped__ = fn
+        return counted
+
+    def install(self) -> "CommCounter":
+        c10d = dist.distributed_c10d
+        wrapped: dict[int, object] = {}  # one wrapper per function: batch_isend_irecv tells sends by `op is isend`
+        for mod in (dist, c10d):
+            for name, idx in self.OPS.items():
+                fn = getattr(mod, name, None)
+                if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
+                    self._saved.append((mod, name, fn))
+                    setattr(mod, name, wrapped.setdefault(id(fn), self._wrap(fn, name, idx)))
+        return self
+
+    def uninstall(self) -> None:
+        for mod, name, fn in reversed(self._saved):
+            setattr(mod, name, fn)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Count what runs inside (installed for the duration)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
+
+    def by_kind(self) -> dict[str, dict[str, int]]:
+        return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.kinds.items())}
+
+
+@contextlib.contextmanager
+def time_in(calls: list[tuple[object, str]]):
+    """Seconds spent inside the methods ``(object, name)`` while the block runs (a pipeline stage's compute, on
+    the probe step): each is wrapped on its instance, and the class's method is back afterwards."""
+    spent = [0.0]
+
+    def timed(fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+
+    for obj, name in calls:
+        setattr(obj, name, timed(getattr(obj, name)))
+    try:
+        yield spent
+    finally:
+        for obj, name in calls:
+            delattr(obj, name)
+
+
+def _payload(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_payload(t) for t in x)
+    return 0
+
+
+def cpu_threads(local_world_size: int) -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // max(1, local_world_size))

@@ -1,0 +1,3 @@
+from parallelkit.report.compare import main
+
+main()

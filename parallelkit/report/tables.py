@@ -1,0 +1,259 @@
+"""The report's tables: human units, the columns, footnotes, markdown and self-contained HTML."""
+from __future__ import annotations
+
+import base64
+import html
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from parallelkit.measure.noise import DRIFT_LIMIT, SPREAD_LIMIT
+from parallelkit.util.units import blank, hbytes, hcount, htime
+
+
+def _num(fmt: str):
+    return lambda v: "" if blank(v) else fmt.format(v)
+
+
+def _dev(v) -> str:
+    return "" if blank(v) else ("0" if v == 0 else f"{v:.1e}")
+
+
+# (column, header in files, header in the terminal, formatter)
+COLUMNS = [
+    ("#", "#", "#", str), ("label", "label", "run", str), ("model", "model", "model", str),
+    ("params", "params", "params", hcount), ("layout", "world/dp/tp/pp", "w/dp/tp/pp", str),
+    ("precision", "precision", "prec", str), ("global_batch", "global batch", "gb", _num("{:.0f}")),
+    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("tok_range", "tokens/s range", None, str),
+    ("step_time_s", "step time", "step", htime), ("spread_text", "spread", "spread", str), ("n", "runs", "n", "n={:.0f}".format),
+    ("tflops", "TFLOP/s", "TFLOP/s", _num("{:.3g}")), ("mfu", "MFU", "MFU", _num("{:.1%}")),
+    ("peak_mem_bytes", "peak mem/rank (max)", "mem/rank", hbytes),
+    ("model_state_bytes", "model state/rank (max)", "state/rank", hbytes),
+    ("comm_bytes_per_step", "comm/step (max rank)", "comm/step", hbytes),
+    ("schedule_text", "pipeline schedule", "sched", str), ("bubble_text", "bubble: est. (idle by stage)", "bubble", str),
+    ("stage_mem_text", "peak mem by stage", "mem/stage", str), ("comm_split_text", "comm p2p / collectives", "p2p/coll", str),
+    ("peak_mem_err", "peak mem: pred. err", "mem err", lambda v: _pct(v)),
+    ("comm_err", "comm: pred. err", "comm err", lambda v: _pct(v)),
+    ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
+    ("status", "status", "status", str), ("notes", "notes", "notes", str),
+]
+CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status", "n")
+HIDDEN_WHEN_ALL = {"n": "n=1"}  # said by nobody when every row has it (one run per configuration)
+HIDDEN_WHEN_EMPTY = ("schedule_text", "bubble_text", "stage_mem_text", "comm_split_text", "peak_mem_err", "comm_err")  # shown once a pipeline runs
+PIPELINE_NOTE = ("Pipelines: schedule and micro-batches per step (m; v: model chunks per rank); bubble: the "
+                 "fill-drain estimate (p-1)/(m+p-1) (interleaved: (p-1)/(v m+p-1)) and, in brackets, each stage's "
+                 "measured idle share on the probe step (time outside its forward and backward); peak memory by "
+                 "stage: the largest rank of each stage (the first holds the embedding, the last the head); comm: "
+                 "point-to-point bytes (activations and their gradients) / collectives, per step, largest rank.")
+SPREAD_NOTE = (f"Median over the timed steps (of one run; with n > 1, the median of the repeats' medians). "
+               f"Range and spread: p10-p90 of the step times and p90/median for one run; min-max and slowest/fastest "
+               f"of the repeats where n > 1. A row is noisy when its spread is over {SPREAD_LIMIT}x or its matmul "
+               f"peak after the run moved over {DRIFT_LIMIT:.0%} from the calibration (see the notes).")
+
+
+def _range(lo, hi, fmt) -> str:
+    return "" if blank(lo) or blank(hi) else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def _spread(spread, noisy) -> str:
+    text = "" if blank(spread) else f"{spread:.2f}x"
+    return f"{text} noisy".strip() if not blank(noisy) and bool(noisy) else text
+
+
+def _list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else []
+
+
+def _schedule(schedule, m, v) -> str:
+    if blank(schedule):
+        return ""
+    return f"{schedule} m={m:.0f}" + (f" v={v:.0f}" if not blank(v) and v > 1 else "") if not blank(m) else str(schedule)
+
+
+def _bubble(est, idle) -> str:
+    text = "" if blank(est) else f"{est:.0%}"
+    shares = _list(idle)
+    return f"{text} ({' / '.join(f'{x:.0%}' for x in shares)})".strip() if shares else text
+
+
+def _comm_split(p2p, coll) -> str:
+    return "" if blank(p2p) else f"{hbytes(p2p)} / {hbytes(coll)}"
+
+
+def pipeline_texts(df: pd.DataFrame) -> dict[str, list[str]]:
+    """The pipeline columns as text: empty for rows that are not pipelines (p2p: rows without point-to-point traffic)."""
+    col = lambda name: df[name] if name in df else [None] * len(df)  # noqa: E731 - older frames lack them
+    p2p = any(not blank(v) and v > 0 for v in col("comm_p2p_bytes"))  # the split is shown once a pipeline sends
+    return {"schedule_text": [_schedule(s, m, v) for s, m, v in zip(col("schedule"), col("micro_batches"),
+                                                                       col("stages_per_rank"))],
+            "bubble_text": [_bubble(e, i) for e, i in zip(col("bubble_estimate"), col("stage_idle_share"))],
+            "stage_mem_text": [" / ".join(hbytes(x) for x in _list(v)) for v in col("peak_mem_by_stage")],
+            "comm_split_text": [_comm_split(p, c) if p2p else "" for p, c in zip(col("comm_p2p_bytes"),
+                                                                                   col("comm_collective_bytes"))]}
+
+
+def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Formatted table, footnotes, and (terminal only) the columns every row shares, said once."""
+    notes: list[str] = []
+    marks = []
+    for row_notes in df["_notes"]:
+        ids = []
+        for n in row_notes:
+            if terminal and len(n) > 300:
+                n = n[:297] + "..."
+            if n not in notes:
+                notes.append(n)
+            ids.append(str(notes.index(n) + 1))
+        marks.append(",".join(ids))
+    df = df.assign(notes=marks, loss_dev=[("ref" if r == nm and not blank(d) else d)
+                                         for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])],
+                   tok_range=[_range(lo, hi, hcount) for lo, hi in zip(df["tokens_per_s_lo"], df["tokens_per_s_hi"])],
+                   spread_text=[_spread(v, z) for v, z in zip(df["spread"], df["noisy"])], **pipeline_texts(df))
+    if terminal:  # the unique name (label + what tells same-label runs apart), cut to fit
+        width = min(32, int(df["name"].str.len().max()))
+        df = df.assign(label=[n[:width].ljust(width) for n in df["name"]])
+    else:
+        df = df.assign(label=df["name"])
+    out, common = {}, []
+    for col, file_head, term_head, fmt in COLUMNS:
+        if terminal and term_head is None:
+            continue
+        vals = [v if isinstance(v, str) and v == "ref" else ("" if blank(v) else fmt(v)) for v in df[col]]
+        if col in HIDDEN_WHEN_ALL and all(v == HIDDEN_WHEN_ALL[col] for v in vals):
+            continue
+        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
+            common.append(vals[0] if col == "n" else f"{file_head} {vals[0]}")
+            continue
+        if (terminal and col in ("notes", "spread_text") or col in HIDDEN_WHEN_EMPTY) and not any(vals):
+            continue
+        head = term_head if terminal else file_head
+        out[head.ljust(len(vals[0])) if terminal and col == "label" else head] = vals
+    return pd.DataFrame(out), notes, common
+
+
+def _pct(v) -> str:
+    return "" if blank(v) else f"{v:+.1%}"
+
+
+PREDICTION_NOTE = ("Predicted before the run (python -m parallelkit.estimate; predict.py) beside what the run measured "
+                   "on its busiest rank; error = (predicted - measured) / measured. Peak memory on CPU is a worker's "
+                   "peak RSS: the prediction is the strategy's parts (model state, buffers, activations) plus the "
+                   "process's own footprint (interpreter, libraries, process group: 'process' below, measured once per "
+                   "backend here); the workers fix glibc's mmap threshold (train.cpu_mmap_threshold) so that freed "
+                   "tensors leave RSS, else it also counts what malloc keeps (experiments/mem_phases.py). "
+                   "Communication is the payload handed to collectives per step (ZeRO paper volumes and each "
+                   "backend's own, see each strategy's comm()); step time is a model: FLOPs at a measured "
+                   "efficiency plus an alpha-beta cost of the bytes, no overlap (projection.py).")
+
+
+def prediction_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Predicted vs measured, one row per run that has a prediction (None: no run has one)."""
+    if "predicted_peak_mem_bytes" not in df or df["predicted_peak_mem_bytes"].isna().all():
+        return None
+    rows = []
+    for _, r in df.iterrows():
+        if blank(r.get("predicted_peak_mem_bytes")):
+            continue
+        rows.append({"run": r["name"], "status": r["status"],
+                     "model state: pred. / meas.": f"{hbytes(r['predicted_model_state_bytes'])} / {hbytes(r['model_state_bytes'])}",
+                     "err": _pct(r["model_state_err"]),
+                     "peak mem: pred. / meas.": f"{hbytes(r['predicted_peak_mem_bytes'])} / {hbytes(r['peak_mem_bytes'])}",
+                     "err ": _pct(r["peak_mem_err"]), "process": hbytes(r.get("process_baseline_bytes")),
+                     "comm/step: pred. / meas.": f"{hbytes(r['predicted_comm_bytes_per_step'])} / {hbytes(r['comm_bytes_per_step'])}",
+                     "err  ": _pct(r["comm_err"]),
+                     "step: pred. / meas.": f"{htime(r['predicted_step_time_s'])} / {htime(r['step_time_s'])}",
+                     "err   ": _pct(r["step_time_err"])})
+    return pd.DataFrame(rows)
+
+
+def comm_kind_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Communication per step by collective kind: measured calls x bytes (the rank that sent most) and predicted
+    bytes, so the report says why one strategy sends more than another."""
+    if "comm_kinds" not in df:
+        return None
+    rows = []
+    for _, r in df.iterrows():
+        kinds = r["comm_kinds"] if isinstance(r["comm_kinds"], dict) else {}
+        row = {"run": r["name"]}
+        for k, v in kinds.items():
+            calls = "" if blank(v.get("calls")) else f"{v['calls']:.0f} x "
+            row[k] = f"{calls}{hbytes(v.get('bytes')) or '0'} (pred. {hbytes(v.get('predicted')) or '0'})"
+        if len(row) > 1:
+            rows.append(row)
+    return pd.DataFrame(rows).fillna("") if rows else None
+
+
+def machine_line(records: list[dict], hosts: list[str | None] | None = None) -> str:
+    """The machine; when the rows ran on several hosts, every one of them (the notes say which row)."""
+    s = next((r for r in records if r.get("machine")), {})
+    m, v = s.get("machine") or {}, s.get("versions") or {}
+    distinct = list(dict.fromkeys(h for h in hosts or [] if isinstance(h, str) and h))  # NaN: a row with no host
+    soft = ", ".join(f"{k} {x}" for k, x in v.items() if x)
+    if len(distinct) > 1:
+        return f"{len(distinct)} different hosts: " + " | ".join(distinct) + "; " + soft
+    cpu = distinct[0] if distinct else "; ".join(filter(None, [m.get("cpu"), m.get("cores") and f"{m['cores']} cores"]))
+    parts = [cpu, f"{hbytes(m['memory_bytes'])} RAM" if m.get("memory_bytes") else None, soft]
+    return "; ".join(p for p in parts if p)
+
+
+def _legend(t: pd.DataFrame) -> str:
+    """What the columns mean: the spread always, the pipeline columns where the table shows them."""
+    shown = {head for col, head, _, _ in COLUMNS if col in HIDDEN_WHEN_EMPTY} & set(t.columns)
+    return SPREAD_NOTE + (" " + PIPELINE_NOTE if shown else "")
+
+
+def _markdown(t: pd.DataFrame) -> str:
+    try:
+        return t.to_markdown(index=False, disable_numparse=True)
+    except ImportError:  # tabulate missing: a fixed-width table still reads fine
+        return "```\n" + t.to_string(index=False) + "\n```"
+
+
+def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Path], command: str | None) -> str:
+    t, notes, _ = display(df)
+    out = [f"# Comparison: {root.name}", "", f"Machine: {machine_line(records, list(df['host']))}  ",
+           f"Report written {datetime.now():%Y-%m-%d %H:%M}"]
+    if command:
+        out += ["", f"Command: {command}"]
+    out += ["", _markdown(t), "", _legend(t), ""]
+    if notes:
+        out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
+    if (p := prediction_table(df)) is not None:
+        out += ["## Predicted vs measured", "", _markdown(p), "", PREDICTION_NOTE, ""]
+    if (k := comm_kind_table(df)) is not None:
+        out += ["## Communication by kind (per step, the rank that sent most: calls x bytes, and the prediction)", "",
+                _markdown(k), ""]
+    out += [f"![{p.stem}]({p.name})" for p in images]
+    return "\n".join(out) + "\n"
+
+
+def html_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Path], command: str | None) -> str:
+    """One file, nothing external: the plots are inline PNGs, so it opens from disk anywhere."""
+    t, notes, _ = display(df)
+    imgs = "\n".join(f'<h2>{html.escape(p.stem)}</h2>\n<img alt="{html.escape(p.stem)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in images)
+    foot = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    cmd = "<br>command: " + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(command)) if command else ""
+    machine = html.escape(machine_line(records, list(df["host"])))
+    extra = ""
+    if (p := prediction_table(df)) is not None:
+        extra += f"<h2>Predicted vs measured</h2>\n{p.to_html(index=False, escape=True, border=0)}\n" \
+                 f"<p class=\"meta\">{html.escape(PREDICTION_NOTE)}</p>\n"
+    if (k := comm_kind_table(df)) is not None:
+        extra += f"<h2>Communication by kind</h2>\n{k.to_html(index=False, escape=True, border=0)}\n"
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>parallelkit comparison: {html.escape(root.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#eee}}
+img{{max-width:100%}} .meta{{color:#555}}</style></head>
+<body><h1>parallelkit comparison: {html.escape(root.name)}</h1>
+<p class="meta">machine: {machine}<br>report written {datetime.now():%Y-%m-%d %H:%M}{cmd}</p>
+{t.to_html(index=False, escape=True, border=0)}
+<p class="meta">{html.escape(_legend(t))}</p>
+<ol class="notes">{foot}</ol>
+{extra}
+{imgs}
+</body></html>
+"""

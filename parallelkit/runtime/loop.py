@@ -1,0 +1,244 @@
+"""The one training loop, run by every worker process whatever the strategy.
+
+``python -m parallelkit.runtime.loop RUN_DIR`` is what the launcher starts under torch's elastic
+agent; ``run.py`` calls ``worker`` directly when the user's own torchrun started us.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from parallelkit.checkpoint import format as checkpoint
+from parallelkit.measure import metrics
+from parallelkit.measure.collective import gather_named, max_over_ranks
+from parallelkit.config.plan import RunPlan
+from parallelkit.data.datasets import Batches, make_dataset
+from parallelkit.config.layout import Layout
+from parallelkit.models.gpt import GPTConfig, build_model
+from parallelkit.measure.noise import RunProbe
+from parallelkit.strategies.shared.optim import lr_at
+from parallelkit.util.jsonio import write_json
+from parallelkit.runtime.processes import INIT_METHOD
+from parallelkit.measure.results import Summary, base_summary, one_line
+from parallelkit.strategies.base import Context, Strategy
+
+
+def init_distributed(layout: Layout) -> Context:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(metrics.cpu_threads(local_world))
+    if not dist.is_initialized():  # env:// under torchrun; a file store under runtime.processes.spawn
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                init_method=os.environ.get(INIT_METHOD))
+    return Context(rank=rank, world_size=world, local_rank=local_rank, device=device, layout=layout)
+
+
+class Progress:
+    """A tqdm bar on a terminal; a line every ~10% of the steps in a log file."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled, self.bar = total, label, enabled, None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+            self.bar.update(1)
+        elif (step + 1) % max(1, self.total // 10) == 0 or step + 1 == self.total:
+            print(f"[{self.label}] step {step + 1}/{self.total} loss {loss:.4f} tokens/s {tps:,.0f}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def make_strategy(plan: RunPlan, ctx: Context, run_dir: Path | None) -> Strategy:
+    """The planned strategy, set up on this rank: model built, wrapped, optimizer made."""
+    cfg, t = plan.cfg, plan.cfg.train
+    ctx.precision, ctx.seed, ctx.optim, ctx.train, ctx.cfg = t.precision, cfg.seed, cfg.optim, t, cfg
+    ctx.model, ctx.run_dir, ctx.instrument = GPTConfig.from_cfg(cfg.model), run_dir, bool(t.get("instrument", False))
+    strategy: Strategy = plan.cls(plan.opts)
+    strategy.setup(ctx, functools.partial(build_model, cfg.model, cfg.seed, t.activation_checkpointing))
+    return strategy
+
+
+@dataclass
+class Steps:
+    """What the steps of one run measured."""
+
+    losses: list[float]
+    times: list[float]  # the timed steps' wall times
+    kinds: dict  # communication by kind, per step
+    measured_on: str
+
+
+def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | None, label: str = "") -> Steps:
+    """Steps ``start`` .. ``train.steps`` - 1: the global batch of each, the schedule's lr, a checkpoint every
+    ``checkpoint.every`` steps; rank 0 appends each step to metrics.jsonl (with a run_dir)."""
+    cfg = plan.cfg
+    ctx, t, layout = strategy.ctx, cfg.train, plan.layout
+    dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
+    batches = [Batches(dataset, t.micro_batch_size, t.grad_accum, layout.data_ranks, r) for r in strategy.data_ranks()]
+    steps = t.steps
+    untimed = min(t.untimed_steps, max(0, steps - start - 1))  # at least one timed step (config.py says so first)
+    probe = start + untimed - 1 if untimed else start  # the last untimed step counts communication
+    tokens_per_step = t.micro_batch_size * t.grad_accum * layout.data_ranks * cfg.model.seq_len
+    rank0 = ctx.rank == 0
+    mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 and run_dir else None
+    progress = Progress(steps - start, label, rank0 and run_dir is not None)
+    counter, probe_kinds = metrics.CommCounter(), {}
+    times, losses = [], []
+    metrics.reset_peak_memory(ctx.device)
+    for step in range(start, steps):
+        timed = step >= start + untimed
+        if step == start + untimed:  # timing and the memory peak count from here on
+            metrics.reset_peak_memory(ctx.device)
+        counting = timed if ctx.instrument else step == probe
+        strategy.measuring = counting
+        micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
+        strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
+        if counting:
+            counter.install()
+        t0 = time.perf_counter()
+        loss = strategy.train_step(micro, t.grad_clip)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        dt = time.perf_counter() - t0
+        counter.uninstall()
+        if counting:
+            for kind, (calls, nbytes) in strategy.probe_comm().items():
+                counter.add(kind, nbytes, calls)
+        if counting and not ctx.instrument:
+            probe_kinds = counter.by_kind()
+        strategy.measuring = False
+        step_loss = strategy.global_loss(loss)
+        mem = max_over_ranks(next(iter(metrics.peak_memory(ctx.device).values())), ctx.device)
+        if timed:
+            times.append(dt)
+        losses.append(step_loss)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {step}: lower optim.lr or use train.precision=fp32")
+        if mfile:
+            rec = {"step": step, "loss": step_loss, "lr": lr, "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                   "peak_mem_bytes": int(mem)}
+            mfile.write(json.dumps(rec) + "\n")
+            mfile.flush()
+        progress.update(step - start, step_loss, tokens_per_step / dt)
+        if cfg.checkpoint.dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+            checkpoint.save(strategy, cfg, step + 1)
+    progress.close()
+    if mfile:
+        mfile.close()
+    if ctx.instrument:  # the mean over the timed steps
+        n = max(1, len(times))
+        kinds = {k: {"calls": v["calls"] / n, "bytes": v["bytes"] / n} for k, v in counter.by_kind().items()}
+        measured_on = f"every timed step (train.instrument=true; mean of {n})"
+    else:
+        kinds = probe_kinds
+        measured_on = f"step {probe + 1} ({'untimed probe step' if untimed else 'the first step, also timed: train.untimed_steps=0'})"
+    if layout.processes == 1:  # one process: collectives move nothing
+        kinds = {}
+    return Steps(losses, times, kinds, measured_on)
+
+
+def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
+    cfg, layout = plan.cfg, plan.layout
+    summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    summary.cpu_malloc = metrics.fix_mmap_threshold(cfg.train.get("cpu_mmap_threshold"))  # before the model is built
+    run_probe = RunProbe(cfg, ctx.device, cfg.train.precision, verbose=ctx.rank == 0)  # calibrated peak; precision warning
+    peak = run_probe.peak
+    strategy = make_strategy(plan, ctx, run_dir)
+    start = checkpoint.load(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
+    done = run_steps(strategy, plan, start, run_dir, summary.label)
+    times, losses, kinds, steps = done.times, done.losses, done.kinds, cfg.train.steps
+    tokens_per_step = summary.tokens_per_step
+    state = strategy.state_tensors()
+    mine = {"breakdown": {k: metrics.tensor_bytes(v) for k, v in state.items()},
+            "state": metrics.tensor_bytes(x for v in state.values() for x in v),
+            "comm": sum(v["bytes"] for v in kinds.values()), "kinds": kinds, "peak": peak,
+            "mem": metrics.peak_memory(ctx.device)}
+    ranks = gather_named(mine)
+    step_time = statistics.median(times)
+    tps = tokens_per_step / step_time
+    peak_dev = statistics.mean(r["peak"] for r in ranks)
+    tflops = ctx.model.flops_per_token() * tps / layout.world / 1e12
+    summary.update(
+        status="ok", timed_steps=len(times), tokens_per_s=tps, step_time_s=step_time, step_times_s=times,
+        tflops=tflops, peak_tflops=peak_dev, mfu=tflops / peak_dev if peak_dev else None,
+        peak_mem_bytes=[int(next(iter(r["mem"].values()))) for r in ranks],
+        peak_mem_kind="cuda_max_allocated" if ctx.device.type == "cuda" else "cpu_peak_rss",
+        model_state_bytes=[int(r["state"]) for r in ranks],
+        model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
+        comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
+        measured_on=done.measured_on, losses=losses, final_loss=losses[-1], strategy_facts=strategy.describe())
+    summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU <= 1
+    if ctx.device.type == "cuda":
+        summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]
+    if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):
+        checkpoint.save(strategy, cfg, steps)
+    strategy.teardown()
+    return summary
+
+
+def worker(plan: RunPlan, run_dir: Path) -> int:
+    """Run one rank of ``plan``. Returns the exit code; the summary is written by rank 0 in any case."""
+    run_dir = Path(run_dir)
+    summary = base_summary(plan)
+    ctx = None
+    try:
+        ctx = init_distributed(plan.layout)
+        summary = train(plan, ctx, run_dir, summary)
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a status and one line
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        summary.update(status="oom" if oom else "failed", error=one_line(e))
+        rank = ctx.rank if ctx else int(os.environ.get("RANK", 0))
+        (run_dir / "errors").mkdir(exist_ok=True)
+        (run_dir / "errors" / f"rank{rank}.txt").write_text(summary.error + "\n")
+        print(f"parallelkit: rank {rank}: {summary.error}", file=sys.stderr, flush=True)
+        if not isinstance(e, Exception):
+            raise
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        code = 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json(run_dir / "summary.json", summary)
+    return code
+
+
+def main() -> None:
+    run_dir = Path(sys.argv[1])
+    code = worker(RunPlan.load(run_dir), run_dir)
+    # The results are written and the process group is gone. Skip the interpreter's teardown:
+    # backend threads (gloo, DeepSpeed, FairScale) can abort it after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Starting worker processes inside a process of ours (export, the collective benchmark, tests): one way.
+
+Each call gets fresh processes that meet through a file store in a folder of their own (no port is
+picked, so no other process can take it first), a deadline, and every process ended when the call
+ends, whatever happened. Runs start their workers through torch's elastic agent instead (launch.py).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+INIT_METHOD = "PARALLELKIT_INIT_METHOD"  # read by runtime.loop.init_distributed
+
+
+def _entry(rank: int, fn, nprocs: int, init: str, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
+                      **{INIT_METHOD: init})
+    fn(rank, *args)
+
+
+def spawn(fn, nprocs: int, *args, timeout: float | None = 900) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes that join one process group (RANK, WORLD_SIZE and
+    the store are in their environment: ``init_distributed`` reads them). Raises when one fails or the deadline
+    passes; every process is ended before it returns."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="parallelkit-store-") as folder:
+        init = f"file://{folder}/store"
+        ctx = mp.start_processes(_entry, args=(fn, nprocs, init, args), nprocs=nprocs, join=False,
+                                 start_method="spawn")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=1):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{nprocs} spawned processes did not finish within {timeout:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
