@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from parallelkit.checkpoint.format import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, read_meta, write_portable
+from parallelkit.checkpoint.format import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, read_meta, recover, write_portable
 from parallelkit.config.errors import ConfigError
 from parallelkit.checkpoint.resume import resolve_resume
 from parallelkit.runtime.processes import spawn
@@ -34,6 +34,8 @@ def find_checkpoint(src: Path) -> Path:
         if not ck.get("dir"):
             raise ConfigError(f"{src} is a run folder without checkpoint.dir: nothing to export")
         return resolve_resume("latest", ck["dir"])
+    if not src.exists():  # a step_N that a save killed between its two renames left aside: put back
+        recover(src.parent)
     return resolve_resume(str(src), None)
 
 
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         out = export(args.src, args.out)
-    except ConfigError as e:
-        print(f"parallelkit.export: {e}", file=sys.stderr)
+    except ConfigError as e:  # one line, nothing written
+        print(f"parallelkit: {e}", file=sys.stderr)
         sys.exit(2)
     meta = json.loads((out / "meta.json").read_text())
     print(f"parallelkit.export: step {meta['step']} of a {meta.get('strategy')} run -> {out} "

@@ -33,6 +33,7 @@ def write_run(root: Path, name: str, seed: int = 0, **fields) -> None:
          "comm_bytes_per_step": [547840, 547840], "losses": LOSSES, "final_loss": LOSSES[-1], "one_process": False,
          "versions": {"torch": "2.13.0"}, "machine": {"cpu": "Test CPU", "cores": 2, "memory_bytes": 24 * 2**30}}
     s.update(fields)
+    s.setdefault("reference", {"single": 0, "ddp": 1}.get(s["strategy"]))  # what the strategy's class says
     if s["status"] != "ok":  # what a failed run's summary holds: the base fields, null metrics
         s.update({k: None for k in ("tokens_per_s", "step_time_s", "tflops", "mfu", "peak_mem_bytes", "model_state_bytes",
                                     "model_state_breakdown", "comm_bytes_per_step", "final_loss")}, losses=[])
@@ -63,7 +64,7 @@ def test_loss_deviation_prefers_single_and_needs_same_model_batch_seed_steps(tmp
     assert r["0_ddp"]["reference"] == "single" and r["0_ddp"]["loss_dev"] == pytest.approx(1e-6, rel=1e-3)
     assert r["2_fsdp"]["loss_dev"] == pytest.approx(0.01) and r["2_fsdp"]["note"] == ""
     for other in ("3_seed1", "4_steps"):  # a different seed or length is not compared
-        assert pd.isna(r[other]["loss_dev"]) and "no single/ddp run" in r[other]["note"]
+        assert pd.isna(r[other]["loss_dev"]) and "no reference run" in r[other]["note"]
     assert r["10_bf16"]["loss_dev"] == pytest.approx(0.01) and "against the fp32 reference" in r["10_bf16"]["note"]
 
 

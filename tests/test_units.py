@@ -123,7 +123,8 @@ def test_every_option_is_typed_and_unknown_ones_are_refused(preset):
         if bad is None:
             continue
         c = cfg.copy()
-        c.strategy[f.name] = bad  # what Hydra hands over for strategy.<name>=<bad> on the command line
+        with open_dict(c.strategy):
+            c.strategy[f.name] = bad  # what Hydra hands over for strategy.<name>=<bad> on the command line
         with pytest.raises(ConfigError) as e:
             planned_strategy(c)
         assert str(e.value).startswith(f"strategy.{f.name}='{bad}': must be") and "\n" not in str(e.value)

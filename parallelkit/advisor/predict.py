@@ -43,6 +43,10 @@ MARGIN_SEEN = 0.163
 MARGIN = 0.25
 
 
+class NotPredicted(Exception):
+    """A backend that does not predict its memory: the pre-flight runs unchecked and the report says so."""
+
+
 # ---- the process's own footprint ----
 TINY = ["model=tiny", "train.steps=4", "train.untimed_steps=2", "train.micro_batch_size=2", "train.grad_accum=2",
         "train.global_batch_size=null", "peak_tflops=1", "preflight=false", "checkpoint.dir=null"]
@@ -144,22 +148,26 @@ def on_cuda() -> bool:
 def predict(plan: RunPlan, baseline: bool = True, projection: bool = True, measure: bool = True) -> dict:
     """Predicted figures of this run's busiest rank, in the units the run measures."""
     cfg, cls, opts, lay = plan.cfg, plan.cls, plan.opts, plan.layout
-    m = dict(cls.memory(cfg, opts, lay, None))
+    m, comm = cls.memory(cfg, opts, lay, None), cls.comm(cfg, opts, lay)
+    if m is None:
+        raise NotPredicted(f"{plan.label}: its backend does not predict its memory")
+    m = dict(m)
     stages = m.pop("stages", None)
     parts = {k: int(m.get(k, 0)) for k in PARTS}
-    if cls.one_process and stages:  # one process drives every stage (FairScale Pipe): it holds them all
+    if stages and lay.processes < lay.world:  # a process that drives several stages' devices holds them all
         parts = {k: int(sum(st.get(k, 0) for st in stages)) for k in PARTS}
         m["offloaded"] = sum(st.get("offloaded", 0) for st in stages)
     cuda = on_cuda()
     offloaded = int(m.get("offloaded", 0))
-    if not cuda and "nvme" not in (getattr(opts, "offload_optimizer", None), getattr(opts, "offload_param", None)):
+    if not cuda and not m.get("offloaded_to_disk"):
         parts["offloaded"] = offloaded  # on CPU, state offloaded to host memory is still this process's memory
     base = 0 if cuda or not baseline else process_baseline(cls, measure)
-    comm = {k: int(v) for k, v in cls.comm(cfg, opts, lay).items() if v}
+    comm = None if comm is None else {k: int(v) for k, v in comm.items() if v}
     # on the device; on CPU also what is "offloaded" to host memory, which is the same memory there
     out = {"model_state_bytes": parts["params"] + parts["grads"] + parts["optimizer"] + parts.get("offloaded", 0),
            "peak_mem_bytes": sum(parts.values()) + base, "parts": parts, "process_baseline_bytes": base,
-           "offloaded_bytes": offloaded, "comm_by_kind": comm, "comm_bytes_per_step": sum(comm.values()),
+           "offloaded_bytes": offloaded, "comm_by_kind": comm,
+           "comm_bytes_per_step": None if comm is None else sum(comm.values()),
            "step_time_s": None, "projection": None,
            "peak_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss"}
     if stages:
@@ -170,6 +178,8 @@ def predict(plan: RunPlan, baseline: bool = True, projection: bool = True, measu
         from parallelkit.advisor.projection import project
 
         try:
+            if comm is None:
+                raise ValueError("its backend does not predict its communication (not predicted)")
             proj = project(cfg, comm, lay)
             out.update(step_time_s=proj["step_s"], projection=proj)
         except Exception as e:  # noqa: BLE001 - a projection that cannot be made leaves the memory prediction

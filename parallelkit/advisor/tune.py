@@ -37,7 +37,7 @@ from parallelkit.config.compose import STRATEGY_DIR, explicit_keys, preset
 from parallelkit.util.units import gib
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.checks import _int, _num
-from parallelkit.config.plan import planned_strategy
+from parallelkit.config.plan import planned_strategy, strategy_class
 from parallelkit.runtime.plan import build_plan
 from parallelkit.config.compose import compose_config
 from parallelkit.util.units import parse_bytes
@@ -64,6 +64,14 @@ def _key(arg: str) -> str:
     return arg.lstrip("+~").split("=", 1)[0]
 
 
+def _candidate(name: str) -> bool:
+    """A preset the tune measures unless told otherwise (its class says; a class that cannot load: no)."""
+    try:
+        return strategy_class(OmegaConf.create({"strategy": preset(name)})).candidate
+    except ConfigError:
+        return False
+
+
 def settings(cfg) -> dict:
     """The ``tune.*`` keys, checked (ConfigError, one line)."""
     _num(cfg, "tune.budget_s")
@@ -71,7 +79,7 @@ def settings(cfg) -> dict:
     _int(cfg, "tune.trial_timeout_s")
     t = OmegaConf.to_container(cfg.tune)
     names = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
-    strategies = t["strategies"] if t["strategies"] is not None else [n for n in names if n != "single"]
+    strategies = t["strategies"] if t["strategies"] is not None else [n for n in names if _candidate(n)]
     strategies = [strategies] if isinstance(strategies, str) else strategies
     bad = [s for s in strategies if s not in names] if isinstance(strategies, list) else [strategies]
     if bad or not strategies:

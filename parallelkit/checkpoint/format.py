@@ -1,9 +1,12 @@
 """Checkpoints in ``checkpoint.dir/step_N``: written atomically, portable across strategies by default.
 
 A save writes into ``step_N.incomplete``; when every rank has written its part, rank 0 adds
-``meta.json`` and the ``complete`` marker and renames the folder to ``step_N``. A folder
-without the marker is never loaded, so a run killed mid-save leaves an ``.incomplete``
-folder that is refused by name, and the previous ``step_N`` still resumes.
+``meta.json``, syncs the files, then writes and syncs the ``complete`` marker and renames the
+folder to ``step_N`` (an earlier ``step_N`` is renamed aside to ``.step_N.replaced`` first and
+removed after; checkpoint.dir is synced after each rename). A folder without the marker is
+never loaded, so a run killed mid-save leaves an ``.incomplete`` folder that is refused by name,
+and the previous ``step_N`` still resumes: killed between the two renames, it is renamed back
+by the next reader (``recover``, called by ``complete_steps``).
 
 The portable form (``checkpoint.format=portable``, the default), the same whatever the strategy:
 
@@ -39,6 +42,8 @@ FORMATS = (PORTABLE, NATIVE)
 COMPLETE = "complete"  # the marker: present only once every rank's part and meta.json are written
 STEP = re.compile(r"step_(\d+)$")
 INCOMPLETE = ".incomplete"
+REPLACED = ".replaced"  # .step_N.replaced: an earlier step_N while save() puts the new one in its place
+ASIDE = re.compile(r"\.step_(\d+)\.replaced$")
 
 
 # ---- the portable files ----
@@ -110,31 +115,59 @@ def save(strategy, cfg, step: int) -> Path:
     barrier()  # every rank's part is on disk
     if rank0:
         write_json(tmp / "meta.json", meta_for(strategy, cfg, step, fmt, rng))
-        (tmp / COMPLETE).write_text(f"step {step} written by every rank\n")
-        _sync(tmp)
-        old = root / f".step_{step}.replaced"
-        if final.exists():  # an earlier run's step_N: replaced whole, never mixed
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _sync(tmp)  # the data on disk first: the marker must never reach the disk before what it vouches for
+        marker = tmp / COMPLETE
+        marker.write_text(f"step {step} written by every rank\n")
+        _fsync(marker)
+        _fsync(tmp)
+        _replace(tmp, final)
     barrier()
     return final
 
 
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an earlier run's ``final`` is renamed aside first (``.step_N.replaced``) and
+    removed after, so a step is replaced whole, never mixed. A crash between the two renames leaves the old one
+    complete under its aside name, which the readers (``recover``) rename back."""
+    root, old = final.parent, _aside(final)
+    for attempt in range(3):
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            _fsync(root)
+        try:
+            tmp.rename(final)
+            break
+        except OSError:  # a reader renamed the old one back in between: aside again
+            if attempt == 2 or not final.exists():
+                raise
+    _fsync(root)
+    (old / COMPLETE).unlink(missing_ok=True)  # the old one never counts again, even half removed
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}{REPLACED}")
+
+
+def _fsync(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _sync(folder: Path) -> None:
-    """Flush the files and the folder, so the marker never reaches the disk before what it vouches for."""
-    for p in [*folder.rglob("*"), folder]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    """Flush the files below ``folder`` and the folders that hold them."""
+    for p in sorted(folder.rglob("*"), key=lambda q: q.is_dir()):  # files, then their folders
+        _fsync(p)
+    _fsync(folder)
 
 
 def load(strategy, path: Path) -> int:
@@ -158,13 +191,35 @@ def read_meta(path: Path) -> dict:
 
 
 # ---- finding checkpoints ----
+def recover(root: Path) -> list[Path]:
+    """Rename back every complete ``.step_N.replaced`` whose ``step_N`` is missing: what a save killed between its
+    two renames leaves (the earlier step_N aside, the new one still ``.incomplete``). Returns the steps put back."""
+    root, back = Path(root), []
+    if not root.is_dir():
+        return back
+    for p in root.iterdir():
+        if (m := ASIDE.match(p.name)) and (p / COMPLETE).is_file() and not (final := root / f"step_{m.group(1)}").exists():
+            try:
+                p.rename(final)
+            except OSError:  # a read-only checkpoint.dir, or another reader was first: complete_steps reads it aside
+                continue
+            _fsync(root)
+            back.append(final)
+    return back
+
+
 def complete_steps(root: Path) -> list[tuple[int, Path]]:
-    """The complete ``step_N`` folders under ``root``, oldest first."""
+    """The complete ``step_N`` folders under ``root``, oldest first (a step_N left aside by a killed save is put
+    back first, or listed under its aside name where it cannot be)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP.match(p.name)) and (p / COMPLETE).is_file()]
-    return sorted(found)
+    recover(root)
+    found = {int(m.group(1)): p for p in root.iterdir() if (m := STEP.match(p.name)) and (p / COMPLETE).is_file()}
+    for p in root.iterdir():
+        if (m := ASIDE.match(p.name)) and (p / COMPLETE).is_file():
+            found.setdefault(int(m.group(1)), p)
+    return sorted(found.items())
 
 
 def incomplete_steps(root: Path) -> list[Path]:

@@ -49,6 +49,7 @@ class Summary:
     final_loss: float | None = None
     strategy_facts: dict | None = None
     one_process: bool = False
+    reference: int | None = None  # this strategy is a loss reference (lower: preferred); see Strategy.reference
     # how far the timing can be trusted (noise.py, calibrate.py)
     step_time_median_s: float | None = None
     step_time_min_s: float | None = None
@@ -104,7 +105,7 @@ def base_summary(plan) -> Summary:
         params=GPTConfig.from_cfg(cfg.model).num_params(), world_size=lay.world, dp=lay.dp, tp=lay.tp, pp=lay.pp,
         processes=lay.processes, precision=t.precision, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
         global_batch=global_batch, seq_len=cfg.model.seq_len, steps=t.steps, tokens_per_step=global_batch * cfg.model.seq_len,
-        one_process=cls.one_process, versions=versions(), machine=machine(), host=host_facts(), repeat=cfg.get("repeat"))
+        one_process=cls.one_process, reference=cls.reference, versions=versions(), machine=machine(), host=host_facts(), repeat=cfg.get("repeat"))
 
 
 def one_line(exc: BaseException) -> str:

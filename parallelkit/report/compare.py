@@ -23,7 +23,6 @@ from parallelkit.report.aggregate import config_key, host_labels, merge_repeats
 from parallelkit.util.jsonio import read_json
 from parallelkit.report.tables import display, html_page, markdown_page
 
-REFERENCES = ("single", "ddp")  # preferred first
 
 
 def _natural(p: Path) -> list:
@@ -96,10 +95,9 @@ def _names(records: list[dict]) -> list[str]:
 
 
 def _reference(s: dict, records: list[dict]) -> dict | None:
-    cands = [r for r in records if r.get("status") == "ok" and r.get("strategy") in REFERENCES
+    cands = [r for r in records if r.get("status") == "ok" and r.get("reference") is not None
              and r["fingerprint"] == s["fingerprint"] and r.get("losses")]
-    cands.sort(key=lambda r: (r.get("precision") != s.get("precision"), r.get("precision") != "fp32",
-                              REFERENCES.index(r["strategy"])))
+    cands.sort(key=lambda r: (r.get("precision") != s.get("precision"), r.get("precision") != "fp32", r["reference"]))
     return cands[0] if cands else None
 
 
@@ -111,14 +109,14 @@ def _baseline_batch(s: dict, records: list[dict]) -> int | None:
     if counts.empty:
         return None
     top = [b for b, c in counts.items() if c == counts.iloc[0]]
-    refs = [r.get("global_batch") for r in group if r.get("strategy") in REFERENCES and r.get("global_batch") in top]
+    refs = [r.get("global_batch") for r in group if r.get("reference") is not None and r.get("global_batch") in top]
     return refs[0] if refs else next(r.get("global_batch") for r in group if r.get("global_batch") in top)
 
 
 def build(records: list[dict]) -> pd.DataFrame:
     """The comparison in raw units (bytes, seconds): one row per run, notes for unfair rows."""
     names = _names(records)
-    any_ref = any(r.get("status") == "ok" and r.get("strategy") in REFERENCES for r in records)
+    any_ref = any(r.get("status") == "ok" and r.get("reference") is not None for r in records)
     hosts = host_labels(records)
     known = [h for h in hosts if h]
     main_host = max(set(known), key=known.count) if known else None
@@ -152,7 +150,7 @@ def build(records: list[dict]) -> pd.DataFrame:
                 if r.get("precision") != s.get("precision"):
                     notes.append(f"loss deviation measured against the {r.get('precision')} reference run")
             elif any_ref:
-                notes.append("no single/ddp run with the same model, global batch, seed and steps: no loss deviation")
+                notes.append("no reference run (single, else ddp) with the same model, global batch, seed and steps: no loss deviation")
         breakdown = s.get("model_state_breakdown") or []
         state = s.get("model_state_bytes") or []
         top = breakdown[state.index(max(state))] if state and len(breakdown) == len(state) else {}

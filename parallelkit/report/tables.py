@@ -153,17 +153,19 @@ def prediction_table(df: pd.DataFrame) -> pd.DataFrame | None:
     if "predicted_peak_mem_bytes" not in df or df["predicted_peak_mem_bytes"].isna().all():
         return None
     rows = []
+
+    def pair(pred, meas, fmt=hbytes) -> str:
+        return f"{'not predicted' if blank(pred) else fmt(pred)} / {fmt(meas)}"
+
     for _, r in df.iterrows():
-        if blank(r.get("predicted_peak_mem_bytes")):
-            continue
         rows.append({"run": r["name"], "status": r["status"],
-                     "model state: pred. / meas.": f"{hbytes(r['predicted_model_state_bytes'])} / {hbytes(r['model_state_bytes'])}",
+                     "model state: pred. / meas.": pair(r["predicted_model_state_bytes"], r["model_state_bytes"]),
                      "err": _pct(r["model_state_err"]),
-                     "peak mem: pred. / meas.": f"{hbytes(r['predicted_peak_mem_bytes'])} / {hbytes(r['peak_mem_bytes'])}",
+                     "peak mem: pred. / meas.": pair(r["predicted_peak_mem_bytes"], r["peak_mem_bytes"]),
                      "err ": _pct(r["peak_mem_err"]), "process": hbytes(r.get("process_baseline_bytes")),
-                     "comm/step: pred. / meas.": f"{hbytes(r['predicted_comm_bytes_per_step'])} / {hbytes(r['comm_bytes_per_step'])}",
+                     "comm/step: pred. / meas.": pair(r["predicted_comm_bytes_per_step"], r["comm_bytes_per_step"]),
                      "err  ": _pct(r["comm_err"]),
-                     "step: pred. / meas.": f"{htime(r['predicted_step_time_s'])} / {htime(r['step_time_s'])}",
+                     "step: pred. / meas.": pair(r["predicted_step_time_s"], r["step_time_s"], htime),
                      "err   ": _pct(r["step_time_err"])})
     return pd.DataFrame(rows)
 

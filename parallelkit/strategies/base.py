@@ -92,6 +92,8 @@ class Strategy:
     autocast_forward = True  # False when the backend casts the model itself
     scaler_class = None  # fp16 loss scaler; None: torch.amp.GradScaler (sharded gradients need a sharded one)
     portable = True  # export_state / import_state implemented (checked before launch: False refuses the portable form)
+    reference: int | None = None  # the report compares losses with the ok run whose reference is lowest (single 0, ddp 1)
+    candidate = True  # tune measures it (False: not a way to train on world_size devices)
 
     def __init__(self, opts: Options):
         self.opts = opts
@@ -143,18 +145,18 @@ class Strategy:
         return o.name
 
     @classmethod
-    def memory(cls, cfg, o: Options, layout: Layout, mem: int | None) -> dict:
-        """Predicted bytes per rank by part (see memory_model.py); the default is a full replica."""
-        from parallelkit.strategies.shared.memory_model import replica
-
-        return replica(cfg, layout, ddp_buckets=False)
+    def memory(cls, cfg, o: Options, layout: Layout, mem: int | None) -> dict | None:
+        """Predicted bytes per rank by part (``shared/memory_model.py``: params, grads, optimizer, buffers,
+        activations, offloaded; pipelines add ``stages``). None: this backend does not predict its memory, and
+        the estimate, the pre-flight and the report say "not predicted" (never a guess)."""
+        return None
 
     @classmethod
-    def comm(cls, cfg, o: Options, layout: Layout) -> dict[str, float]:
+    def comm(cls, cfg, o: Options, layout: Layout) -> dict[str, float] | None:
         """Predicted communication per optimizer step on the busiest rank, by kind (all_reduce, reduce_scatter,
         all_gather, broadcast, send_recv), in the units ``metrics.CommCounter`` measures: the payload a rank
-        hands to each call, not wire traffic. The default: one process, nothing sent."""
-        return {}
+        hands to each call, not wire traffic. ``{}``: nothing is sent. None: not predicted."""
+        return None
 
     # ---- in the worker: the template ----
     def setup(self, ctx: Context, build: ModelBuilder) -> None:

@@ -113,10 +113,17 @@ def _user_config(cfg) -> tuple[dict, dict, str]:
         if not p.is_file():
             raise ConfigError(f"strategy.config_file={path!r} does not exist: give a DeepSpeed JSON file")
         try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"strategy.config_file={path!r} is not valid JSON: {e}") from None
-    if not isinstance(extra, dict) or not isinstance(data, dict):
+            data = json.loads(p.read_bytes().decode("utf-8-sig"))  # a BOM is allowed
+        except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+            raise ConfigError(f"strategy.config_file={path!r} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                              f"give a DeepSpeed JSON file") from None
+        except (OSError, ValueError, RecursionError) as e:  # unreadable, truncated, not JSON, nested too deep
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise ConfigError(f"strategy.config_file={path!r} is not valid JSON ({why}): give a DeepSpeed JSON file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"strategy.config_file={path!r} holds a JSON {type(data).__name__}, not an object: a "
+                              f"DeepSpeed config is a JSON object, e.g. {{\"zero_optimization\": {{\"stage\": 2}}}}")
+    if not isinstance(extra, dict):
         raise ConfigError("strategy.config must be a mapping, e.g. 'strategy.config={zero_optimization: {overlap_comm: false}}'")
     return data, extra, f"strategy.config_file={path}" if path else "strategy.config"
 

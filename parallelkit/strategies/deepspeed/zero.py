@@ -7,8 +7,13 @@ offloaded. The config comes from ``deepspeed_config.build_config`` and is saved 
 """
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import shutil
+import signal
+import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -193,8 +198,11 @@ class DeepSpeedStrategy(Strategy):
         self.nvme_dir = None
         zero = self.ds_config["zero_optimization"]
         if "nvme" in (self.offload_optimizer, self.offload_param):  # a folder of this run's own, removed at teardown
-            run = Path(ctx.run_dir or "run").name
-            self.nvme_dir = Path(zero.get("offload_param", zero.get("offload_optimizer"))["nvme_path"]) / f"parallelkit_{run}"
+            # named after the run and its launching process (the local ranks' parent: torchrun's agent), so
+            # concurrent runs never share one; removed at teardown, on a signal or at exit, and by a later run
+            # once every rank that claimed it is dead (sweep_stale_nvme)
+            run = f"{Path(ctx.run_dir or 'run').name}_{os.getppid()}"
+            self.nvme_dir = make_nvme_dir(Path(zero.get("offload_param", zero.get("offload_optimizer"))["nvme_path"]), run)
             for k in ("offload_optimizer", "offload_param"):
                 if zero.get(k, {}).get("device") == "nvme":
                     zero[k]["nvme_path"] = str(self.nvme_dir)
@@ -339,3 +347,116 @@ class DeepSpeedStrategy(Strategy):
         time.sleep(0.2)
         if self.nvme_dir is not None and self.ctx.local_rank == 0:
             shutil.rmtree(self.nvme_dir, ignore_errors=True)
+        _NVME_DIRS.discard(self.nvme_dir)
+
+
+# ---- NVMe swap folders: ZeRO-Infinity writes tens of GB there; none may outlive its run ----
+NVME_OWNERS = ".parallelkit_owners"  # in a run's NVMe folder: "host pid" of each process that uses it, a line each
+_NVME_DIRS: set[Path] = set()  # this process's folders, removed on the way out whatever ends it
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_previous: dict[int, Any] = {}
+
+
+def make_nvme_dir(parent: Path, run: str) -> Path:
+    """``parent/parallelkit_<run>``, claimed by this process and removed when it ends (teardown, exit, SIGTERM,
+    SIGINT, SIGHUP); stale siblings left by dead runs (killed, crashed) are removed first."""
+    folder = Path(parent) / f"parallelkit_{run}"
+    sweep_stale_nvme(folder.parent, keep=folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    claim_nvme_dir(folder)
+    if not _NVME_DIRS and not _previous:
+        _remove_on_exit()
+    _NVME_DIRS.add(folder)
+    return folder
+
+
+def claim_nvme_dir(folder: Path, pid: int | None = None) -> None:
+    """Add a process (this one by default) to the owners of an NVMe folder: it is stale once they are all dead."""
+    with open(Path(folder) / NVME_OWNERS, "a") as f:
+        f.write(f"{socket.gethostname()} {pid or os.getpid()}\n")
+
+
+def sweep_stale_nvme(parent: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the ``parallelkit_*`` folders under ``parent`` whose owners (NVME_OWNERS) are all dead processes of
+    this host; a folder without owners, or with an owner on another host, is left alone. Returns those removed."""
+    removed = []
+    for folder in sorted(Path(parent).glob("parallelkit_*")) if Path(parent).is_dir() else []:
+        if folder != keep and folder.is_dir() and not folder.is_symlink() and _stale(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _stale(folder: Path) -> bool:
+    try:
+        owners = [line.split() for line in (folder / NVME_OWNERS).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    host = socket.gethostname()
+    return bool(owners) and all(len(o) == 2 and o[0] == host and o[1].isdigit() and not _alive(int(o[1]))
+                                for o in owners)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a zombie has ended; only its parent has not reaped it yet
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True
+
+
+def sweep_nvme_of(cfg) -> list[Path]:
+    """The stale NVMe folders under a DeepSpeed run's nvme_path, removed: for the launcher once the run's workers
+    have ended (a worker that fails ends by os._exit, past atexit)."""
+    zero = build_config(cfg)[0]["zero_optimization"]
+    parents = {z["nvme_path"] for z in (zero.get("offload_param"), zero.get("offload_optimizer"))
+               if isinstance(z, dict) and z.get("device") == "nvme" and z.get("nvme_path")}
+    return [f for parent in sorted(parents) for f in sweep_stale_nvme(Path(parent))]
+
+
+def _remove_nvme_dirs() -> None:
+    for folder in list(_NVME_DIRS):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_on_exit() -> None:
+    """Remove this process's NVMe folders at exit and on SIGTERM, SIGINT or SIGHUP (then the signal does what it
+    did before). A main thread blocked in a collective runs no Python handler, so the signal also wakes a thread
+    that removes them. SIGKILL and os._exit skip all this: the next run's make_nvme_dir sweeps what is left."""
+    atexit.register(_remove_nvme_dirs)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in _STOP_SIGNALS:
+        prev = signal.getsignal(s)
+        if prev is not None and prev != signal.SIG_IGN:  # None: a handler not set from Python; leave it
+            _previous[s] = prev
+            signal.signal(s, _on_signal)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    if (theirs := signal.set_wakeup_fd(w, warn_on_full_buffer=False)) != -1:  # someone else's: theirs stays
+        signal.set_wakeup_fd(theirs)
+        os.close(r)
+        os.close(w)
+        return
+
+    def watch() -> None:
+        while data := os.read(r, 64):
+            if set(data) & set(_previous):
+                _remove_nvme_dirs()
+
+    threading.Thread(target=watch, name="parallelkit-nvme-cleanup", daemon=True).start()
+
+
+def _on_signal(signum, frame) -> None:
+    _remove_nvme_dirs()
+    prev = _previous.get(signum, signal.SIG_DFL)
+    if callable(prev):
+        return prev(signum, frame)
+    signal.signal(signum, signal.SIG_DFL)  # ended by the signal, as without this handler
+    os.kill(os.getpid(), signum)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
-from fairscale.optim.grad_scaler import ShardedGradScaler
+from parallelkit.strategies.shared.lazy import lazy
+
+fairscale_dp = lazy("fairscale.nn.data_parallel")
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.env import cuda_available
@@ -34,7 +35,12 @@ class FairScaleFSDPOptions(Options):
 class FairScaleFSDPStrategy(Strategy):
     Options = FairScaleFSDPOptions
     portable = False  # GPU only: its export/import is unwritten until it can be tested on a GPU
-    scaler_class = ShardedGradScaler
+    @property
+    def scaler_class(self):
+        from fairscale.optim.grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler
+
     autocast_forward = False  # FSDP casts parameters to compute_dtype itself
 
     @classmethod
@@ -67,8 +73,8 @@ class FairScaleFSDPStrategy(Strategy):
               "fp32_reduce_scatter": low, "flatten_parameters": False,
               "move_params_to_cpu": self.opts.cpu_offload, "compute_device": self.ctx.device}
         for i, block in enumerate(model.blocks):
-            model.blocks[i] = FSDP(block, **kw)
-        return FSDP(model, **kw)
+            model.blocks[i] = fairscale_dp.FullyShardedDataParallel(block, **kw)
+        return fairscale_dp.FullyShardedDataParallel(model, **kw)
 
     def param_groups(self, module) -> list[dict]:
         return self._groups  # the same Parameter objects, now holding this rank's shard

@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fairscale.nn.data_parallel import ShardedDataParallel
-from fairscale.optim import OSS
-from fairscale.optim.grad_scaler import ShardedGradScaler
 
 from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_process, total
 from parallelkit.config.errors import ConfigError
@@ -45,7 +42,12 @@ class OSSOptions(Options):
 
 class FairScaleOSSStrategy(Strategy):
     Options = OSSOptions
-    scaler_class = ShardedGradScaler  # torch's GradScaler would see only this rank's shard
+    @property
+    def scaler_class(self):  # torch's GradScaler would see only this rank's shard
+        from fairscale.optim.grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler
+
 
     @classmethod
     def check(cls, cfg, o) -> None:
@@ -85,6 +87,8 @@ class FairScaleOSSStrategy(Strategy):
     def make_optimizer(self, module):
         # OSS wraps the optimizer class and turns the parameters into views of per-rank flat buffers,
         # so it comes before the wrapper (wrap below uses it).
+        from fairscale.optim import OSS
+
         return OSS(self.param_groups(module), optim=torch.optim.AdamW, broadcast_fp16=self.opts.broadcast_fp16,
                    **adamw_kwargs(self.ctx.optim))
 
@@ -93,6 +97,8 @@ class FairScaleOSSStrategy(Strategy):
 
     def wrap_with_optimizer(self, model, optimizer):
         if self.opts.sharded_ddp:  # ShardedDDP needs the OSS instance
+            from fairscale.nn.data_parallel import ShardedDataParallel
+
             model = ShardedDataParallel(model, optimizer, reduce_buffer_size=self.opts.reduce_buffer_size)
         return model, optimizer
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from fairscale.nn import Pipe
 from torch import nn
 
 from parallelkit.config.errors import ConfigError
@@ -130,6 +129,10 @@ class FairScalePipeStrategy(Strategy):
             rows.append({**r, "activations": act})
         return {**max(rows, key=parts_total), "stages": rows}  # every stage: one process holds them all
 
+    @classmethod
+    def comm(cls, cfg, o, layout):
+        return {}  # one process drives every stage: activations move between devices, not between ranks
+
     def build_model(self, build):
         gpt = build(device="cpu")  # Pipe moves each stage to its device
         self.tied = gpt.head.out.weight is gpt.embed.tok.weight
@@ -146,6 +149,8 @@ class FairScalePipeStrategy(Strategy):
         self.balance = stage_balance(ctx.model, self.opts)
         with warnings.catch_warnings():  # "deprecated, upstreamed to torch.distributed.pipeline.sync" (since removed)
             warnings.simplefilter("ignore", DeprecationWarning)
+            from fairscale.nn import Pipe
+
             return Pipe(nn.Sequential(*layers), balance=self.balance, devices=self.devices, chunks=self.opts.chunks,
                         checkpoint=self.opts.checkpoint)
 

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from fairscale.nn import model_parallel as mp
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -35,6 +33,10 @@ from parallelkit.models.gpt import GPT, GPTConfig
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 from parallelkit.strategies.torch.ddp import ddp_probe_comm, ddp_wrap
+from parallelkit.strategies.shared.lazy import lazy
+
+mp = lazy("fairscale.nn.model_parallel")
+layers = lazy("fairscale.nn.model_parallel.layers")
 
 
 @dataclass
@@ -92,7 +94,7 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
         return tp_slice(name, t, r, n, vocab_parallel)
 
     def column(lin: nn.Linear, name: str) -> ColumnParallelLinear:
-        new = ColumnParallelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, gather_output=False,
+        new = layers.ColumnParallelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, gather_output=False,
                                    init_method=_keep)
         with torch.no_grad():
             new.weight.copy_(cut(f"{name}.weight", lin.weight))
@@ -103,7 +105,7 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
         return new
 
     def row(lin: nn.Linear, name: str) -> RowParallelLinear:
-        new = RowParallelLinear(lin.in_features, lin.out_features, bias=True, input_is_parallel=True, init_method=_keep)
+        new = layers.RowParallelLinear(lin.in_features, lin.out_features, bias=True, input_is_parallel=True, init_method=_keep)
         with torch.no_grad():
             new.weight.copy_(cut(f"{name}.weight", lin.weight))
             new.bias.copy_(lin.bias)  # added once, after the all-reduce: replicated
@@ -116,7 +118,7 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
     if vocab_parallel:
         tok, out = gpt.embed.tok, gpt.head.out
         tied = out.weight is tok.weight
-        emb = VocabParallelEmbedding(tok.num_embeddings, tok.embedding_dim, init_method=_keep)
+        emb = layers.VocabParallelEmbedding(tok.num_embeddings, tok.embedding_dim, init_method=_keep)
         with torch.no_grad():
             emb.weight.copy_(cut("embed.tok.weight", tok.weight))
         emb.weight.tp_split = True

@@ -69,6 +69,7 @@ def zero_state_bytes(o: dict, psi: float, n: int, prec: str, zc: dict, accum: in
     if o.get("offload_param") not in (None, False, "none") and stage == 3:
         r["offloaded"] += r["params"]
         r["params"] = 0
+    r["offloaded_to_disk"] = "nvme" in (o.get("offload_optimizer"), o.get("offload_param"))  # not in host memory
     bucket = p * zc["reduce_bucket_size"] * (2 if zc["overlap_comm"] else 1)
     live = min(psi, zc["stage3_max_live_parameters"] + zc["stage3_prefetch_bucket_size"])
     r["buffers"] = bucket + (p * live if stage == 3 else 0)
@@ -87,7 +88,7 @@ def in_flight(schedule: str, m: int, p: int, i: int, v: int = 1) -> int:
     return min(m, p - i)
 
 
-def pipeline_memory(cfg, layout: Layout, schedule: str, v: int, dp_mode: str, balance: list[int]) -> dict:
+def pipeline_memory(cfg, layout: Layout, schedule: str, v: int, sharded_dp: bool, balance: list[int]) -> dict:
     """Per pipeline rank (a rank holds stages i, i + pp, ...): the state of its layers (the last stage's own copy
     of a tied head included and stepped), sharded over dp under FSDP or with DDP's buckets, and the activations
     of the micro-batches in flight (the last stage's also the saved log-softmax). Returns the largest rank's
@@ -111,7 +112,7 @@ def pipeline_memory(cfg, layout: Layout, schedule: str, v: int, dp_mode: str, ba
         if i == p - 1:
             acts += 8 * b * c.seq_len * c.vocab_size  # the loss's and the logits' gradients, one micro-batch at a time
         r = replica_state(cfg, psi)
-        if dp > 1 and dp_mode == "fsdp":
+        if dp > 1 and sharded_dp:
             r.update({k: r[k] / dp for k in ("params", "grads", "optimizer")}, buffers=r["buffers"] + 8 * psi)
         elif dp > 1:
             r["buffers"] += 4 * psi  # DDP's buckets

@@ -44,6 +44,7 @@ def _python_allreduce(group, bucket):  # no annotations: DDP checks them at runt
 
 
 class DDPStrategy(Strategy):
+    reference = 1  # the loss reference where no single run is in the comparison
     Options = DDPOptions
 
     @classmethod

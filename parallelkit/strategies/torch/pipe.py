@@ -127,7 +127,7 @@ class TorchPipeStrategy(Strategy):
 
     @classmethod
     def memory(cls, cfg, o, layout, mem):
-        return pipeline_memory(cfg, layout, o.schedule, o.chunks, o.dp_mode,
+        return pipeline_memory(cfg, layout, o.schedule, o.chunks, o.dp_mode == "fsdp",
                                stage_balance(GPTConfig.from_cfg(cfg.model), layout.pp * o.chunks))
 
     @classmethod
