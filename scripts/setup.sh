@@ -76,7 +76,7 @@ if "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: GPU found; installing the default (CUDA) torch build"
-  "$PY" -m pip install "torch>=2.4"
+  "$PY" -m pip install "torch>=2.6"
 else
   # No GPU: the CPU build, never the multi-GB CUDA one. A local wheel or mirror is used when
   # pip is configured with one; otherwise PyTorch's own CPU index.

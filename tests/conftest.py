@@ -1,16 +1,27 @@
 """Shared test helpers: run the real CLI (real worker processes, gloo) and read what it wrote."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# One cache folder per test run, never the user's (~/.cache/parallelkit): the matmul and collective calibrations
+# and the worker footprints a test needs are measured into it, so no test depends on what a machine measured
+# before, and no test changes what the user's runs read. Every process the tests start inherits it.
+CACHE = Path(tempfile.mkdtemp(prefix="parallelkit-test-cache-"))
+os.environ["PARALLELKIT_CACHE"] = str(CACHE)
+os.environ.pop("PARALLELKIT_RECALIBRATE", None)
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 # Small and fast: tiny model, few steps. Tests add or override keys.
 FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1"]

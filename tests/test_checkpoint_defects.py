@@ -160,28 +160,53 @@ def test_nvme_folder_shared_by_ranks_is_stale_only_when_every_owner_is_dead(tmp_
     assert zero.sweep_stale_nvme(tmp_path) == [] and folder.is_dir()
 
 
-def test_nvme_folder_is_made_claimed_and_removed_on_a_signal(tmp_path):
-    """A worker stopped by SIGTERM (a timeout, an interrupt) removes its NVMe folder on the way out."""
+BLOCK = {"sleeping": "time.sleep(60)",  # the main thread runs the handler
+         # blocked in C++ with the GIL released, as in a hung collective: the handler would wait for the call
+         "in_a_collective": "from datetime import timedelta\nimport torch.distributed as dist\n"
+                            "dist.TCPStore('127.0.0.1', 0, 1, True, timeout=timedelta(seconds=60)).get('never')"}
+
+
+@pytest.mark.parametrize("block", BLOCK, ids=list(BLOCK))
+def test_nvme_folder_is_made_claimed_and_removed_on_a_signal(tmp_path, block):
+    """A worker stopped by SIGTERM (a timeout, an interrupt) removes its NVMe folder and still ends by the signal,
+    at once, even blocked in a collective; a dead run's folder is swept when the new one is made."""
+    import time
+
     from parallelkit.strategies.deepspeed import zero
 
     stale = tmp_path / "parallelkit_old"
     stale.mkdir()
     zero.claim_nvme_dir(stale, _dead_pid())
-    code = (f"import os, signal, sys, time\n"
+    code = (f"import time\n"
             f"from pathlib import Path\n"
             f"from parallelkit.strategies.deepspeed import zero\n"
             f"d = zero.make_nvme_dir(Path({str(tmp_path)!r}), 'run1')\n"
             f"(d / 'swap.bin').write_bytes(b'0' * 100)\n"
             f"print(d, flush=True)\n"
-            f"time.sleep(60)\n")
+            f"{BLOCK[block]}\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
     made = Path(proc.stdout.readline().strip())
     assert made == tmp_path / "parallelkit_run1" and (made / "swap.bin").exists()
     assert not stale.exists()  # swept when the new one was made
+    time.sleep(0.5)  # into the blocking call
+    t = time.monotonic()
     proc.terminate()
-    assert proc.wait(timeout=30) == -15  # still ends by the signal, as before
+    assert proc.wait(timeout=30) == -15 and time.monotonic() - t < 10  # ended by the signal, as before, at once
     assert not made.exists()
+
+
+def test_launcher_sweeps_the_nvme_folders_of_a_run_whose_workers_ended(tmp_path):
+    from conftest import compose_run
+
+    from parallelkit.strategies.deepspeed import zero
+
+    cfg = compose_run("strategy=zero3", "strategy.offload_param=nvme", f"strategy.nvme_path={tmp_path}", checked=False)
+    for name, pid in (("parallelkit_failed_1", _dead_pid()), ("parallelkit_other_2", os.getpid())):
+        (tmp_path / name).mkdir()
+        zero.claim_nvme_dir(tmp_path / name, pid)
+    assert zero.sweep_nvme_of(cfg) == [tmp_path / "parallelkit_failed_1"]
+    assert (tmp_path / "parallelkit_other_2").is_dir()
 
 
 # ---- 4. a DeepSpeed config file that is not JSON ----

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from parallelkit.advisor.estimate import GiB, estimate_all, main
-from parallelkit.util.units import parse_bytes
+from parallelkit.config.checks import parse_bytes
 from parallelkit.config.layout import split_stages as stage_split
 from parallelkit.strategies.shared.memory_model import activation_values as _acts, zero_state_bytes as deepspeed_state
 from parallelkit.models.gpt import GPTConfig, build_model, lm_loss

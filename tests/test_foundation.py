@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import FAST, assert_close_trajectory, run_cli, summary, train, train_ranks
+from conftest import FAST, assert_close_trajectory, compose_plan, run_cli, summary, train, train_ranks
 
 CONTRACT_FIELDS = {
     "status", "error", "strategy", "label", "model", "params", "world_size", "dp", "tp", "pp", "precision",
@@ -92,31 +92,59 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path):
     assert_close_trajectory(s["losses"], local["losses"], rtol=1e-6)
 
 
-def test_bad_config_fails_fast_with_one_line(tmp_path):
-    cases = {
-        "strategy=nope": "strategy=nope: no such strategy",
-        "world_size=0": "world_size=0",
-        "train.micro_batch_size=abc": "train.micro_batch_size",
-        "train.global_batch_size=7": "train.global_batch_size=7 is not a multiple",
-        "data=text data.path=/no/such/file": "data.path='/no/such/file' does not exist",
-        "model.n_head=5": "model.n_head=5",
-        "train.untimed_steps=6": "train.untimed_steps=6",
-        "train.stepz=5": "train.stepz: no such key",
-        "checkpoint.every=2": "checkpoint.every=2 needs checkpoint.dir",
-    }
-    for override, message in cases.items():
-        out = tmp_path / "".join(c if c.isalnum() else "_" for c in override)
-        out.mkdir()
-        (out / "keep.txt").write_text("user data")
-        p = run_cli(out, *FAST, *override.split(), timeout=60)
-        assert p.returncode == 2, (override, p.stderr)
-        err = [l for l in p.stderr.splitlines() if l.strip()]
-        assert len(err) == 1 and message in err[0] and err[0].startswith("parallelkit: config error:"), (override, err)
-        assert "torch.distributed.run" not in p.stderr and not (out / "metrics.jsonl").exists()
-        assert (out / "keep.txt").read_text() == "user data"
-        if override not in ("strategy=nope", "train.stepz=5"):  # refused before Hydra composes: no run dir
-            s = summary(out)
-            assert s["status"] == "failed" and message in s["error"]
+def config_error(*overrides: str) -> str | None:
+    """The one-line error ``python -m parallelkit.run`` gives these overrides before any worker starts, found
+    in-process by the same checks in the same order (command line, then the plan), or None."""
+    from parallelkit.config.compose import check_group_choices, check_keys, open_strategy_keys
+    from parallelkit.config.errors import ConfigError
+
+    argv = open_strategy_keys([*FAST, *overrides])
+    if (err := check_group_choices(argv) or check_keys(argv)) is not None:
+        return err
+    try:
+        compose_plan(*overrides)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("strategy=nope", "strategy=nope: no such strategy"),
+    ("world_size=0", "world_size=0"),
+    ("train.micro_batch_size=abc", "train.micro_batch_size"),
+    ("train.global_batch_size=7", "train.global_batch_size=7 is not a multiple"),
+    ("data=text data.path=/no/such/file", "data.path='/no/such/file' does not exist"),
+    ("model.n_head=5", "model.n_head=5"),
+    ("train.untimed_steps=6", "train.untimed_steps=6"),
+    ("train.stepz=5", "train.stepz: no such key"),
+    ("checkpoint.every=2", "checkpoint.every=2 needs checkpoint.dir"),
+    ("train.grad_clip=nan", "train.grad_clip=nan: must be a finite number"),
+    ("train.grad_clip=inf", "train.grad_clip=inf: must be a finite number"),
+    ("train.grad_clip=-1", "train.grad_clip=-1"),
+])
+def test_bad_config_is_one_line_before_any_worker(override, message):
+    err = config_error(*override.split())
+    assert err is not None and message in err, (override, err)
+
+
+def test_bad_config_exit_code_contract(tmp_path):
+    """The CLI's side of a bad config: exit 2, one line on stderr, a failed summary, nothing of the user's lost,
+    no worker started. A single run and a sweep (a misspelt key) alike."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    p = run_cli(out, *FAST, "train.grad_clip=nan", timeout=120)
+    err = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("parallelkit: config error: train.grad_clip"), err
+    assert "torch.distributed.run" not in p.stderr and not (out / "metrics.jsonl").exists()
+    assert (out / "keep.txt").read_text() == "user data"
+    s = summary(out)
+    assert s["status"] == "failed" and "train.grad_clip=nan" in s["error"]
+    sweep = run_cli(tmp_path / "sweep", "-m", *FAST, "trian.steps=3", "strategy=ddp,zero2",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", timeout=120)
+    err = [l for l in sweep.stderr.splitlines() if l.strip()]
+    assert sweep.returncode == 2 and len(err) == 1 and "trian.steps: no such key" in err[0], err
 
 
 def test_timeout_and_worker_failure_still_write_summary(tmp_path):

@@ -37,7 +37,7 @@ def test_a_killed_torchrun_agent_takes_its_workers_with_it(tmp_path):
     """SIGKILL to torch's elastic agent mid-run: the launcher stops every worker, exits within a minute, and the
     summary says in one line that the agent was killed (not "workers exited with code -9")."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "parallelkit.run", *FAST, "train.steps=100000", "strategy=ddp",
+    proc = subprocess.Popen([sys.executable, "-m", "parallelkit.run", *FAST, "train.steps=100000", "strategy=ddp", "preflight=false",
                              f"hydra.run.dir={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
     try:
@@ -49,15 +49,17 @@ def test_a_killed_torchrun_agent_takes_its_workers_with_it(tmp_path):
         agents = [c for c in psutil.Process(proc.pid).children()
                   if "torch.distributed.run" in " ".join(c.cmdline())]
         assert len(agents) == 1, agents
-        workers = [p for p in _run_procs(out) if "parallelkit.runtime.loop" in " ".join(p.cmdline())]
+        workers = [p for p in _run_procs(out) if "parallelkit.runtime.loop" in " ".join(p.cmdline())
+                   and "torch.distributed.run" not in " ".join(p.cmdline())]
         assert len(workers) == 2, workers
         agents[0].send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         deadline = time.monotonic() + 5  # a process signalled just before the launcher exited may take a moment
         while _run_procs(out) and time.monotonic() < deadline:
             time.sleep(0.1)
         left = [(p.pid, " ".join(p.cmdline())[-120:]) for p in _run_procs(out)]
         assert not left, f"left running after the launcher exited: {left}"
+        _, err = proc.communicate(timeout=30)  # a worker left alive would hold these pipes open
         assert proc.returncode == 1, err[-3000:]
         s = summary(out)
         assert s["status"] == "killed", (s["status"], s["error"])

@@ -24,7 +24,8 @@ from parallelkit.config.plan import RunPlan
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.runtime.plan import build_plan
 from parallelkit.strategies.shared.memory_model import GPU_ALLOWANCE, PARTS
-from parallelkit.util.units import GiB, parse_bytes, size
+from parallelkit.config.checks import parse_bytes
+from parallelkit.util.units import GiB, size
 
 OVERHEAD = GPU_ALLOWANCE  # allowance, not a measurement: CUDA context (~0.5 GB), cuBLAS workspace, allocator slack
 ASSUMPTIONS = ("bytes/param: fp32 AdamW 4+4+8 (DeepSpeed: +4 fp32 master in stages 1-3; 16-bit: 2+2+12); "

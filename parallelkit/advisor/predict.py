@@ -86,7 +86,8 @@ def _measure_baseline(module: str, presets: list[str]) -> int | None:
                 except (OSError, ValueError):
                     break  # no summary at all: the next preset
                 if summary.get("status") == "ok" and summary.get("peak_mem_bytes"):
-                    own = predict(RunPlan.load(Path(tmp)), baseline=False, projection=False)["peak_mem_bytes"]
+                    own = predict(RunPlan.of(OmegaConf.load(Path(tmp) / "config.yaml")), baseline=False,
+                                   projection=False)["peak_mem_bytes"]  # a plan of that run: not this run's
                     return max(summary["peak_mem_bytes"]) - own
                 if "world_size" not in (summary.get("error") or ""):
                     break
@@ -207,7 +208,7 @@ def summary_fields(plan: RunPlan, p: dict | None = None) -> dict:
 def available_per_rank(cfg, processes: int) -> tuple[int, str]:
     """Bytes one rank can use and where the figure comes from: ``gpu_memory`` (or the local GPU's memory) less the
     CUDA context, else (CPU) the machine's available memory shared by the local processes."""
-    from parallelkit.util.units import parse_bytes
+    from parallelkit.config.checks import parse_bytes
 
     ctx = f"less {CUDA_CONTEXT / 2**30:.0f} GiB for the CUDA context"
     if (given := parse_bytes(cfg.get("gpu_memory"))) is not None:

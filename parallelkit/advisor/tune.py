@@ -40,7 +40,7 @@ from parallelkit.config.checks import _int, _num
 from parallelkit.config.plan import planned_strategy, strategy_class
 from parallelkit.runtime.plan import build_plan
 from parallelkit.config.compose import compose_config
-from parallelkit.util.units import parse_bytes
+from parallelkit.config.checks import parse_bytes
 from parallelkit.runtime.launch import SIGNALS, Interrupted, raise_on_signals, with_package_path
 from parallelkit.config.layout import divisors
 from parallelkit.config.compose import check_keys

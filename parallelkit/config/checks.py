@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,21 @@ def _num(cfg, key: str, minimum: float = 0.0) -> None:
     v = OmegaConf.select(cfg, key)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < minimum:
         raise ConfigError(f"{key}={v!r}: must be a finite number >= {minimum}")
+
+
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}  # powers of 1000 (or of 1024 with an "i")
+
+
+def parse_bytes(value, key: str = "gpu_memory") -> int | None:
+    """Bytes, or a size string: 80GB (GB = 1e9), 24GiB (GiB = 2^30); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", str(value), re.I)
+    if isinstance(value, bool) or not m or (m[3] and not m[2]) or float(m[1]) <= 0:
+        raise ConfigError(f"{key}={value!r}: give bytes or a size such as 80GB (1e9) or 24GiB (2^30)")
+    return int(float(m[1]) * (1024 if m[3] else 1000) ** _POWERS[m[2].lower()])
 
 
 def untimed_steps_key(cfg: DictConfig) -> tuple[int | None, str | None]:

@@ -77,16 +77,16 @@ def check_group_choices(argv: list[str]) -> str | None:
 
 
 def check_keys(argv: list[str]) -> str | None:
-    """One line for an override of a key that does not exist (a typo such as train.stepz=5).
-
-    Only for single runs: a sweep's jobs may compose different strategy presets.
-    """
-    if any(a in ("-m", "--multirun") for a in argv):
-        return None
+    """One line for an override of a key that does not exist (a typo such as train.stepz=5), for a single run or
+    a sweep (whose every job would fail the same way: its first value of each swept key is composed)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
     overrides = [a for a in argv if "=" in a and not a.startswith(("hydra.", "hydra/", "-"))]
+    if any(a in ("-m", "--multirun") for a in argv):
+        overrides = _first_job(overrides)
+        if overrides is None:
+            return None
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             compose("config", overrides=overrides)
@@ -101,6 +101,25 @@ def check_keys(argv: list[str]) -> str | None:
     except Exception:  # noqa: BLE001 - anything else: Hydra reports it as usual
         return None
     return None
+
+
+def _first_job(overrides: list[str]) -> list[str] | None:
+    """A sweep's overrides with each swept key at its first value (None: a sweep this cannot read)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        out = []
+        for o in parsed:
+            if not o.is_sweep_override():
+                out.append(o.input_line)
+            elif o.input_line.split("=", 1)[1].split("(")[0] in ("glob", "range", "interval", "choice", "tag"):
+                continue  # a function of the config loader: the key is checked with its config-file value
+            else:
+                out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        return out
+    except Exception:  # noqa: BLE001 - Hydra reports a sweep it cannot parse itself
+        return None
 
 
 def open_strategy_keys(argv: list[str]) -> list[str]:

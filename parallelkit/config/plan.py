@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
 
-MADE = {"plans": 0}  # RunPlan objects made in this process (a test counts them: one per run)
+MADE = {"plans": 0}  # plans built (runtime.plan.build_plan) or loaded (RunPlan.load) here: a test counts one a run
 
 
 def strategy_class(cfg):
@@ -54,9 +54,6 @@ class RunPlan:
     layout: Layout
     notes: tuple[str, ...] = field(default=())  # what planning adopted or changed, said once
 
-    def __post_init__(self):
-        MADE["plans"] += 1
-
     @classmethod
     def of(cls, cfg) -> "RunPlan":
         """The plan of a complete config (one ``build_plan`` made, or a saved run's): no checks, no changes."""
@@ -81,4 +78,5 @@ class RunPlan:
         """The plan a launcher saved in ``run_dir``: read once by each worker."""
         cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
         OmegaConf.set_readonly(cfg, True)
+        MADE["plans"] += 1
         return cls.of(cfg)

@@ -27,7 +27,7 @@ import torch
 
 from parallelkit.measure.metrics import cpu_threads
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
-from parallelkit.strategies.shared.precision import DTYPES
+from parallelkit.util.dtypes import DTYPES
 
 SIZES = (128, 256, 512, 1024, 2048)  # CPU: the best is often a small one (caches; emulated bf16)
 CUDA_SIZES = (4096, 8192)

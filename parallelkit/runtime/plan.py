@@ -17,7 +17,7 @@ from parallelkit.checkpoint.resume import checkpoint_plan
 from parallelkit.config.checks import (check_settings, check_world, default_world_size, grad_accum_of, note,
                                        untimed_steps_key)
 from parallelkit.config.env import rank as env_rank
-from parallelkit.config.plan import RunPlan, options_dict, strategy_class
+from parallelkit.config.plan import MADE, RunPlan, options_dict, strategy_class
 
 
 def build_plan(cfg: DictConfig, explicit: set[str] | None = None, quiet: bool = False) -> RunPlan:
@@ -57,4 +57,5 @@ def build_plan(cfg: DictConfig, explicit: set[str] | None = None, quiet: bool = 
             print(f"parallelkit: {'; '.join(adopted)}", file=sys.stderr, flush=True)
         for text in notes:
             note(text)
+    MADE["plans"] += 1
     return RunPlan(cfg, cls, opts, layout, tuple(adopted + notes))

@@ -1,24 +1,7 @@
-"""Bytes, counts and times as people read them, and sizes as people write them. Written once."""
+"""Bytes, counts and times as people read them. Written once."""
 from __future__ import annotations
 
-import re
-
-from parallelkit.config.errors import ConfigError
-
 GiB = 2**30
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}  # powers of 1000 (or of 1024 with an "i")
-
-
-def parse_bytes(value, key: str = "gpu_memory") -> int | None:
-    """Bytes, or a size string: 80GB (GB = 1e9), 24GiB (GiB = 2^30); None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*", str(value), re.I)
-    if isinstance(value, bool) or not m or (m[3] and not m[2]) or float(m[1]) <= 0:
-        raise ConfigError(f"{key}={value!r}: give bytes or a size such as 80GB (1e9) or 24GiB (2^30)")
-    return int(float(m[1]) * (1024 if m[3] else 1000) ** _POWERS[m[2].lower()])
 
 
 def blank(v) -> bool:

@@ -426,9 +426,11 @@ def _remove_nvme_dirs() -> None:
 
 
 def _remove_on_exit() -> None:
-    """Remove this process's NVMe folders at exit and on SIGTERM, SIGINT or SIGHUP (then the signal does what it
-    did before). A main thread blocked in a collective runs no Python handler, so the signal also wakes a thread
-    that removes them. SIGKILL and os._exit skip all this: the next run's make_nvme_dir sweeps what is left."""
+    """Remove this process's NVMe folders at exit and on SIGTERM, SIGINT or SIGHUP, after which the signal does what
+    it did before (ends the process, or calls the handler that was there). A main thread blocked in a collective
+    runs no Python handler until the collective returns, so the signal also wakes a thread that removes them (and
+    ends the process where the signal would have). SIGKILL and os._exit skip all this: the next run's
+    make_nvme_dir, or sweep_nvme_of, removes what is left."""
     atexit.register(_remove_nvme_dirs)
     if threading.current_thread() is not threading.main_thread():
         return
@@ -447,8 +449,10 @@ def _remove_on_exit() -> None:
 
     def watch() -> None:
         while data := os.read(r, 64):
-            if set(data) & set(_previous):
+            for signum in set(data) & set(_previous):
                 _remove_nvme_dirs()
+                if _previous[signum] == signal.SIG_DFL:
+                    _die_by(signum)
 
     threading.Thread(target=watch, name="parallelkit-nvme-cleanup", daemon=True).start()
 
@@ -458,5 +462,16 @@ def _on_signal(signum, frame) -> None:
     prev = _previous.get(signum, signal.SIG_DFL)
     if callable(prev):
         return prev(signum, frame)
-    signal.signal(signum, signal.SIG_DFL)  # ended by the signal, as without this handler
+    _die_by(signum)
+
+
+def _die_by(signum: int) -> None:
+    """End the process by ``signum`` as its default action does (from any thread: Python sets handlers only from
+    the main one, so the default is put back through libc there)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signum, signal.SIG_DFL)
+    else:
+        import ctypes
+
+        ctypes.CDLL(None).signal(ctypes.c_int(signum), ctypes.c_void_p(0))  # SIG_DFL
     os.kill(os.getpid(), signum)

@@ -21,7 +21,7 @@ fairscale_dp = lazy("fairscale.nn.data_parallel")
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.env import cuda_available
-from parallelkit.strategies.shared.precision import DTYPES
+from parallelkit.util.dtypes import DTYPES
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.torch.fsdp import fsdp_comm, fsdp_memory
 

@@ -93,7 +93,7 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
     def cut(name: str, t: torch.Tensor) -> torch.Tensor:
         return tp_slice(name, t, r, n, vocab_parallel)
 
-    def column(lin: nn.Linear, name: str) -> ColumnParallelLinear:
+    def column(lin: nn.Linear, name: str) -> "layers.ColumnParallelLinear":
         new = layers.ColumnParallelLinear(lin.in_features, lin.out_features, bias=lin.bias is not None, gather_output=False,
                                    init_method=_keep)
         with torch.no_grad():
@@ -104,7 +104,7 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
             p.tp_split = True
         return new
 
-    def row(lin: nn.Linear, name: str) -> RowParallelLinear:
+    def row(lin: nn.Linear, name: str) -> "layers.RowParallelLinear":
         new = layers.RowParallelLinear(lin.in_features, lin.out_features, bias=True, input_is_parallel=True, init_method=_keep)
         with torch.no_grad():
             new.weight.copy_(cut(f"{name}.weight", lin.weight))

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from parallelkit.util.dtypes import DTYPES  # noqa: F401 - importable from here too
 
 
 class Precision:

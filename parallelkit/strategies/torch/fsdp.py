@@ -36,7 +36,7 @@ from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_p
 from parallelkit.config.errors import ConfigError
 from parallelkit.strategies.shared.memory_model import activations, replica_state
 from parallelkit.models.gpt import GPTConfig
-from parallelkit.strategies.shared.precision import DTYPES
+from parallelkit.util.dtypes import DTYPES
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.checkpoint.by_name import check_names
 

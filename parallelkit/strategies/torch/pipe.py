@@ -1,8 +1,8 @@
 """torch.distributed.pipelining: the GPT cut into stages, one process per stage, x data parallelism.
 
-Ranks form a 2-D mesh (dp, pp): ``pp_size`` consecutive ranks run one pipeline, the
-``world_size / pp_size`` pipelines are data-parallel replicas (``dp_mode``: DDP, or FSDP2 over
-the mesh's dp dimension). The layers of ``GPT.layers()`` are split into ``pp_size x
+Ranks sit on the layout's mesh (config/layout.py: pp slowest, then dp): a pipeline is one
+``layout.group("pp", rank)`` (its stages ``dp`` ranks apart), the ``world_size / pp_size``
+pipelines are data-parallel replicas (``dp_mode``: DDP, or FSDP2 over the mesh's dp dimension). The layers of ``GPT.layers()`` are split into ``pp_size x
 stages_per_rank`` stages by ``layout.split_stages`` (what the estimator uses); rank ``i`` of a
 pipeline holds stages ``i, i + pp_size, ...`` (interleaved_1f1b runs several per rank).
 Each rank builds only its own layers (on the meta device, then ``GPT.init_weights`` by
