@@ -291,7 +291,7 @@ class Strategy:
     # Moments and step counts must round-trip exactly: a resume continues the trajectory to the parity
     # tolerance (1e-5 relative in fp32). Shared helpers: ``state.py`` (``state_by_name`` / ``load_by_name``
     # for a torch optimizer over whole parameters, ``check_names``); tensor-parallel cutting by name:
-    # ``fairscale_tp.split_of`` / ``tp_slice`` / ``tp_unslice``; pipelines: ``fairscale_pipe.portable_params``.
+    # ``shared/tensor_parallel.py`` (``split_of`` / ``tp_slice`` / ``tp_unslice``); pipelines: ``fairscale/pipe.py``'s ``portable_params``.
     # ``tests/test_checkpoint_matrix.py`` checks every strategy against every other: add yours to its lists.
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]] | None:

@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallelkit.config.errors import ConfigError
-from parallelkit.config.layout import Layout, divisors
+from parallelkit.config.layout import Layout
 from parallelkit.models.gpt import Block
 from parallelkit.strategies.deepspeed.pipe import DeepSpeedPipeStrategy, PipeOptions
+from parallelkit.strategies.shared.tensor_parallel import check_heads, tp_slice
 
 
 @dataclass
@@ -102,9 +102,8 @@ def shard_block(block: Block, tp: TensorGroup) -> None:
         return t.detach().chunk(n, dim)[r].clone()
 
     a, m = block.attn, block.mlp
-    # qkv's rows are [q; k; v], heads contiguous in each: this rank takes its heads of all three
-    qkv_w = torch.cat([part(t, 0) for t in a.qkv.weight.chunk(3, 0)])
-    qkv_b = torch.cat([part(t, 0) for t in a.qkv.bias.chunk(3, 0)])
+    # qkv's rows are [q; k; v], heads contiguous in each: this rank takes its heads of all three (tp_slice)
+    qkv_w, qkv_b = (tp_slice(f"attn.qkv.{k}", getattr(a.qkv, k).detach(), r, n, False).clone() for k in ("weight", "bias"))
     a.qkv = ColumnParallelLinear(qkv_w, qkv_b, tp)
     a.proj = RowParallelLinear(part(a.proj.weight, 1), a.proj.bias.detach().clone(), tp)
     m.fc = ColumnParallelLinear(part(m.fc.weight, 0), part(m.fc.bias, 0), tp)
@@ -120,11 +119,7 @@ class Neox3DStrategy(DeepSpeedPipeStrategy):
 
     @classmethod
     def check(cls, cfg, o) -> None:
-        h, tp = cfg.model.n_head, o.tp_size
-        if h % tp:
-            fits = [d for d in divisors(h) if cfg.world_size % (d * o.pp_size) == 0]
-            raise ConfigError(f"strategy.tp_size={tp} does not divide model.n_head={h}: each tensor-parallel rank "
-                              f"computes whole attention heads; use strategy.tp_size={' or '.join(map(str, fits))}")
+        check_heads(cfg, o.tp_size, o.pp_size)
         super().check(cfg, o)
 
     @classmethod

@@ -36,13 +36,14 @@ from torch import nn
 
 from parallelkit.strategies.shared.comm_model import activation, busiest, gpt, one_process, tensor_parallel, total, word
 from parallelkit.config.errors import ConfigError
-from parallelkit.config.layout import Layout, split_stages
+from parallelkit.config.layout import Layout
 from parallelkit.strategies.shared.memory_model import PARTS, activation_values, parts_total, zero_state_bytes
 from parallelkit.models.gpt import Block, GPTConfig, initial_value
 from parallelkit.strategies.shared.optim import param_groups
 from parallelkit.strategies.base import Options
 from parallelkit.strategies.deepspeed.zero import SHARDED, DeepSpeedStrategy
 from parallelkit.strategies.deepspeed.config import build_config, settings
+from parallelkit.strategies.shared.pipeline import bubble, stage_balance
 
 
 
@@ -155,23 +156,6 @@ def layer_specs(c: GPTConfig, seed: int, checkpoint: bool, shard: Callable | Non
     return [tok, LayerSpec(PositionEmbedding, c, seed), *blocks, LayerSpec(FinalNorm, c, seed), head]
 
 
-def stage_balance(c: GPTConfig, pp: int, method: str) -> list[int]:
-    """Layers per stage: ``split_stages`` over each layer's weight (its parameters; 1 for ``uniform``; 1 where
-    the class name matches for ``type:REGEX``, as DeepSpeed's methods weigh them). Runs and estimator agree."""
-    layers = pipeline_layers(c)
-    if method == "parameters":
-        weights = [n for _, n in layers]
-    elif method == "uniform":
-        weights = [1] * len(layers)
-    else:
-        rx = re.compile(method[5:], re.IGNORECASE)
-        weights = [1 if rx.search(name) else 0 for name, _ in layers]
-        if not any(weights):
-            names = ", ".join(dict.fromkeys(name for name, _ in layers))
-            raise ConfigError(f"strategy.partition_method={method!r} matches none of the pipeline's layers ({names})")
-    return split_stages(weights, pp)
-
-
 def build_pipeline(specs: list, balance: list[int], topology, loss_fn: Callable) -> nn.Module:
     """DeepSpeed's PipelineModule cut as ``balance`` says (its partitioner is the one hook replaced)."""
     from deepspeed.pipe import PipelineModule
@@ -208,7 +192,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
             raise ConfigError(f"strategy.pp_size={pp} is more stages than the pipeline's {n} layers (token and "
                               f"position embeddings, {c.n_layer} blocks, final LayerNorm, head): use "
                               f"strategy.pp_size <= {n}")
-        stage_balance(c, pp, o.partition_method)
+        stage_balance(pipeline_layers(c), pp, o.partition_method)
         build_config(cfg, cls.layout(cfg, o).dp)  # a conflicting strategy.config, before any worker starts
 
     @classmethod
@@ -223,7 +207,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         c = GPTConfig.from_cfg(cfg.model)
         split = c.block_matmul_params() * (1 - 1 / layout.tp)  # of each block, on each tensor-parallel rank
         layers, rows, start = pipeline_layers(c), [], 0
-        for n in stage_balance(c, layout.pp, o.partition_method):
+        for n in stage_balance(pipeline_layers(c), layout.pp, o.partition_method):
             mine = layers[start:start + n]
             start += n
             blocks = sum(1 for name, _ in mine if name == TransformerBlock.__name__)
@@ -252,7 +236,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         zc = {"reduce_bucket_size": zero["reduce_bucket_size"], "overlap_comm": zero["overlap_comm"],
               "stage3_max_live_parameters": 0, "stage3_prefetch_bucket_size": 0}
         rows = []
-        for i, (n, (blocks, psi)) in enumerate(zip(stage_balance(c, pp, o.partition_method), cls.stages(cfg, o, layout))):
+        for i, (n, (blocks, psi)) in enumerate(zip(stage_balance(pipeline_layers(c), pp, o.partition_method), cls.stages(cfg, o, layout))):
             # accum=2: whole gradients until the reduce step, whatever grad_accum (the pipeline reduces once)
             r = zero_state_bytes({"zero_stage": o.zero_stage}, psi, layout.dp, t.precision, zc, accum=2)
             in_flight = min(pp - i, t.grad_accum)
@@ -323,7 +307,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         for r in range(lay.world):  # DeepSpeed's (pipe, data, model) order is the layout's rank map (pp, dp, tp)
             c, want = topology.get_coord(r), lay.coords(r)
             assert (c.pipe, c.data, c.model) == (want["pp"], want["dp"], want["tp"]), (r, c, want)
-        self.balance = stage_balance(ctx.model, lay.pp, self.opts.partition_method)
+        self.balance = stage_balance(pipeline_layers(ctx.model), lay.pp, self.opts.partition_method)
         specs = layer_specs(ctx.model, ctx.seed, bool(ctx.train.activation_checkpointing), self.shard())
         pipe = build_pipeline(specs, self.balance, topology, self.loss_fn)
         for p in pipe.parameters():  # where this rank counts p in the global gradient norm (module docstring)
@@ -364,7 +348,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         return {"sharded": f"layers in {p} pipeline stages (balance {self.balance}); over {lay.dp} data-parallel "
                            f"replicas: {SHARDED[self.stage]}",
                 "schedule": "1F1B (DeepSpeed)", "micro_batches": m, "pp": p, "dp": lay.dp, "tp": lay.tp,
-                "bubble_estimate": (p - 1) / (m + p - 1), "balance": self.balance,
+                "bubble_estimate": bubble(m, p), "balance": self.balance,
                 "stage_of_rank": [lay.coords(r)["pp"] for r in range(lay.world)],
                 "partition_method": self.opts.partition_method, "zero_stage": self.stage,
                 "optimizer": self.optimizer_name,

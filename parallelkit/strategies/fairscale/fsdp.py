@@ -23,7 +23,7 @@ from parallelkit.config.errors import ConfigError
 from parallelkit.config.env import cuda_available
 from parallelkit.util.dtypes import DTYPES
 from parallelkit.strategies.base import Options, Strategy
-from parallelkit.strategies.torch.fsdp import fsdp_comm, fsdp_memory
+from parallelkit.strategies.shared.fsdp import fsdp_comm, fsdp_memory
 
 
 @dataclass

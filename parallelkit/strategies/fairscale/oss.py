@@ -25,7 +25,7 @@ from parallelkit.models.gpt import GPTConfig
 from parallelkit.strategies.shared.optim import adamw_kwargs
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.checkpoint.by_name import ADAM_KEYS
-from parallelkit.strategies.torch.ddp import ddp_probe_comm, ddp_wrap
+from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
 
 
 @dataclass

@@ -30,6 +30,7 @@ from parallelkit.config.layout import Layout, split_stages
 from parallelkit.strategies.shared.memory_model import activation_values, parts_total
 from parallelkit.models.gpt import GPTConfig, lm_loss
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.pipeline import gpt_layers, stage_balance
 
 
 @dataclass
@@ -43,14 +44,6 @@ class PipeOptions(Options):
         self.at_least("pp_size", 1)
         self.at_least("chunks", 1)
         self.choice("checkpoint", ("never", "except_last", "always"))
-
-
-def stage_balance(c: GPTConfig, o: PipeOptions) -> list[int]:
-    """The configured balance, or the split of the layers by parameter count (the same function the
-    estimator uses); the last stage holds its own copy of a tied head, so it counts there."""
-    if o.balance is not None:
-        return list(o.balance)
-    return split_stages(c.layer_params(own_head=True), o.pp_size)
 
 
 class _Autocast(nn.Module):
@@ -110,7 +103,7 @@ class FairScalePipeStrategy(Strategy):
         d, V, T, L, b = c.d_model, c.vocab_size, c.seq_len, c.n_layer, t.micro_batch_size
         costs, mp, ckpt = c.layer_params(own_head=True), t.precision != "fp32", bool(t.activation_checkpointing)
         rows, start = [], 0
-        for n in stage_balance(c, o):
+        for n in stage_balance(gpt_layers(c), o.pp_size, given=o.balance):
             layers = range(start, start + n)
             start += n
             psi = sum(costs[j] for j in layers)
@@ -146,7 +139,7 @@ class FairScalePipeStrategy(Strategy):
         if self.precision.dtype is not None:
             layers = [_Autocast(layer, self.precision.dtype) for layer in layers]
         self.devices = [f"cuda:{i}" for i in range(pp)] if ctx.device.type == "cuda" else ["cpu"] * pp
-        self.balance = stage_balance(ctx.model, self.opts)
+        self.balance = stage_balance(gpt_layers(ctx.model), self.opts.pp_size, given=self.opts.balance)
         with warnings.catch_warnings():  # "deprecated, upstreamed to torch.distributed.pipeline.sync" (since removed)
             warnings.simplefilter("ignore", DeprecationWarning)
             from fairscale.nn import Pipe

@@ -27,13 +27,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_process, tensor_parallel, total, word
 from parallelkit.config.errors import ConfigError
-from parallelkit.config.layout import Layout, divisors
+from parallelkit.config.layout import Layout
 from parallelkit.strategies.shared.memory_model import activations, replica_state
 from parallelkit.models.gpt import GPT, GPTConfig
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.checkpoint.by_name import load_by_name, state_by_name
-from parallelkit.strategies.torch.ddp import ddp_probe_comm, ddp_wrap
+from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
 from parallelkit.strategies.shared.lazy import lazy
+from parallelkit.strategies.shared.tensor_parallel import check_heads, split_of, tp_slice, tp_unslice  # noqa: F401
 
 mp = lazy("fairscale.nn.model_parallel")
 layers = lazy("fairscale.nn.model_parallel.layers")
@@ -50,40 +51,6 @@ class TPOptions(Options):
 
 def _keep(w: torch.Tensor) -> torch.Tensor:  # init_method: the weights are copied in afterwards
     return w
-
-
-def split_of(name: str, vocab_parallel: bool) -> str | int | None:
-    """How the full tensor of the GPT's parameter ``name`` is cut over the tensor-parallel ranks: ``"qkv"`` (each of
-    q, k and v by rows: a rank takes its heads of all three), 0 (rows), 1 (columns) or None (replicated)."""
-    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-        return "qkv"
-    if name.endswith(("mlp.fc.weight", "mlp.fc.bias")):
-        return 0  # column-parallel: this rank's hidden units
-    if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-        return 1  # row-parallel: the input columns of this rank's heads / units (the bias is added once: replicated)
-    if vocab_parallel and name in ("embed.tok.weight", "head.out.weight"):
-        return 0  # this rank's slice of the vocabulary
-    return None
-
-
-def tp_slice(name: str, full: torch.Tensor, r: int, n: int, vocab_parallel: bool) -> torch.Tensor:
-    """Rank ``r``'s part of a full tensor (a parameter or its optimizer moment)."""
-    how = split_of(name, vocab_parallel)
-    if how is None:
-        return full
-    if how == "qkv":
-        return torch.cat([t.chunk(n, 0)[r] for t in full.chunk(3, 0)])
-    return full.chunk(n, how)[r]
-
-
-def tp_unslice(name: str, parts: list[torch.Tensor], vocab_parallel: bool) -> torch.Tensor:
-    """The full tensor from every rank's part, in rank order (the inverse of ``tp_slice``)."""
-    how = split_of(name, vocab_parallel)
-    if how is None:
-        return parts[0]
-    if how == "qkv":
-        return torch.cat([torch.cat([p.chunk(3, 0)[i] for p in parts]) for i in range(3)])
-    return torch.cat(parts, how)
 
 
 def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
@@ -138,10 +105,7 @@ class FairScaleTPStrategy(Strategy):
     @classmethod
     def check(cls, cfg, o) -> None:
         tp = o.tp_size
-        if cfg.model.n_head % tp:
-            fits = [d for d in divisors(cfg.model.n_head) if cfg.world_size % d == 0]
-            raise ConfigError(f"strategy.tp_size={tp} does not divide model.n_head={cfg.model.n_head}: each tensor-parallel "
-                              f"rank computes whole attention heads; use strategy.tp_size={' or '.join(map(str, fits))}")
+        check_heads(cfg, tp)
         if o.vocab_parallel and cfg.model.vocab_size % tp:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is not divisible by strategy.tp_size={tp}: "
                               f"pad the vocabulary or set strategy.vocab_parallel=false")

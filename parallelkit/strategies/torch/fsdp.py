@@ -32,12 +32,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_process, total, word
 from parallelkit.config.errors import ConfigError
-from parallelkit.strategies.shared.memory_model import activations, replica_state
-from parallelkit.models.gpt import GPTConfig
 from parallelkit.util.dtypes import DTYPES
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.fsdp import fsdp_comm, fsdp_memory, stage_label
 from parallelkit.checkpoint.by_name import check_names
 
 
@@ -50,54 +48,6 @@ class FSDPOptions(Options):
 
     def validate(self) -> None:
         self.choice("reduce_dtype", (None, "fp32", "bf16", "fp16"))
-
-
-def fsdp_memory(cfg, o: FSDPOptions, n: int) -> dict:
-    """Sharded state; buffers: the gathered units (the root stays gathered; ZeRO-2 keeps every block) and
-    one unit's unsharded gradient before its reduce-scatter."""
-    c, mp = GPTConfig.from_cfg(cfg.model), cfg.train.precision != "fp32"
-    psi, block = c.num_params(), c.block_params()
-    root = psi - c.n_layer * block
-    r = {k: v / n for k, v in replica_state(cfg, psi).items() if k in ("params", "grads", "optimizer")}
-    units = root + (2 * block if o.reshard_after_forward else c.n_layer * block)
-    grad = 2 if getattr(o, "reduce_dtype", None) in ("bf16", "fp16") else 4
-    r.update(buffers=(2 if mp else 4) * units + grad * (root + block), offloaded=0)
-    if o.cpu_offload:
-        r["offloaded"] = r["params"] + r["grads"] + r["optimizer"]
-        r.update(params=0, grads=0, optimizer=0)
-    return {**r, "activations": activations(cfg)}
-
-
-def fsdp_comm(cfg, o, layout, regather_root: bool = False, regather_blocks: bool = False,
-              clip_calls: int = 0) -> dict[str, float]:
-    """FSDP with a unit per block and a root unit (embeddings, tied head, final LayerNorm), as fsdp.py wraps it.
-
-    all_gather, in param_dtype (fp32, or the training precision): every unit before its first forward (Ψ); with
-    reshard_after_forward every block again in each micro-batch's backward (m·L·block). The root is not resharded
-    after forward (backward needs the head first), so it is not gathered again: Ψ + L·block where the ZeRO paper
-    counts 2Ψ (on ``small``, whose root holds most of the parameters, 1.2Ψ). While accumulating, FSDP2's no_sync
-    (``set_reshard_after_backward(False)``) keeps units gathered, so later forwards gather nothing. FSDP1 and
-    FairScale free resharding units after backward even then: ``regather_blocks`` (and FSDP1's root,
-    ``regather_root``) are gathered again in every micro-batch's forward.
-    reduce_scatter, in reduce_dtype (fp32 unless strategy.reduce_dtype says otherwise): every gradient once per
-    step (Ψ: no_sync accumulates unsharded gradients). all_reduce: ``clip_calls`` norm scalars (FSDP2's
-    clip_grad_norm_ over DTensor shards reduces through functional collectives, which the counter does not see).
-    """
-    if one_process(layout):
-        return {}
-    c, m = gpt(cfg), cfg.train.grad_accum
-    blocks = c.n_layer * c.block_params()
-    root = c.num_params() - blocks
-    gathered = c.num_params()
-    if o.reshard_after_forward:
-        gathered = root * (m if regather_root else 1) + blocks * ((m if regather_blocks else 1) + m)
-    reduce_word = 2 if getattr(o, "reduce_dtype", None) in ("bf16", "fp16") else FP32
-    return total({"all_gather": word(cfg.train.precision) * gathered, "reduce_scatter": reduce_word * c.num_params()},
-                 clip_norm(cfg, clip_calls))
-
-
-def stage_label(o: FSDPOptions, prefix: str) -> str:
-    return f"{prefix} {'zero3' if o.reshard_after_forward else 'zero2'}" + (" offload" if o.cpu_offload else "")
 
 
 class FSDPStrategy(Strategy):

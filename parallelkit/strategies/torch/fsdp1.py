@@ -15,7 +15,8 @@ from parallelkit.config.errors import ConfigError
 from parallelkit.models.gpt import Block
 from parallelkit.strategies.shared.optim import decays
 from parallelkit.strategies.base import Strategy
-from parallelkit.strategies.torch.fsdp import FSDPStrategy, fsdp_comm, stage_label
+from parallelkit.strategies.shared.fsdp import fsdp_comm, stage_label
+from parallelkit.strategies.torch.fsdp import FSDPStrategy
 
 
 def has_accelerator_build() -> bool:

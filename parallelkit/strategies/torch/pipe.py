@@ -34,13 +34,14 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from parallelkit.strategies.shared.comm_model import FP32, activation, busiest, clip_norm, gpt, one_process, pipeline_p2p, stage_params, total
 from parallelkit.config.errors import ConfigError
-from parallelkit.config.layout import Layout, split_stages
+from parallelkit.config.layout import Layout
 from parallelkit.strategies.shared.memory_model import pipeline_memory
 from parallelkit.measure.metrics import time_in
 from parallelkit.models.gpt import GPT, Block, GPTConfig, assign_full, initial_value
 from parallelkit.strategies.base import Options, Strategy
-from parallelkit.strategies.torch.ddp import ddp_probe_comm, ddp_wrap
+from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
 from parallelkit.checkpoint.by_name import check_names, full_state, load_full_state
+from parallelkit.strategies.shared.pipeline import bubble, gpt_layers, stage_balance
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -61,16 +62,6 @@ class TorchPipeOptions(Options):
     @property
     def chunks(self) -> int:
         return self.stages_per_rank or (2 if self.schedule == "interleaved_1f1b" else 1)
-
-
-def stage_balance(c: GPTConfig, stages: int) -> list[int]:
-    """Layers per stage; the last stage holds its own copy of a tied head, so it counts there."""
-    return split_stages(c.layer_params(own_head=True), stages)
-
-
-def bubble(schedule: str, m: int, p: int, v: int) -> float:
-    """Idle share of a fill-drain pipeline: (p-1)/(m+p-1); interleaving v chunks per rank: (p-1)/(v m+p-1)."""
-    return (p - 1) / ((v if schedule == "interleaved_1f1b" else 1) * m + p - 1)
 
 
 class _Stage(nn.Module):
@@ -128,7 +119,7 @@ class TorchPipeStrategy(Strategy):
     @classmethod
     def memory(cls, cfg, o, layout, mem):
         return pipeline_memory(cfg, layout, o.schedule, o.chunks, o.dp_mode == "fsdp",
-                               stage_balance(GPTConfig.from_cfg(cfg.model), layout.pp * o.chunks))
+                               stage_balance(gpt_layers(GPTConfig.from_cfg(cfg.model)), layout.pp * o.chunks))
 
     @classmethod
     def comm(cls, cfg, o, layout):
@@ -142,7 +133,7 @@ class TorchPipeStrategy(Strategy):
         if one_process(layout):
             return {}
         c, p, v = gpt(cfg), layout.pp, o.chunks
-        params = stage_params(c.layer_params(own_head=True), stage_balance(c, p * v))
+        params = stage_params(c.layer_params(own_head=True), stage_balance(gpt_layers(c), p * v))
         stages = [[r + k * p for k in range(v)] for r in range(p)]
         rows = []
         for r, p2p in enumerate(pipeline_p2p(cfg, stages, p * v, FP32 * activation(cfg))):
@@ -159,7 +150,7 @@ class TorchPipeStrategy(Strategy):
         """The GPT on the meta device, all but this rank's layers dropped (names stay GPT names)."""
         ctx, o = self.ctx, self.opts
         p, v = ctx.layout.pp, o.chunks
-        self.balance = stage_balance(ctx.model, p * v)
+        self.balance = stage_balance(gpt_layers(ctx.model), p * v)
         starts = [sum(self.balance[:s]) for s in range(p * v + 1)]
         self.stage_ids = [self.pp_rank + k * p for k in range(v)]
         self.stage_layers = {s: range(starts[s], starts[s + 1]) for s in self.stage_ids}
@@ -338,7 +329,7 @@ class TorchPipeStrategy(Strategy):
             "sharded": f"layers split into {p * v} pipeline stages over {p} ranks, balance {self.balance}"
                        + (f"; {lay.dp} data-parallel pipelines ({o.dp_mode})" if lay.dp > 1 else ""),
             "schedule": o.schedule, "micro_batches": m, "pp": p, "dp": lay.dp, "stages_per_rank": v,
-            "dp_mode": o.dp_mode if lay.dp > 1 else None, "bubble_estimate": round(bubble(o.schedule, m, p, v), 4),
+            "dp_mode": o.dp_mode if lay.dp > 1 else None, "bubble_estimate": round(bubble(m, p, v if o.schedule == "interleaved_1f1b" else 1), 4),
             "balance": self.balance, "stage_of_rank": [lay.coords(r)["pp"] for r in range(lay.world)],
             "tied": "the last stage holds a copy of the token embedding; gradients all-reduced between first and "
                     "last stage" if self.tied else None,
