@@ -73,7 +73,7 @@ def compose_run(*overrides: str, checked: bool = True):
 
     with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=open_strategy_keys(["world_size=2", *FAST, *overrides]))
-    return build_plan(cfg, quiet=True).cfg if checked else cfg
+    return build_plan(cfg).cfg if checked else cfg
 
 
 def _rank_main(rank: int, run_dir: str) -> None:
@@ -95,7 +95,7 @@ def compose_plan(*overrides: str):
 
     with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=open_strategy_keys(["world_size=2", *FAST, *overrides]))
-    return build_plan(cfg, quiet=True)
+    return build_plan(cfg)
 
 
 def train_ranks(tmp_path: Path, name: str, *overrides: str) -> dict:

@@ -198,7 +198,8 @@ def recover(root: Path) -> list[Path]:
     if not root.is_dir():
         return back
     for p in root.iterdir():
-        if (m := ASIDE.match(p.name)) and (p / COMPLETE).is_file() and not (final := root / f"step_{m.group(1)}").exists():
+        m = ASIDE.match(p.name)
+        if m and (p / COMPLETE).is_file() and not (final := root / f"step_{m.group(1)}").exists():
             try:
                 p.rename(final)
             except OSError:  # a read-only checkpoint.dir, or another reader was first: complete_steps reads it aside

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from parallelkit.checkpoint.format import COMPLETE, FORMATS, INCOMPLETE, NATIVE, STEP, complete_steps, incomplete_steps, last_complete
+from parallelkit.checkpoint.format import (COMPLETE, FORMATS, INCOMPLETE, NATIVE, STEP, complete_steps, incomplete_steps,
+                                          last_complete, recover)
 from parallelkit.config.checks import note
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.plan import options_dict, planned_strategy
@@ -66,6 +67,8 @@ def resolve_resume(resume: str, ckpt_dir: str | None) -> Path:
                               + _incomplete_hint(Path(ckpt_dir)))
         return steps[-1][1]
     p = Path(resume).expanduser()
+    if not p.exists() and STEP.match(p.name) and p.parent.is_dir():
+        recover(p.parent)  # a step a crashed save left renamed aside comes back under its name
     if not p.exists():
         partial = p.with_name(p.name + INCOMPLETE)
         if partial.is_dir():

@@ -119,7 +119,8 @@ def _user_config(cfg) -> tuple[dict, dict, str]:
                               f"give a DeepSpeed JSON file") from None
         except (OSError, ValueError, RecursionError) as e:  # unreadable, truncated, not JSON, nested too deep
             why = " ".join(str(e).split()) or type(e).__name__
-            raise ConfigError(f"strategy.config_file={path!r} is not valid JSON ({why}): give a DeepSpeed JSON file") from None
+            raise ConfigError(f"strategy.config_file={path!r} is not valid JSON ({why}): give a DeepSpeed JSON "
+                              f"file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"strategy.config_file={path!r} holds a JSON {type(data).__name__}, not an object: a "
                               f"DeepSpeed config is a JSON object, e.g. {{\"zero_optimization\": {{\"stage\": 2}}}}")

@@ -202,7 +202,8 @@ class DeepSpeedStrategy(Strategy):
             # concurrent runs never share one; removed at teardown, on a signal or at exit, and by a later run
             # once every rank that claimed it is dead (sweep_stale_nvme)
             run = f"{Path(ctx.run_dir or 'run').name}_{os.getppid()}"
-            self.nvme_dir = make_nvme_dir(Path(zero.get("offload_param", zero.get("offload_optimizer"))["nvme_path"]), run)
+            parent = zero.get("offload_param", zero.get("offload_optimizer"))["nvme_path"]
+            self.nvme_dir = make_nvme_dir(Path(parent), run)
             for k in ("offload_optimizer", "offload_param"):
                 if zero.get(k, {}).get("device") == "nvme":
                     zero[k]["nvme_path"] = str(self.nvme_dir)
@@ -354,7 +355,8 @@ class DeepSpeedStrategy(Strategy):
 NVME_OWNERS = ".parallelkit_owners"  # in a run's NVMe folder: "host pid" of each process that uses it, a line each
 _NVME_DIRS: set[Path] = set()  # this process's folders, removed on the way out whatever ends it
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_previous: dict[int, Any] = {}
+_previous: dict[int, Any] = {}  # the handlers _on_signal replaced, called after it
+_armed: list[bool] = [False]  # _remove_on_exit done in this process
 
 
 def make_nvme_dir(parent: Path, run: str) -> Path:
@@ -364,7 +366,8 @@ def make_nvme_dir(parent: Path, run: str) -> Path:
     sweep_stale_nvme(folder.parent, keep=folder)
     folder.mkdir(parents=True, exist_ok=True)
     claim_nvme_dir(folder)
-    if not _NVME_DIRS and not _previous:
+    if not _armed[0]:
+        _armed[0] = True
         _remove_on_exit()
     _NVME_DIRS.add(folder)
     return folder
@@ -473,5 +476,8 @@ def _die_by(signum: int) -> None:
     else:
         import ctypes
 
-        ctypes.CDLL(None).signal(ctypes.c_int(signum), ctypes.c_void_p(0))  # SIG_DFL
+        try:
+            ctypes.CDLL(None).signal(ctypes.c_int(signum), ctypes.c_void_p(0))  # SIG_DFL
+        except (OSError, AttributeError):  # no libc signal(): the main thread's handler ends it when it can
+            return
     os.kill(os.getpid(), signum)
