@@ -68,6 +68,13 @@ def test_pipe_matches_single_and_says_it_is_one_process(sweep):
     assert "one process driving 2 devices" in facts["note"] and "not comparable" in facts["note"]
     assert facts["devices"] == ["cpu", "cpu"]
     assert "balance [2, 2]" in facts["sharded"]  # by parameter count: [embedding, block] [block, head]
+    # one process does all the work on the CPU: its TFLOP/s is the whole pipeline's (not divided by its 2
+    # "devices"), as the projection divides by processes too
+    from parallelkit.models.gpt import GPTConfig
+    from conftest import compose_run
+
+    flops = GPTConfig.from_cfg(compose_run("strategy=single").model).flops_per_token()
+    assert s["tflops"] == pytest.approx(flops * s["tokens_per_s"] / 1e12, rel=1e-6)
 
 
 def test_tp_matches_single(sweep):

@@ -327,3 +327,13 @@ def test_sweep_with_failing_jobs_still_reports_every_row(tmp_path):
     assert [r["status"] for r in body] == status and body[2]["notes"]
     assert table[3]["note"] == "" or table[3]["note"].startswith("noisy: machine busy"), table[3]  # a busy box may say so
     assert "world_size=0" in (out / "comparison.md").read_text() and "world_size=0" in p.stdout
+
+
+def test_a_resumed_run_is_compared_with_the_reference_at_its_own_steps(tmp_path):
+    """A run resumed at step 3 records losses from step 3 (``first_step``): its deviation is against the reference's
+    steps 3.., not 0.. (the same trajectory: 0, where comparing from index 0 gave 0.9)."""
+    write_run(tmp_path, "0_single", strategy="single", label="single")
+    write_run(tmp_path, "1_resumed", strategy="zero2", label="zero2", losses=LOSSES[3:], final_loss=LOSSES[-1],
+              first_step=3)
+    r = rows(tmp_path)
+    assert r["1_resumed"]["reference"] == "single" and r["1_resumed"]["loss_dev"] == pytest.approx(0.0)

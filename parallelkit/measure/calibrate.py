@@ -190,14 +190,12 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
 
 
 def recheck(device: torch.device, precision: str) -> float:
-    """A short measurement like the calibration's; a higher figure than cached raises the cache."""
+    """A short measurement like the calibration's, at its matrix size, for the drift of this run. It never
+    changes the calibration: raising the cache whenever a re-check measured higher made the peak an all-time
+    maximum, so drift and MFU fell as the cache aged (``PARALLELKIT_RECALIBRATE=1`` or ``--force`` re-measure)."""
     key = cache_key(precision, torch.get_num_threads(), device)
     cached = _read(key)
-    now = measure(precision, device, seconds=CHECK_S, trials=CHECK_TRIALS, size=cached and cached["size"])
-    if cached is not None and device.type == "cpu" and now["tflops"] > cached["tflops"]:
-        write_cache(key, {**{k: v for k, v in cached.items() if k != "key"}, "tflops": now["tflops"],
-                          "raised_at": now["measured_at"]})  # the calibration itself met a busy moment
-    return now["tflops"]
+    return measure(precision, device, seconds=CHECK_S, trials=CHECK_TRIALS, size=cached and cached["size"])["tflops"]
 
 
 def precision_warning(device: torch.device, precision: str) -> str | None:

@@ -64,12 +64,17 @@ def noise_fields(step_times: list[float], peak_before: float | None, peak_after:
 
 
 def mfu(achieved_tflops: float | None, peak: float | None) -> dict:
-    """MFU against a peak never below what the run achieved: a low peak is raised, and says so."""
+    """MFU against the peak as calibrated (or from the data sheet). Above 1 it is reported as it is, with
+    ``mfu_error`` saying the peak (or the FLOP count) is wrong: clipping it at 1 would hide exactly that."""
     if not peak or achieved_tflops is None:
-        return {"mfu": None, "peak_tflops": peak or None, "peak_raised_from": None}
-    if achieved_tflops > peak:  # the peak was measured on a busy moment (or is the wrong figure)
-        return {"mfu": 1.0, "peak_tflops": achieved_tflops, "peak_raised_from": peak}
-    return {"mfu": achieved_tflops / peak, "peak_tflops": peak, "peak_raised_from": None}
+        return {"mfu": None, "peak_tflops": peak or None, "mfu_error": None}
+    value = achieved_tflops / peak
+    error = None
+    if value > 1:
+        error = (f"MFU {value:.2f} > 1: the run achieved {achieved_tflops:.4g} TFLOP/s against a peak of {peak:.4g}; "
+                 f"the peak is wrong (a calibration taken on a busy moment, or the wrong data-sheet entry: set "
+                 f"peak_tflops) or the FLOP count is")
+    return {"mfu": value, "peak_tflops": peak, "mfu_error": error}
 
 
 class RunProbe:
@@ -99,8 +104,8 @@ class RunProbe:
         out = {"step_times_s": list(step_times), "host": calibrate.host_facts(self.device),
                "precision_warning": self.warning, "peak_source": self.source,
                **noise_fields(step_times, self.before, after), **mfu(achieved_tflops, peak)}
-        if out["peak_raised_from"]:
-            out["peak_source"] += f"; raised from {out['peak_raised_from']:.4g} to the rate this run achieved"
+        if out["mfu_error"] and self.verbose:
+            print(f"parallelkit: {out['mfu_error']}", file=sys.stderr, flush=True)
         if out["noisy"] and self.verbose:
             print(f"parallelkit: noisy run: {out['noise_reason']}", file=sys.stderr, flush=True)
         return out

@@ -63,7 +63,10 @@ class Summary:
     noisy: bool | None = None
     noise_reason: str | None = None  # e.g. "machine busy: step times varied 3.1x"
     peak_source: str | None = None
-    peak_raised_from: float | None = None  # the peak was below the achieved rate and was raised to it
+    peak_raised_from: float | None = None  # (older summaries) the peak was raised to the achieved rate
+    mfu_error: str | None = None  # MFU above 1: the peak (or the FLOP count) is wrong, said in one line
+    first_step: int = 0  # the step ``losses`` starts at (a resumed run: the checkpoint's step)
+    save_peak_mem_bytes: list[int] | None = None  # per rank: the peak while a checkpoint was saved (apart from training)
     precision_warning: str | None = None
     host: dict = field(default_factory=dict)  # CPU model and capabilities (avx512_bf16, ...), GPU
     repeat: int | None = None  # the repeat index in a sweep with repeats=N

@@ -80,7 +80,8 @@ def _merge(group: list[dict]) -> dict:
     drifts = [s["peak_drift"] for s in ok if s.get("peak_drift") is not None]
     m.update(noisy=bool(reasons), noise_reason="; ".join(reasons) or None,
              peak_drift=max(drifts, key=abs) if drifts else None,
-             peak_raised_from=next((s["peak_raised_from"] for s in ok if s.get("peak_raised_from")), None))
+             peak_raised_from=next((s["peak_raised_from"] for s in ok if s.get("peak_raised_from")), None),
+             mfu_error=next((s["mfu_error"] for s in ok if s.get("mfu_error")), None))
     return m
 
 
@@ -109,3 +110,12 @@ def host_labels(records: list[dict]) -> list[str | None]:
         text = f"{cpu}, {cores} cores" + (f", {' '.join(flags) or 'no avx2'}" if flags is not None else "")
         labels.append(f"{gpu} (host CPU {text})" if gpu else text)
     return labels
+
+
+def aligned_losses(s: dict, r: dict) -> list[tuple[int, float, float]]:
+    """(step, this run's loss, the reference's loss) for every step both recorded: a run's ``losses`` start at its
+    ``first_step`` (a resumed run: the checkpoint's step; summaries before the field: 0)."""
+    a0, b0 = s.get("first_step") or 0, r.get("first_step") or 0
+    a, b = s.get("losses") or [], r.get("losses") or []
+    return [(a0 + i, x, b[a0 + i - b0]) for i, x in enumerate(a)
+            if 0 <= a0 + i - b0 < len(b) and x is not None and b[a0 + i - b0] is not None]

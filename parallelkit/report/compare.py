@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from parallelkit.report.aggregate import config_key, host_labels, merge_repeats
+from parallelkit.report.aggregate import aligned_losses, config_key, host_labels, merge_repeats
 from parallelkit.util.jsonio import read_json
 from parallelkit.report.tables import display, html_page, markdown_page
 
@@ -145,8 +145,8 @@ def build(records: list[dict]) -> pd.DataFrame:
             r = _reference(s, records) if s.get("losses") else None
             if r is not None:
                 ref = names[records.index(r)]
-                n = min(len(r["losses"]), len(s["losses"]))
-                dev = max(abs(a - b) for a, b in zip(s["losses"][:n], r["losses"][:n]))
+                pairs = aligned_losses(s, r)
+                dev = max(abs(a - b) for _, a, b in pairs) if pairs else None
                 if r.get("precision") != s.get("precision"):
                     notes.append(f"loss deviation measured against the {r.get('precision')} reference run")
             elif any_ref:
@@ -232,7 +232,9 @@ def _measure_notes(s: dict) -> list[str]:
     notes = [f"noisy: {s['noise_reason']}"] if s.get("noisy") and s.get("noise_reason") else []
     if s.get("precision_warning"):
         notes.append(s["precision_warning"])
-    if s.get("peak_raised_from"):
+    if s.get("mfu_error"):
+        notes.append(s["mfu_error"])
+    elif s.get("peak_raised_from"):  # a summary written before MFU stopped being clipped at 1
         notes.append(f"MFU: the measured peak ({s['peak_raised_from']:.3g} TFLOP/s) was below the rate this run "
                      f"achieved, so the peak was raised to it: the calibration met a busy moment")
     return notes

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from parallelkit.report.aggregate import aligned_losses  # noqa: E402
 from parallelkit.util.units import byte_unit  # noqa: E402
 
 STATE_PARTS = (("params", "#4c72b0"), ("grads", "#dd8452"), ("optimizer", "#55a868"))
@@ -106,15 +107,15 @@ def plot_loss(df: pd.DataFrame, records: list[dict], path: Path) -> Path:
         if not losses:
             continue
         ls = styles[i % len(styles)]  # identical trajectories stay visible
-        a.plot(range(len(losses)), losses, ls, color=f"C{i % 10}", label=name, lw=1.2)
+        first = s.get("first_step") or 0  # a resumed run starts at its checkpoint's step
+        a.plot(range(first, first + len(losses)), losses, ls, color=f"C{i % 10}", label=name, lw=1.2)
         ref = df["reference"].iloc[i]
         if isinstance(ref, str) and ref != name:
-            rl = byname[ref]["losses"]
-            n = min(len(rl), len(losses))
-            b.plot(range(n), [losses[k] - rl[k] for k in range(n)], ls, color=f"C{i % 10}", label=f"{name} - {ref}")
+            pairs = aligned_losses(s, byname[ref])
+            b.plot([k for k, _, _ in pairs], [x - y for _, x, y in pairs], ls, color=f"C{i % 10}", label=f"{name} - {ref}")
     a.set_title("loss per step")
     a.set_xlabel("step")
-    b.set_title("loss minus its reference run (single / ddp)")
+    b.set_title("loss minus its reference run, step by step")
     b.set_xlabel("step")
     b.axhline(0, color="black", lw=0.5)
     for ax in (a, b):

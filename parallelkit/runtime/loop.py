@@ -181,7 +181,10 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
     step_time = statistics.median(times)
     tps = tokens_per_step / step_time
     peak_dev = statistics.mean(r["peak"] for r in ranks)
-    tflops = ctx.model.flops_per_token() * tps / layout.world / 1e12
+    # per device that does the work: a GPU each; on a CPU a process each (one process driving several pipeline
+    # "devices" does all their work on its own threads), as the projection divides
+    workers = layout.world if ctx.device.type == "cuda" else layout.processes
+    tflops = ctx.model.flops_per_token() * tps / workers / 1e12
     summary.update(
         status="ok", timed_steps=len(times), tokens_per_s=tps, step_time_s=step_time, step_times_s=times,
         tflops=tflops, peak_tflops=peak_dev, mfu=tflops / peak_dev if peak_dev else None,
@@ -190,8 +193,9 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
         model_state_bytes=[int(r["state"]) for r in ranks],
         model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
         comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
-        measured_on=done.measured_on, losses=losses, final_loss=losses[-1], strategy_facts=strategy.describe())
-    summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU <= 1
+        measured_on=done.measured_on, losses=losses, final_loss=losses[-1], first_step=start,
+        strategy_facts=strategy.describe())
+    summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU and its check
     if ctx.device.type == "cuda":
         summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]
     if cfg.checkpoint.dir and cfg.checkpoint.get("save_final", False):
