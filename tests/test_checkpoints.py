@@ -22,6 +22,7 @@ def ddp_run(tmp_path_factory):
     """ddp, 6 steps, a portable checkpoint every 2: the straight trajectory and step_2, step_4, step_6."""
     tmp = tmp_path_factory.mktemp("ddp")
     s = train_ranks(tmp, "run", *DDP, f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=2")
+    assert len(s["save_peak_mem_bytes"]) == 2 and min(s["save_peak_mem_bytes"]) > 0  # the saves' peak, apart
     return s["losses"], tmp / "ck"
 
 

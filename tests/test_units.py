@@ -198,3 +198,21 @@ def test_bad_mmap_threshold_is_one_line(value, says):
         cfg.train.cpu_mmap_threshold = value
     with pytest.raises(ConfigError, match=says):
         build_plan(cfg)
+
+
+def test_a_checkpoint_save_is_measured_apart_from_the_training_peak():
+    """The high-water mark is folded in before a save and reset after it: a save that allocates 256 MiB more than
+    the steps around it raises the save's peak, not the training peak."""
+    from parallelkit.measure.metrics import PeakWindow
+
+    cpu = torch.device("cpu")
+    w = PeakWindow(cpu)
+    w.start()
+    step = torch.ones(2**22)  # 16 MiB of "training"
+    w.before_save()
+    gathered = torch.ones(2**26)  # 256 MiB, as a rank-0 gather of the full state
+    del gathered
+    w.after_save()
+    step += 1
+    train, save = w.finish()
+    assert save["rss"] - train["rss"] > 200 * 2**20, (train, save)

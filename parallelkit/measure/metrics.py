@@ -54,6 +54,34 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return {"rss": int(fields["VmHWM"].split()[0]) * 1024}
 
 
+class PeakWindow:
+    """The training peak with checkpoint saves left out: the high-water mark is folded in and reset before each
+    save, and the save's own peak (rank 0 gathers the full state) is kept apart."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.train, self.save = device, {}, {}
+
+    def _fold(self, into: dict) -> None:
+        for k, v in peak_memory(self.device).items():
+            into[k] = max(into.get(k, 0), v)
+        reset_peak_memory(self.device)
+
+    def start(self) -> None:
+        self.train, self.save = {}, {}
+        reset_peak_memory(self.device)
+
+    def before_save(self) -> None:
+        self._fold(self.train)
+
+    def after_save(self) -> None:
+        self._fold(self.save)
+
+    def finish(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(the training peak, the saves' peak: {} when nothing was saved in the window)."""
+        self._fold(self.train)
+        return self.train, self.save
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once)."""
     seen: dict[tuple[str, int], int] = {}

@@ -232,6 +232,10 @@ def _measure_notes(s: dict) -> list[str]:
     notes = [f"noisy: {s['noise_reason']}"] if s.get("noisy") and s.get("noise_reason") else []
     if s.get("precision_warning"):
         notes.append(s["precision_warning"])
+    if s.get("save_peak_mem_bytes") and s.get("peak_mem_bytes"):
+        save, peak = _max(s["save_peak_mem_bytes"]), _max(s["peak_mem_bytes"])
+        notes.append(f"peak memory is the training steps'; checkpoint saves peaked at {save / 2**20:,.0f} MiB/rank "
+                     f"({'above' if save > peak else 'within'} it), measured apart")
     if s.get("mfu_error"):
         notes.append(s["mfu_error"])
     elif s.get("peak_raised_from"):  # a summary written before MFU stopped being clipped at 1

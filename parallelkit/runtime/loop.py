@@ -90,6 +90,8 @@ class Steps:
     times: list[float]  # the timed steps' wall times
     kinds: dict  # communication by kind, per step
     measured_on: str
+    peak: dict  # this rank's memory peak over the timed steps, checkpoint saves left out
+    save_peak: dict  # this rank's peak while saving checkpoints in that window ({} when none was saved)
 
 
 def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | None, label: str = "") -> Steps:
@@ -108,11 +110,12 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
     progress = Progress(steps - start, label, rank0 and run_dir is not None)
     counter, probe_kinds = metrics.CommCounter(), {}
     times, losses = [], []
-    metrics.reset_peak_memory(ctx.device)
+    window = metrics.PeakWindow(ctx.device)
+    window.start()
     for step in range(start, steps):
         timed = step >= start + untimed
         if step == start + untimed:  # timing and the memory peak count from here on
-            metrics.reset_peak_memory(ctx.device)
+            window.start()
         counting = timed if ctx.instrument else step == probe
         strategy.measuring = counting
         micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
@@ -145,7 +148,10 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
             mfile.flush()
         progress.update(step - start, step_loss, tokens_per_step / dt)
         if cfg.checkpoint.dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+            window.before_save()  # a save's full-state gather is not the training peak: measured apart
             checkpoint.save(strategy, cfg, step + 1)
+            window.after_save()
+    peak, save_peak = window.finish()
     progress.close()
     if mfile:
         mfile.close()
@@ -158,7 +164,7 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
         measured_on = f"step {probe + 1} ({'untimed probe step' if untimed else 'the first step, also timed: train.untimed_steps=0'})"
     if layout.processes == 1:  # one process: collectives move nothing
         kinds = {}
-    return Steps(losses, times, kinds, measured_on)
+    return Steps(losses, times, kinds, measured_on, peak, save_peak)
 
 
 def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
@@ -176,7 +182,7 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
     mine = {"breakdown": {k: metrics.tensor_bytes(v) for k, v in state.items()},
             "state": metrics.tensor_bytes(x for v in state.values() for x in v),
             "comm": sum(v["bytes"] for v in kinds.values()), "kinds": kinds, "peak": peak,
-            "mem": metrics.peak_memory(ctx.device)}
+            "mem": done.peak, "save_mem": done.save_peak}
     ranks = gather_named(mine)
     step_time = statistics.median(times)
     tps = tokens_per_step / step_time
@@ -193,6 +199,7 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
         model_state_bytes=[int(r["state"]) for r in ranks],
         model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
         comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
+        save_peak_mem_bytes=[int(next(iter(r["save_mem"].values()))) for r in ranks] if ranks[0]["save_mem"] else None,
         measured_on=done.measured_on, losses=losses, final_loss=losses[-1], first_step=start,
         strategy_facts=strategy.describe())
     summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU and its check
