@@ -4,6 +4,8 @@ The parity runs use grad_accum=2 so that DeepSpeed's own accumulation is exercis
 stage 1 (which keeps full gradients while it accumulates) differs from stage 2 in memory.
 """
 import json
+import os
+from pathlib import Path
 
 import pytest
 from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train_ranks
@@ -175,3 +177,44 @@ def test_zero3_bf16_on_gpu(tmp_path):
     s = train_ranks(tmp_path, "bf16", "strategy=zero3", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3",
               "world_size=null")
     assert s["losses"][-1] < s["losses"][0] and s["peak_mem_kind"] == "cuda_max_allocated"
+
+
+def _probe_keeps_nothing_main(rank: int, run_dir: str, out: str) -> None:
+    import gc
+
+    import torch
+
+    from parallelkit.config.plan import RunPlan
+    from parallelkit.measure.metrics import tensor_bytes
+    from parallelkit.runtime.loop import init_distributed, make_strategy, run_steps
+
+    plan = RunPlan.load(Path(run_dir))
+    strategy = make_strategy(plan, init_distributed(plan.layout), None)
+    run_steps(strategy, plan, 0, None)  # the probe step snapshots the gradients at their high point
+
+    def live() -> int:
+        gc.collect()
+        return tensor_bytes(o for o in gc.get_objects() if torch.is_tensor(o))
+
+    with_snapshot = live()
+    strategy._grads, strategy._grad_bytes = None, 0  # what a run without the probe step would hold
+    without = live()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"with": with_snapshot, "without": without}))
+    os._exit(0)
+
+
+@pytest.mark.parametrize("preset", ["zero1", "zero2"])
+def test_the_probe_step_keeps_no_gradient_alive_into_the_timed_steps(tmp_path, preset):
+    """ZeRO's probe step records where the gradients peak for model_state_bytes; it must keep numbers, not the
+    tensors, or the timed steps' memory peak includes a gradient copy DeepSpeed had freed: the live tensor bytes
+    after the steps are the same with the snapshot as without it."""
+    from conftest import compose_plan
+
+    from parallelkit.runtime.processes import spawn
+
+    run = tmp_path / "run"
+    compose_plan(f"strategy={preset}", "train.grad_accum=2", "train.steps=4", "train.untimed_steps=2").save(run)
+    spawn(_probe_keeps_nothing_main, 2, str(run), str(tmp_path / "live.json"), timeout=300)
+    live = json.loads((tmp_path / "live.json").read_text())
+    assert live["with"] == live["without"], live

@@ -8,6 +8,7 @@ import inspect
 import os
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -82,11 +83,36 @@ class PeakWindow:
         return self.train, self.save
 
 
+class Storage(NamedTuple):
+    """A storage that was alive at a moment, without keeping it alive: what accounting needs of a tensor."""
+
+    device: torch.device
+    ptr: int
+    nbytes: int
+
+
+def storages(tensors) -> list[Storage]:
+    """The distinct storages behind ``tensors`` as plain numbers (the tensors themselves are not kept)."""
+    out = {}
+    for t in tensors:
+        if t is None:
+            continue
+        t = getattr(t, "_local_tensor", t)
+        if t.numel():
+            s = t.untyped_storage()
+            out[(str(t.device), s.data_ptr())] = Storage(t.device, s.data_ptr(), s.nbytes())
+    return list(out.values())
+
+
 def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once)."""
+    """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once); ``Storage``
+    records count as the storage they name."""
     seen: dict[tuple[str, int], int] = {}
     for t in tensors:
         if t is None:
+            continue
+        if isinstance(t, Storage):
+            seen[(str(t.device), t.ptr)] = t.nbytes
             continue
         t = getattr(t, "_local_tensor", t)  # DTensor: this rank's shard
         if t.numel() == 0:

@@ -44,6 +44,7 @@ from parallelkit.strategies.base import Options
 from parallelkit.strategies.deepspeed.zero import SHARDED, DeepSpeedStrategy
 from parallelkit.strategies.deepspeed.config import build_config, settings
 from parallelkit.strategies.shared.pipeline import bubble, stage_balance
+from parallelkit.measure.metrics import storages
 
 
 
@@ -326,7 +327,7 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
         step = self.engine._take_model_step
 
         def snapshot(*args, **kwargs):  # gradients at their high point: reduced, before the step frees them
-            self._grads = self.held()["grads"]
+            self._grads = storages(self.held()["grads"])  # numbers only: the tensors are not kept alive
             return step(*args, **kwargs)
 
         self.engine._take_model_step = snapshot  # on the untimed probe step only

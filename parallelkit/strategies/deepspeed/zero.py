@@ -25,7 +25,7 @@ import torch
 from parallelkit.strategies.shared.comm_model import gpt, grad_word, leaf_modules, one_process, tensor_sizes, total, word
 from parallelkit.config.errors import ConfigError
 from parallelkit.strategies.shared.memory_model import activations, zero_state_bytes
-from parallelkit.measure.metrics import tensor_bytes
+from parallelkit.measure.metrics import storages, tensor_bytes
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.strategies.shared.optim import adamw_kwargs, build_optimizer, param_groups
 from parallelkit.strategies.deepspeed import ckpt as deepspeed_ckpt
@@ -268,7 +268,7 @@ class DeepSpeedStrategy(Strategy):
             loss = self.forward_loss(x.to(self.ctx.device), y.to(self.ctx.device))
             self.engine.backward(loss)
             if self.measuring:  # gradients at their high point (only on the untimed probe step)
-                grads = self.held()["grads"]
+                grads = storages(self.held()["grads"])  # numbers only: the tensors are not kept alive
                 if (b := tensor_bytes(grads)) > self._grad_bytes:
                     self._grads, self._grad_bytes = grads, b
             self.engine.step()
