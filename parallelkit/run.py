@@ -85,9 +85,14 @@ def task(cfg: DictConfig) -> str:
             lock.release()
 
 
+def predictions(plan: RunPlan, prediction: dict | None) -> dict:
+    """The predictions written beside the measurements: made once, by rank 0 (under torchrun every rank plans;
+    a projection may benchmark collectives, which one process does for all)."""
+    return summary_fields(plan, prediction) if env_rank() == 0 else {}
+
+
 def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = None) -> str:
-    # the predictions beside the measurements: made once, by rank 0 (under torchrun every rank plans)
-    predicted = summary_fields(plan, prediction) if env_rank() == 0 else {}
+    predicted = predictions(plan, prediction)
     if under_torchrun():  # we are one worker of the user's torchrun job
         from parallelkit.runtime.loop import worker
 

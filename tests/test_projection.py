@@ -115,3 +115,23 @@ def test_estimate_cli_prints_projection(capsys):
     assert ddp["comm_bytes"] == sum(ddp["comm_by_kind"].values())
     assert ddp["step_s"] == pytest.approx(ddp["projection"]["compute_s"] + ddp["projection"]["comm_s"])
     assert all(r["step_s"] is not None and math.isfinite(r["step_s"]) for r in rep["rows"])
+
+
+def test_a_gpu_projection_never_benchmarks_gloo_and_only_rank_0_predicts(monkeypatch):
+    """On a GPU machine the link comes from the GPUs' own collectives (NCCL) or the projection.* settings, never
+    from gloo over CPU processes; under torchrun only rank 0 makes the predictions (no GPU needed to check)."""
+    from conftest import compose_plan
+
+    from parallelkit.advisor.projection import comm_benchmark
+    from parallelkit.run import predictions
+
+    plan = compose_plan("strategy=ddp")
+    assert comm_benchmark(plan.cfg, 16, cuda=True, gpus=8)[:2] == ("nccl", 8)
+    backend, _, why = comm_benchmark(plan.cfg, 2, cuda=True, gpus=1)
+    assert backend is None and "projection.latency_us" in why
+    assert comm_benchmark(plan.cfg, 2, cuda=False)[:2] == ("gloo", 2)
+    monkeypatch.setenv("RANK", "1")
+    assert predictions(plan, None) == {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("PARALLELKIT_NO_PREDICTION", "1")  # rank 0 goes on to predict (here: told not to measure)
+    assert predictions(plan, None) == {}

@@ -64,12 +64,13 @@ def model_time(kind: str, nbytes: float, n: int, alpha: float, bandwidth: float,
 
 
 # ---- the measurement (in each spawned rank) ----
-def _op(kind: str, nbytes: int, rank: int, n: int):
+def _op(kind: str, nbytes: int, rank: int, n: int, device: torch.device | None = None):
     """A call of ``kind`` on a payload of about ``nbytes`` (the exact bytes returned), and how many one-way
     transfers one call makes."""
     import torch.distributed as dist
 
     numel = max(1, nbytes // 4 // n) * n  # divisible by n (all_gather, reduce_scatter)
+    torch.set_default_device(device or "cpu")
     full = torch.ones(numel)
     if kind == "all_reduce":
         return (lambda: dist.all_reduce(full)), full.nbytes, 1
@@ -95,34 +96,41 @@ def _op(kind: str, nbytes: int, rank: int, n: int):
     return ping_pong, full.nbytes, 2
 
 
-def _slowest(seconds: float) -> float:
+def _slowest(seconds: float, device: torch.device | None = None) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([seconds], dtype=torch.float64)
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
-def _rank_main(rank: int, n: int, sizes: list[int], out: str) -> None:
+def _rank_main(rank: int, n: int, sizes: list[int], out: str, backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     from parallelkit.runtime.processes import INIT_METHOD
     from parallelkit.util.jsonio import write_json
 
-    torch.set_num_threads(cpu_threads(n))
-    dist.init_process_group("gloo", init_method=os.environ[INIT_METHOD], rank=rank, world_size=n)
+    device = None
+    if backend == "nccl":  # the GPUs' own collectives: one GPU per rank
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads(n))
+    dist.init_process_group(backend, init_method=os.environ[INIT_METHOD], rank=rank, world_size=n)
     points = {}
     for kind in KINDS:
         points[kind] = []
         for size in sizes:
-            call, nbytes, legs = _op(kind, size, rank, n)
+            call, nbytes, legs = _op(kind, size, rank, n, device)
             reps, trials = 1, []
             for i in range(TRIALS + 1):  # the first trial warms up and sets the calls per trial
                 dist.barrier()
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     call()
-                t = _slowest(time.perf_counter() - t0) / reps
+                if device is not None:
+                    torch.cuda.synchronize(device)
+                t = _slowest(time.perf_counter() - t0, device) / reps
                 if i == 0:
                     reps = max(1, math.ceil(TRIAL_S / max(t, 1e-9)))
                 else:
@@ -134,15 +142,16 @@ def _rank_main(rank: int, n: int, sizes: list[int], out: str) -> None:
     dist.destroy_process_group()
 
 
-def time_collectives(world_size: int, sizes=SIZES) -> dict:
-    """Raw timings of every collective kind on ``world_size`` spawned gloo ranks: {kind: [point, ...]}."""
+def time_collectives(world_size: int, sizes=SIZES, backend: str = "gloo") -> dict:
+    """Raw timings of every collective kind on ``world_size`` spawned ranks of ``backend`` (gloo on the CPU, nccl
+    on the local GPUs): {kind: [point, ...]}."""
     import json
 
     from parallelkit.runtime.processes import spawn
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "points.json")
-        spawn(_rank_main, world_size, world_size, list(sizes), out)
+        spawn(_rank_main, world_size, world_size, list(sizes), out, backend)
         return json.loads(Path(out).read_text())
 
 
@@ -187,35 +196,37 @@ def _ab(kind: str, nbytes: int, n: int) -> tuple[float, float]:
 
 
 # ---- the cache ----
-def cache_key(world_size: int, quick: bool = False) -> dict:
-    """calibrate's host key (CPU model, flags, threads, torch) with the collective's ranks and backend."""
-    key = calibrate.cache_key("fp32", cpu_threads(world_size), torch.device("cpu"))
-    return {**key, "world_size": world_size, "backend": "gloo", "quick": quick}
+def cache_key(world_size: int, quick: bool = False, backend: str = "gloo") -> dict:
+    """calibrate's host key (CPU model, flags, threads, torch; the GPU for nccl) with the ranks and backend."""
+    device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    key = calibrate.cache_key("fp32", cpu_threads(world_size), device)
+    return {**key, "world_size": world_size, "backend": backend, "quick": quick}
 
 
-def load_calibration(world_size: int, quick: bool = False) -> dict | None:
+def load_calibration(world_size: int, quick: bool = False, backend: str = "gloo") -> dict | None:
     """The cached calibration of ``world_size`` ranks, or None."""
-    return calibrate.read_cache(cache_key(world_size, quick), "comm")
+    return calibrate.read_cache(cache_key(world_size, quick, backend), "comm")
 
 
-def calibration(world_size: int, measure: bool = True, force: bool = False, quick: bool = False) -> dict | None:
+def calibration(world_size: int, measure: bool = True, force: bool = False, quick: bool = False,
+                backend: str = "gloo") -> dict | None:
     """The cached calibration, or (``measure``) a new one, saved; None when none is cached and ``measure`` is off."""
-    if not force and (entry := load_calibration(world_size, quick)) is not None:
+    if not force and (entry := load_calibration(world_size, quick, backend)) is not None:
         return {**entry, "cached": True}
     if not measure:
         return None
     from parallelkit.measure.host import versions
 
     sizes = QUICK_SIZES if quick else SIZES
-    print(f"parallelkit: measuring collectives on {world_size} gloo ranks (python -m parallelkit.bench_comm; "
+    print(f"parallelkit: measuring collectives on {world_size} {backend} ranks (python -m parallelkit.bench_comm; "
           f"cached for later)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    points = time_collectives(world_size, sizes)
+    points = time_collectives(world_size, sizes, backend)
     entry = {**fit_points(points, world_size), "world_size": world_size, "threads_per_rank": cpu_threads(world_size),
-             "backend": "gloo", "sizes": list(sizes), "trials": TRIALS, "seconds": time.perf_counter() - t0,
+             "backend": backend, "sizes": list(sizes), "trials": TRIALS, "seconds": time.perf_counter() - t0,
              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "host": calibrate.host_facts(), "versions": versions()}
-    key = cache_key(world_size, quick)
+    key = cache_key(world_size, quick, backend)
     calibrate.write_cache(key, entry, "comm")
     return {"key": key, **entry, "cached": False}
 
@@ -224,7 +235,7 @@ def render(c: dict) -> str:
     sizes = c["sizes"]
     size = lambda b: f"{b // 2**20} MiB" if b >= 2**20 else f"{b // 2**10} KiB"  # noqa: E731
     head = f"{'':<15}{'alpha us':>9}{'B GB/s':>8}" + "".join(f"{size(s):>9}" for s in sizes)
-    lines = [f"{c['world_size']} gloo ranks, {c['threads_per_rank']} thread(s) each, {c['host']['cpu']}; "
+    lines = [f"{c['world_size']} {c.get('backend', 'gloo')} ranks, {c['threads_per_rank']} thread(s) each, {c['host']['cpu']}; "
              f"median ms per call (fit/measured below); {c['seconds']:.0f} s, {c['measured_at']}", head]
     for k, f in c["kinds"].items():
         pts = f["points"]
@@ -240,13 +251,16 @@ def render(c: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m parallelkit.bench_comm", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world-size", type=int, default=2, help="gloo ranks to spawn (default 2)")
+    ap.add_argument("--world-size", type=int, default=2, help="ranks to spawn (default 2; on CUDA at most the GPUs)")
     ap.add_argument("--force", action="store_true", help="measure again even if cached")
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} only (a check; cached apart)")
     args = ap.parse_args(argv)
     if args.world_size < 2:
         ap.error("--world-size must be at least 2")
-    c = calibration(args.world_size, force=args.force, quick=args.quick)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # the collectives the runs here use
+    if backend == "nccl" and torch.cuda.device_count() < args.world_size:
+        ap.error(f"--world-size {args.world_size}: this machine has {torch.cuda.device_count()} GPU(s)")
+    c = calibration(args.world_size, force=args.force, quick=args.quick, backend=backend)
     print(f"cache: {calibrate.cache_path(c['key'], 'comm')} ({'cached' if c['cached'] else 'measured now'})")
     print(render(c))
 

@@ -174,8 +174,26 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
 
 
 # ---- communication ----
+def comm_benchmark(cfg, n: int, cuda: bool, gpus: int = 0) -> tuple[str | None, int, str]:
+    """Which collective benchmark a projection of ``n`` ranks may use: (backend or None, ranks, why). On a GPU
+    machine the GPUs' own (NCCL, on up to the local GPUs), never gloo over CPU processes: their latency and
+    bandwidth say nothing of NVLink or InfiniBand. None: only the projection.* settings can say (one GPU here).
+    On a CPU machine, gloo on the ranks the run uses (at most the cores, at least 2)."""
+    if cuda:
+        if gpus < 2:
+            return None, 0, ("one GPU here: no collective to measure; give projection.latency_us and "
+                             "projection.bandwidth_GBps of the interconnect")
+        ranks = min(n, gpus)
+        return "nccl", ranks, f"bench_comm: {ranks} NCCL ranks on this machine's GPUs"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = n if bench_comm.load_calibration(n) else min(n, max(2, cores))
+    named = " (this CPU's gloo, not the named device's interconnect)" if projection_setting(cfg, "device") else ""
+    return "gloo", ranks, f"bench_comm: {ranks} gloo ranks on this machine{named}"
+
+
 def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> dict:
-    """α (s), B (bytes/s), per-kind fits and their source: projection.* where given, else bench_comm."""
+    """α (s), B (bytes/s), per-kind fits and their source: projection.* where given, else bench_comm on the
+    device's own collectives (``comm_benchmark``)."""
     lat, bw = projection_setting(cfg, "latency_us"), projection_setting(cfg, "bandwidth_GBps")
     out = {"alpha_s": None if lat is None else lat * 1e-6, "bandwidth_Bps": None if bw is None else bw * 1e9,
            "per_kind": {}, "source": "config: projection.latency_us, bandwidth_GBps"}
@@ -183,23 +201,24 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
         return {**out, "source": "no communication"}
     if lat is not None and bw is not None:
         return out
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks = n if bench_comm.load_calibration(n) else min(n, max(2, cores))
+    cuda = torch.cuda.is_available()
+    backend, ranks, what = comm_benchmark(cfg, n, cuda, torch.cuda.device_count() if cuda else 0)
+    if backend is None:
+        return {**out, "source": what}
     try:
-        c = bench_comm.calibration(ranks, measure)
+        c = bench_comm.calibration(ranks, measure, backend=backend)
     except Exception as e:  # noqa: BLE001 - no processes here (a sandbox): say so, project no step
         out["source"] = f"collectives could not be measured here ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
         return out
     if c is None:
-        out["source"] = f"no collective calibration cached for {ranks} ranks (python -m parallelkit.bench_comm)"
+        out["source"] = f"no collective calibration cached for {ranks} {backend} ranks (python -m parallelkit.bench_comm)"
         return out
     given = [k for k, v in (("latency_us", lat), ("bandwidth_GBps", bw)) if v is not None]
     out["alpha_s"] = c["alpha_s"] if lat is None else out["alpha_s"]
     out["bandwidth_Bps"] = c["bandwidth_Bps"] if bw is None else out["bandwidth_Bps"]
     if not given:
         out["per_kind"] = {k: (f["alpha_s"], f["bandwidth_Bps"]) for k, f in c["kinds"].items()}
-    gpu = " (this CPU's gloo, not the named device's interconnect)" if projection_setting(cfg, "device") else ""
-    out["source"] = (f"bench_comm: {ranks} gloo ranks on this machine{gpu}, "
+    out["source"] = (f"{what}, "
                      f"{'per-kind fits' if not given else 'machine fit with config: projection.' + given[0]} "
                      f"({c['measured_at']})")
     return out
