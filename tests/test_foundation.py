@@ -33,6 +33,9 @@ def test_cli_writes_contract_summary_and_metrics(tmp_path):
     # every step all-reduces every gradient once: at least 4 bytes per parameter
     assert s["comm_bytes_per_step"][0] >= 4 * s["params"]
     assert 0 < s["mfu"] and s["peak_tflops"] == 1
+    # the live heap's peak on the probe step, beside the RSS peak (glibc's allocator untouched by default)
+    assert s["cpu_malloc"].startswith("glibc default") and 0 < min(s["live_peak_mem_bytes"])
+    assert max(s["live_peak_mem_bytes"]) <= max(s["peak_mem_bytes"])
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(6))
     assert {"step", "loss", "lr", "step_time_s", "tokens_per_s", "peak_mem_bytes"} <= lines[0].keys()

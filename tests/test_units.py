@@ -216,3 +216,19 @@ def test_a_checkpoint_save_is_measured_apart_from_the_training_peak():
     step += 1
     train, save = w.finish()
     assert save["rss"] - train["rss"] > 200 * 2**20, (train, save)
+
+
+def test_the_live_heap_peak_is_sampled_without_changing_the_allocator():
+    """LivePeak sees a 128 MiB tensor that lived and died inside it, though RSS-based counters would keep it."""
+    from parallelkit.measure.metrics import LivePeak, heap_in_use
+
+    before = heap_in_use()
+    if before is None:
+        pytest.skip("not glibc >= 2.33: no mallinfo2")
+    with LivePeak() as live:
+        x = torch.ones(2**25)  # 128 MiB
+        import time
+
+        time.sleep(0.05)
+        del x
+    assert live.peak - before >= 120 * 2**20 and heap_in_use() - before < 64 * 2**20

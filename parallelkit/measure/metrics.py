@@ -37,6 +37,50 @@ def fix_mmap_threshold(nbytes: int | None) -> str:
     return f"mmap threshold {int(nbytes)} B" if ok == 1 else "glibc default (mallopt refused the threshold)"
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not got back (glibc's mallinfo2: heap chunks in use + mapped chunks), None
+    where the allocator is not glibc >= 2.33. Unlike RSS it falls when tensors are freed, whatever malloc keeps."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    info = fn()
+    return int(info.uordblks + info.hblkhd)
+
+
+class LivePeak:
+    """The live heap's high point over a stretch of steps (the untimed probe step): ``heap_in_use`` sampled every
+    ``interval`` seconds from a thread, so the process is measured as it is, allocator untouched."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop, self._thread = interval, None, threading.Event(), None
+
+    def __enter__(self) -> "LivePeak":
+        if heap_in_use() is None:
+            return self
+        self.peak = heap_in_use()
+
+        def sample():
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, heap_in_use())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, heap_in_use())
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new high-water mark: CUDA's counters, or the kernel's VmHWM via clear_refs."""
     if device.type == "cuda":

@@ -66,6 +66,7 @@ class Summary:
     peak_raised_from: float | None = None  # (older summaries) the peak was raised to the achieved rate
     mfu_error: str | None = None  # MFU above 1: the peak (or the FLOP count) is wrong, said in one line
     first_step: int = 0  # the step ``losses`` starts at (a resumed run: the checkpoint's step)
+    live_peak_mem_bytes: list[int] | None = None  # CPU, per rank: malloc's bytes in use at the probe step's high point
     save_peak_mem_bytes: list[int] | None = None  # per rank: the peak while a checkpoint was saved (apart from training)
     precision_warning: str | None = None
     host: dict = field(default_factory=dict)  # CPU model and capabilities (avx512_bf16, ...), GPU

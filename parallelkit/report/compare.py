@@ -169,6 +169,7 @@ def build(records: list[dict]) -> pd.DataFrame:
             "noisy": s.get("noisy"), "noise_reason": s.get("noise_reason"), "peak_drift": s.get("peak_drift"),
             "peak_source": s.get("peak_source"), "host": hosts[i], "tflops": s.get("tflops"),
             "mfu": s.get("mfu"), "peak_mem_bytes": _max(s.get("peak_mem_bytes")),
+            "live_peak_mem_bytes": _max(s.get("live_peak_mem_bytes")),
             "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
             "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
             "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref, **pipeline_columns(s),

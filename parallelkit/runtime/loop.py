@@ -5,6 +5,7 @@ agent; ``run.py`` calls ``worker`` directly when the user's own torchrun started
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -92,6 +93,7 @@ class Steps:
     measured_on: str
     peak: dict  # this rank's memory peak over the timed steps, checkpoint saves left out
     save_peak: dict  # this rank's peak while saving checkpoints in that window ({} when none was saved)
+    live_peak: int | None = None  # CPU: the live heap's peak on the probe step (malloc's bytes in use)
 
 
 def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | None, label: str = "") -> Steps:
@@ -109,7 +111,7 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
     mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 and run_dir else None
     progress = Progress(steps - start, label, rank0 and run_dir is not None)
     counter, probe_kinds = metrics.CommCounter(), {}
-    times, losses = [], []
+    times, losses, live_peak = [], [], None
     window = metrics.PeakWindow(ctx.device)
     window.start()
     for step in range(start, steps):
@@ -122,11 +124,15 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
         strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
         if counting:
             counter.install()
+        live = metrics.LivePeak() if step == probe and ctx.device.type == "cpu" else contextlib.nullcontext()
         t0 = time.perf_counter()
-        loss = strategy.train_step(micro, t.grad_clip)
+        with live:  # the probe step only: the live heap's peak, sampled (the timed steps run untouched)
+            loss = strategy.train_step(micro, t.grad_clip)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
+        if step == probe:
+            live_peak = getattr(live, "peak", None)
         counter.uninstall()
         if counting:
             for kind, (calls, nbytes) in strategy.probe_comm().items():
@@ -164,7 +170,7 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
         measured_on = f"step {probe + 1} ({'untimed probe step' if untimed else 'the first step, also timed: train.untimed_steps=0'})"
     if layout.processes == 1:  # one process: collectives move nothing
         kinds = {}
-    return Steps(losses, times, kinds, measured_on, peak, save_peak)
+    return Steps(losses, times, kinds, measured_on, peak, save_peak, live_peak)
 
 
 def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
@@ -182,7 +188,7 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
     mine = {"breakdown": {k: metrics.tensor_bytes(v) for k, v in state.items()},
             "state": metrics.tensor_bytes(x for v in state.values() for x in v),
             "comm": sum(v["bytes"] for v in kinds.values()), "kinds": kinds, "peak": peak,
-            "mem": done.peak, "save_mem": done.save_peak}
+            "mem": done.peak, "save_mem": done.save_peak, "live": done.live_peak}
     ranks = gather_named(mine)
     step_time = statistics.median(times)
     tps = tokens_per_step / step_time
@@ -200,6 +206,7 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
         model_state_breakdown=[{k: int(v) for k, v in r["breakdown"].items()} for r in ranks],
         comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
         save_peak_mem_bytes=[int(next(iter(r["save_mem"].values()))) for r in ranks] if ranks[0]["save_mem"] else None,
+        live_peak_mem_bytes=[r["live"] for r in ranks] if all(r["live"] for r in ranks) else None,
         measured_on=done.measured_on, losses=losses, final_loss=losses[-1], first_step=start,
         strategy_facts=strategy.describe())
     summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU and its check
