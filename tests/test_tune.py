@@ -99,3 +99,25 @@ def test_ctrl_c_stops_the_trial_and_keeps_the_table(tmp_path):
     assert table[0]["status"] == "interrupted" and all(r["status"] == "not run" for r in table[1:]), table
     assert all(r["why"] == "SIGINT: not measured" for r in table[1:])
     assert "winner: none" in stdout and (out / "tune.md").exists()
+
+
+def test_the_winner_is_named_with_its_noise():
+    """Finalists re-measured interleaved: the median ranks them, and the verdict says whether the winner's slowest
+    trial still beats the runner-up's fastest."""
+    from parallelkit.advisor.tune import _row, _settle, ranked, verdict
+
+    def finalist(name, samples):
+        r = _row(name, status="ok", micro_batch_size=2, activation_checkpointing=False, run="x",
+                 tokens_per_s=samples[0], step_time_s=1000 / samples[0], samples=list(samples))
+        return r
+
+    close = [finalist("ddp", [1000, 1200, 1010]), finalist("zero2", [1100, 990, 1005])]
+    _settle(close)
+    assert [r["strategy"] for r in ranked(close)] == ["ddp", "zero2"]  # medians 1010 vs 1005, not first trials
+    assert close[0]["tokens_per_s"] == 1010 and close[0]["step_time_s"] == pytest.approx(1000 / 1010)
+    assert "within the noise of zero2" in verdict(close)
+    apart = [finalist("ddp", [1300, 1310, 1290]), finalist("zero2", [1000, 1010, 990])]
+    _settle(apart)
+    assert "beyond the noise" in verdict(apart)
+    single = [_row("ddp", status="ok", tokens_per_s=10.0, run="x"), _row("zero2", status="ok", tokens_per_s=9.0, run="x")]
+    assert "not re-measured" in verdict(single)

@@ -77,6 +77,8 @@ def settings(cfg) -> dict:
     _num(cfg, "tune.budget_s")
     _int(cfg, "tune.steps", UNTIMED + 1)
     _int(cfg, "tune.trial_timeout_s")
+    _int(cfg, "tune.finalists", 1)
+    _int(cfg, "tune.repeats", 0)
     t = OmegaConf.to_container(cfg.tune)
     names = sorted(p.stem for p in STRATEGY_DIR.glob("*.yaml"))
     strategies = t["strategies"] if t["strategies"] is not None else [n for n in names if _candidate(n)]
@@ -122,7 +124,8 @@ def _row(strategy: str, **kw) -> dict:
             "activation_checkpointing": None, "dp": None, "status": "pruned", "why": "", "tokens_per_s": None,
             "step_time_s": None, "peak_mem_bytes": None, "comm_bytes_per_step": None, "predicted_peak_mem_bytes": None,
             "judged_bytes": None, "available_bytes": None, "predicted_comm_bytes_per_step": None,
-            "predicted_offloaded_bytes": None, "predicted_step_time_s": None, "trial_s": None, "run": None, **kw}
+            "predicted_offloaded_bytes": None, "predicted_step_time_s": None, "trial_s": None, "run": None,
+            "tokens_per_s_lo": None, "tokens_per_s_hi": None, "trials": None, "samples": None, **kw}
 
 
 def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
@@ -229,12 +232,13 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         proc.wait()
 
 
-def trial(tune: dict, r: dict, n: int, left: float) -> None:
+def trial(tune: dict, r: dict, n: int | str, left: float) -> None:
     """Run candidate ``r`` as trial ``n`` with ``left`` seconds of budget; its summary fills the row."""
     from parallelkit.util.jsonio import read_json
     from parallelkit.report.compare import _max
 
-    run = tune["dir"] / f"{n:02d}_{_name(r).replace(' mb=', '_mb').replace(' ', '_')}"
+    tag = f"{n:02d}" if isinstance(n, int) else n
+    run = tune["dir"] / f"{tag}_{_name(r).replace(' mb=', '_mb').replace(' ', '_')}"
     run.mkdir(parents=True, exist_ok=True)
     timeout = max(1, int(min(tune["trial_timeout_s"], left - LAUNCH_S)))
     cmd = [sys.executable, "-m", "parallelkit.run", *run_args(tune, r), f"train.steps={tune['steps']}",
@@ -295,6 +299,57 @@ def measure(tune: dict, rows: list[dict], deadline: float) -> None:
                 r.update(status="not run", why="; ".join(filter(None, [reason, r["why"]])))
 
 
+def remeasure(tune: dict, rows: list[dict], deadline: float) -> None:
+    """The ``tune.finalists`` fastest trials measured again, ``tune.repeats`` rounds, interleaved (each finalist once a
+    round, so a busy spell of the machine lands on all of them): each gets the median of its trials and their range.
+    One 4-step trial each, one after another, is not enough to name a winner on a shared machine."""
+    finalists = [r for r in ranked(rows) if r["status"] == "ok"][: tune["finalists"]]
+    for r in finalists:
+        r["samples"] = [r["tokens_per_s"]]
+    if len(finalists) < 2 or not tune["repeats"]:
+        return
+    need = statistics.median(r["trial_s"] for r in finalists)
+    print(f"tune: measuring the {len(finalists)} fastest again, {tune['repeats']} round(s), interleaved",
+          file=sys.stderr, flush=True)
+    for k in range(1, tune["repeats"] + 1):
+        for i, r in enumerate(finalists, 1):
+            left = deadline - time.monotonic()
+            if left < need:
+                print(f"tune: budget left for no more re-measurement ({max(0, left):.0f} s)", file=sys.stderr)
+                return _settle(finalists)
+            again = dict(r)
+            trial(tune, again, f"r{k}_{i:02d}", left)
+            if again["status"] == "ok":
+                r["samples"].append(again["tokens_per_s"])
+    _settle(finalists)
+
+
+def _settle(finalists: list[dict]) -> None:
+    for r in finalists:
+        s = [x for x in r.get("samples") or [] if x]
+        if len(s) > 1:
+            per_token = r["step_time_s"] * r["tokens_per_s"]  # tokens per step
+            r.update(tokens_per_s=statistics.median(s), tokens_per_s_lo=min(s), tokens_per_s_hi=max(s), trials=len(s))
+            r["step_time_s"] = per_token / r["tokens_per_s"]
+
+
+def verdict(rows: list[dict]) -> str | None:
+    """Whether the winner is ahead of the runner-up beyond the spread of their trials (None: fewer than 2 ok)."""
+    ok = [r for r in ranked(rows) if r["status"] == "ok"]
+    if len(ok) < 2:
+        return None
+    a, b = ok[0], ok[1]
+    lo_a, hi_b = a.get("tokens_per_s_lo") or a["tokens_per_s"], b.get("tokens_per_s_hi") or b["tokens_per_s"]
+    n = f"{a.get('trials') or 1} and {b.get('trials') or 1} trial(s)"
+    if (a.get("trials") or 1) < 2 or (b.get("trials") or 1) < 2:
+        return f"{_name(a)} is {a['tokens_per_s'] / b['tokens_per_s']:.2f}x {_name(b)} on single trials: not re-measured"
+    if lo_a <= hi_b:
+        return (f"{_name(a)} is within the noise of {_name(b)}: medians {a['tokens_per_s']:,.0f} vs "
+                f"{b['tokens_per_s']:,.0f} tokens/s, ranges overlap ({n}); either will do")
+    return (f"{_name(a)} is ahead of {_name(b)} beyond the noise: {lo_a:,.0f} tokens/s at its slowest vs "
+            f"{hi_b:,.0f} at the runner-up's fastest ({n})")
+
+
 # ---- the table ----
 def _name(r: dict) -> str:
     if r["micro_batch_size"] is None:
@@ -327,7 +382,9 @@ def table(tune: dict, rows: list[dict]):
         peak = r["peak_mem_bytes"] if r["status"] == "ok" else None
         basis = r["judged_bytes"] if tune["planning"] or peak is None else peak
         headroom = r["available_bytes"] - basis if r["available_bytes"] and basis is not None else None
-        out.append({"#": i, "candidate": _name(r), "tokens/s": hcount(r["tokens_per_s"]),
+        spread = f" ({hcount(r['tokens_per_s_lo'])}-{hcount(r['tokens_per_s_hi'])}, {r['trials']} trials)" \
+            if (r.get("trials") or 1) > 1 else ""
+        out.append({"#": i, "candidate": _name(r), "tokens/s": hcount(r["tokens_per_s"]) + spread,
                     "step": htime(r["step_time_s"]), "peak/rank": measured_else_predicted(peak, r["judged_bytes"]),
                     "headroom": hbytes(headroom),
                     "comm/step": measured_else_predicted(r["comm_bytes_per_step"], r["predicted_comm_bytes_per_step"]),
@@ -367,14 +424,16 @@ def write(tune: dict, rows: list[dict], used_s: float) -> str:
             f"memory judged against: {tune['judged']}; pruned above {1 + MARGIN:.2f} x that (predict.MARGIN: the "
             f"prediction is an upper bound)", f"trial order: {tune['order']}"]
     df = table(tune, rows)
+    said = verdict(rows)
     md = ["# parallelkit tune", "", *(f"- {h}" for h in head), "", df.to_markdown(index=False), "",
           f"**winner**: `{command}`" if command else "**winner**: none (no trial ended ok)", "",
+          *([f"**noise**: {said}", ""] if said else []),
           "Every candidate: [tune.csv](tune.csv)" + (f"; the measured trials' report: [{report.name}]({report.name})"
                                                      if report else ""), ""]
     (out / "tune.md").write_text("\n".join(md))
     short = df.assign(why=df["why"].str.slice(0, 100))
     win = f"winner: {command}" if command else "winner: none (no trial ended ok)"
-    return "\n".join([*head, short.to_string(index=False), win, f"written: {out / 'tune.md'} (also tune.csv"
+    return "\n".join([*head, short.to_string(index=False), win, *([f"noise: {said}"] if said else []), f"written: {out / 'tune.md'} (also tune.csv"
                       + (f", {report.name} and the sweep report's files)" if report else ")")])
 
 
@@ -400,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_on_signals()  # while trials run, a signal stops the one in progress and the table is still written
     try:
         measure(tune, rows, start + tune["budget_s"])
+        remeasure(tune, rows, start + tune["budget_s"])
     except Interrupted as e:
         stopped = e
     finally:
