@@ -63,16 +63,28 @@ def _presets_by_module() -> dict[str, list[str]]:
     return out
 
 
-def _measure_baseline(module: str, presets: list[str]) -> int | None:
+RETRY_FAILED_S = 3600  # a failed footprint measurement is tried again after an hour (at once by --baseline)
+# a footprint run started by rank 0 of a torchrun or SLURM job launches its own processes: not as a rank of that job
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+             "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+def _measure_baseline(module: str, presets: list[str]) -> tuple[int | None, str]:
     """Peak RSS of a real run of this backend on the tiny model (2 layers, 64 wide), less the tiny model's own
     predicted parts (a few MB): the interpreter, the libraries, the process group, the backend's fixed buffers
-    and the allocator's habits, as a worker of a real run has them."""
+    and the allocator's habits, as a worker of a real run has them. (bytes, "") or (None, why no run succeeded:
+    the tiny run's own one-line error, e.g. a GPU-only backend's "needs a non-CPU accelerator device")."""
     import tempfile
 
-
-    env = {**os.environ, "PARALLELKIT_NO_PREDICTION": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent.parent),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV and not k.startswith("TORCHELASTIC_")}
+    env.update(PARALLELKIT_NO_PREDICTION="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent.parent),
+                                                        os.environ.get("PYTHONPATH")])))
+    why = []
     # the first preset that runs here (fsdp1 and fairscale_fsdp need a GPU), on the fewest ranks its layout takes
     # (one process costs half the time; measured: ddp and zero2 hold the same within 1 MiB at 1 and 2 ranks)
     for name in presets:
@@ -80,61 +92,152 @@ def _measure_baseline(module: str, presets: list[str]) -> int | None:
             with tempfile.TemporaryDirectory(prefix="parallelkit-footprint-") as tmp:
                 cmd = [sys.executable, "-m", "parallelkit.run", f"strategy={name}", f"world_size={world}", *TINY,
                        f"hydra.run.dir={tmp}", "hydra.output_subdir=null"]
-                subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                                          stdin=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    why.append(f"strategy={name} world_size={world}: the tiny run took over 600 s")
+                    break
                 try:
                     summary = json.loads((Path(tmp) / "summary.json").read_text())
                 except (OSError, ValueError):
-                    break  # no summary at all: the next preset
+                    last = next((ln for ln in reversed(done.stderr.splitlines()) if ln.strip()), "")
+                    why.append(f"strategy={name} world_size={world}: the tiny run wrote no summary "
+                               f"(exit code {done.returncode}{': ' + _one_line(last, 200) if last else ''})")
+                    break  # the next preset
                 if summary.get("status") == "ok" and summary.get("peak_mem_bytes"):
                     own = predict(RunPlan.of(OmegaConf.load(Path(tmp) / "config.yaml")), baseline=False,
                                    projection=False)["peak_mem_bytes"]  # a plan of that run: not this run's
-                    return max(summary["peak_mem_bytes"]) - own
+                    return max(summary["peak_mem_bytes"]) - own, ""
+                why.append(f"strategy={name} world_size={world}: {summary.get('status')}: "
+                           f"{_one_line(summary.get('error') or 'no error given', 240)}")
                 if "world_size" not in (summary.get("error") or ""):
                     break
-    return None
+    if not presets:
+        return None, f"no preset in {STRATEGY_DIR} uses it"
+    return None, "no tiny run of it succeeds on this machine: " + "; ".join(why[-2:])
 
 
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.Lock()  # threads of one process; the file lock below guards against other processes too
 
 
-def process_baseline(cls, measure: bool = True) -> int:
-    """What a worker of ``cls``'s backend holds besides the model's predicted parts: measured here once with a
-    real tiny run (seconds; scripts/setup.sh measures every backend ahead), then read from the cache. With
-    ``measure=False`` a backend not measured yet gets the largest footprint measured so far (cautious)."""
+def _cache_path() -> Path:
+    from parallelkit.measure.calibrate import cache_dir
+
+    return cache_dir() / "process_baseline.json"
+
+
+def _baseline_key() -> str:
+    """The cache's key: what a worker's footprint depends on (the footprint is measured by a run at the shipped
+    allocator setting)."""
     import torch
 
-    from parallelkit.measure.calibrate import cache_dir
     from parallelkit.measure.host import versions
+
+    return json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "versions": versions(),
+                       "cores": os.cpu_count(), "mmap_threshold": shipped_default("train.cpu_mmap_threshold")},
+                      sort_keys=True)
+
+
+def _read_baseline(key: str) -> dict:
+    """This key's entries (written by atomic renames: no lock needed to read a whole file)."""
+    path = _cache_path()
+    try:
+        return (json.loads(path.read_text()) if path.exists() else {}).get(key, {})
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` held by this process and thread: fcntl.flock (released by the kernel if the
+    process dies), with the thread lock where there is no fcntl."""
+    with _CACHE_LOCK:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: threads of this process only
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _merge_baseline(key: str, module: str, value) -> dict:
+    """Set the cache's entry for (key, module) to ``value`` (bytes, or a failure {"error", "at"}), keeping every other
+    entry: the read-modify-write holds a file lock beside the cache, so concurrent runs lose no update. Returns
+    the key's entries as written."""
     from parallelkit.util.jsonio import write_json
 
-    key = json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "versions": versions(),
-                      "cores": os.cpu_count(), "mmap_threshold": shipped_default("train.cpu_mmap_threshold")},
-                     sort_keys=True)  # the footprint is measured by a run at the shipped allocator setting
-    path = cache_dir() / "process_baseline.json"
-    read = lambda: (json.loads(path.read_text()) if path.exists() else {}).get(key, {})  # noqa: E731
-    try:
-        known = read()
-    except ValueError:
-        known = {}
-    module = cls.__module__
-    if module not in known and measure:
-        print(f"parallelkit: measuring a {module.rsplit('.', 1)[-1]} worker's own footprint with a tiny run (once; "
-              f"cached in {path})", file=sys.stderr, flush=True)
-        value = _measure_baseline(module, _presets_by_module().get(module, []))
-        with _CACHE_LOCK:  # another process or thread may have written meanwhile: merge
-            try:
-                everything = json.loads(path.read_text()) if path.exists() else {}
-            except ValueError:
-                everything = {}
-            everything.setdefault(key, {})[module] = value  # None: cannot run here (GPU only); not tried again
-            write_json(path, everything)
-        known = everything[key]
-    value = known.get(module)
-    if value is None and not measure and any(v for v in known.values()):
-        return max(v for v in known.values() if v)
-    if value is None:
-        raise RuntimeError(f"no footprint for {module}: no tiny run of it succeeds on this machine")
-    return int(value)
+    path = _cache_path()
+    with _file_lock(path.with_name(path.name + ".lock")):
+        try:
+            everything = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:  # a file not written by this code: start again
+            everything = {}
+        everything.setdefault(key, {})[module] = value
+        write_json(path, everything)
+    return everything[key]
+
+
+def _is_bytes(entry) -> bool:
+    return isinstance(entry, (int, float)) and not isinstance(entry, bool) and entry > 0
+
+
+def _should_retry(entry, now: float, retry_failures: bool = False, after_s: float = RETRY_FAILED_S) -> bool:
+    """Whether to measure this cache entry (again): never measured (or a bare None, how older versions kept a
+    failure), a failure {"error", "at"} older than ``after_s``, or any failure when ``retry_failures``
+    (``python -m parallelkit.predict --baseline``). A measured footprint is kept."""
+    if _is_bytes(entry):
+        return False
+    if isinstance(entry, dict):
+        try:
+            return retry_failures or now - float(entry.get("at") or 0) >= after_s
+        except (TypeError, ValueError):
+            return True
+    return True
+
+
+def process_baseline(cls, measure: bool = True, retry_failures: bool = False) -> int:
+    """What a worker of ``cls``'s backend holds besides the model's predicted parts: measured here once with a
+    real tiny run (seconds; scripts/setup.sh measures every backend ahead), then read from the cache. A failed
+    measurement is kept with its reason and time and tried again after an hour (``retry_failures``: now).
+    With ``measure=False``, and on every rank but 0 of a torchrun job (only rank 0 measures), a backend not
+    measured gets the largest footprint measured so far (cautious). RuntimeError (one line, with the reason)
+    when there is none."""
+    import time
+
+    from parallelkit.config.env import rank, under_torchrun
+
+    key, module, path = _baseline_key(), cls.__module__, _cache_path()
+    known = _read_baseline(key)
+    entry = known.get(module)
+    if under_torchrun() and rank() != 0:
+        measure = False
+    if measure and _should_retry(entry, time.time(), retry_failures):
+        again = " again" if module in known else ""
+        print(f"parallelkit: measuring a {module.rsplit('.', 1)[-1]} worker's own footprint{again} with a tiny run "
+              f"(cached in {path})", file=sys.stderr, flush=True)
+        value, why = _measure_baseline(module, _presets_by_module().get(module, []))
+        entry = value if value is not None else {"error": _one_line(why, 600), "at": time.time()}
+        known = _merge_baseline(key, module, entry)  # another process or thread may have written meanwhile
+    if _is_bytes(entry):
+        return int(entry)
+    measured = [v for v in known.values() if _is_bytes(v)]
+    if not measure and measured:
+        return int(max(measured))
+    if isinstance(entry, dict):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(entry.get("at") or 0)))
+        why = f"{entry.get('error') or 'the measurement failed'} (failed at {when}; tried again an hour after, or at once " \
+              f"by `python -m parallelkit.predict --baseline`)"
+    else:
+        why = "not measured yet" + (" (only rank 0 of a torchrun job measures)" if measure is False and
+                                    under_torchrun() and rank() != 0 else "")
+    raise RuntimeError(f"no footprint for {module}: {why}")
 
 
 def on_cuda() -> bool:
@@ -348,10 +451,11 @@ def main(argv: list[str] | None = None) -> None:
         def one(item):
             module, presets = item
             t1 = time.perf_counter()
-            try:
-                got = f"{process_baseline(strategy_class(OmegaConf.create({'strategy': preset(presets[0])}))) / 2**20:,.0f} MiB"
-            except RuntimeError:  # a GPU-only backend on a CPU machine
-                got = "cannot run here"
+            try:  # failures cached earlier are tried again now
+                cls = strategy_class(OmegaConf.create({'strategy': preset(presets[0])}))
+                got = f"{process_baseline(cls, retry_failures=True) / 2**20:,.0f} MiB"
+            except Exception as e:  # noqa: BLE001 - e.g. a GPU-only backend on a CPU machine: its reason, one line
+                got = f"cannot run here: {' '.join(str(e).split())[:400]}"
             print(f"  {module.rsplit('.', 1)[-1]}: {got} ({time.perf_counter() - t1:.0f} s)", flush=True)
 
         with ThreadPoolExecutor(2) as pool:  # most are one-process runs, mostly start-up: two at a time

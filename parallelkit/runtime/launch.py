@@ -2,11 +2,13 @@
 
 Each run gets fresh processes and a fresh process group (``torch.distributed.run
 --standalone`` picks a free rendezvous port, so back-to-back runs do not collide), a
-wall-clock limit, and a summary.json whatever happens to the workers.
+wall-clock limit, and a summary.json whatever happens to the workers. However ``launch()``
+ends (the agent's exit, its death, an exception), no process of the run outlives it.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -14,10 +16,11 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 from parallelkit.measure.metrics import cpu_threads
-from parallelkit.runtime.procs import Tree, oom_kill_count, oom_killed_in_kernel_log
+from parallelkit.runtime.procs import Tree, become_subreaper, oom_kill_count, oom_killed_in_kernel_log
 from parallelkit.util.jsonio import read_json, write_json
 
 
@@ -32,6 +35,7 @@ def with_package_path(env: dict) -> dict:
     return {**env, "PYTHONPATH": path}
 
 
+RUN_MARK = "PARALLELKIT_RUN_MARK"  # in the environment of every process of a run: found wherever it was re-parented
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
@@ -58,7 +62,9 @@ def raise_on_signals() -> None:
 
 def launch(plan, run_dir: Path, base: dict) -> dict:
     """Run the plan's workers; return the final summary (also written to run_dir/summary.json). On ``Interrupted``
-    every process of the run is stopped, the summary says ``interrupted``, and the exception goes on up."""
+    every process of the run is stopped, the summary says ``interrupted``, and the exception goes on up. However it
+    ends, every process of the run is stopped before it returns (a torchrun agent killed mid-run leaves workers that
+    would otherwise go on training)."""
     cfg, nproc = plan.cfg, plan.layout.processes
     plan.save(run_dir)  # what each worker loads (config.yaml, plan.json)
     for stale in [run_dir / "summary.json", run_dir / "metrics.jsonl", *run_dir.glob("errors/rank*.txt")]:
@@ -66,10 +72,12 @@ def launch(plan, run_dir: Path, base: dict) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", str(cpu_threads(nproc)))  # also keeps torchrun from printing its banner
     env = with_package_path(env)
+    env[RUN_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
     ooms_before = oom_kill_count()
+    become_subreaper()  # a worker whose agent dies is re-parented to this process, not to init
     proc = subprocess.Popen(worker_command(run_dir, nproc), stderr=subprocess.PIPE, text=True, errors="replace",
                             env=env, start_new_session=True)
-    tree = Tree(proc.pid)
+    tree = Tree(proc.pid, mark=(RUN_MARK, env[RUN_MARK]))
     tail: collections.deque[str] = collections.deque(maxlen=400)
     pump = threading.Thread(target=_pump, args=(proc.stderr, tail), daemon=True)
     pump.start()
@@ -90,15 +98,23 @@ def launch(plan, run_dir: Path, base: dict) -> dict:
                                                    f"{cfg.train.steps} steps; every process of the run was ended")
         write_json(run_dir / "summary.json", summary)
         raise
-    finally:
+    finally:  # whatever ended the wait: nothing of the run outlives it (a no-op when nothing is alive)
+        tree.stop()
         tree.close()
+        if proc.poll() is None:  # stopped above with the rest of the tree
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
     pump.join(timeout=5)
     summary = _summary(run_dir, base)
+    steps = f"after {len(summary['losses'])} of {cfg.train.steps} steps"
     if timed_out:
-        summary.update(status="timeout", error=f"run exceeded train.timeout_s={timeout} s and was stopped after "
-                                               f"{len(summary['losses'])} of {cfg.train.steps} steps")
+        summary.update(status="timeout", error=f"run exceeded train.timeout_s={timeout} s and was stopped {steps}")
+    elif rc < 0:  # the agent itself died of a signal (its workers were stopped above), unless the run had finished
+        if summary.get("status") != "ok":
+            status, error = agent_killed(-rc, tree.pids(), ooms_before, tree.started_s(), steps)
+            summary.update(status=status, error=error)
     elif rc != 0 or summary.get("status") != "ok":
-        status, error = diagnose(run_dir, list(tail), rc, tree.workers(), ooms_before)
+        status, error = diagnose(run_dir, list(tail), rc, tree.pids(), ooms_before, tree.started_s())
         if summary.get("status") in (None, "ok") or not summary.get("error") or status in ("oom", "killed"):
             summary.update(status=status, error=error)
     write_json(run_dir / "summary.json", summary)
@@ -142,26 +158,59 @@ def signal_deaths(tail: list[str]) -> list[tuple[int, int]]:
     return [(int(r), int(s)) for r, s in re.findall(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n)?\s*exitcode\s*:\s*-(\d+)", text)]
 
 
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def oom_evidence(pids: list[int], ooms_before: tuple[int | None, str], since_s: float | None = None
+                 ) -> tuple[bool | None, str]:
+    """Whether the kernel OOM-killed one of the run's processes (``pids``), with the evidence in words: True when the
+    kernel log names one of them, or the OOM-kill counter of the run's own memory cgroup went up since
+    ``ooms_before`` (procs.oom_kill_count); False when the log or that counter shows none; None when neither can be
+    read. An OOM kill elsewhere (the machine's count, a cgroup shared with other processes) is never evidence."""
+    in_log = oom_killed_in_kernel_log(pids, since_s=since_s)
+    if in_log:
+        return True, "the kernel's OOM killer (host memory ran out; the kernel log names the run's process)"
+    after, where = oom_kill_count(pids)
+    counted = after is not None and ooms_before[0] is not None and where == ooms_before[1]
+    if counted and after > ooms_before[0]:
+        return True, f"the kernel's OOM killer (host memory ran out; OOM kills counted by {where})"
+    log = "no OOM kill of the run's processes in the kernel log" if in_log is False else "the kernel log is unreadable"
+    if counted:
+        return False, f"{log}, none counted by {where}"
+    return (False if in_log is False else None), f"{log}; no OOM-kill counter of the run's own: {ooms_before[1] or where}"
+
+
+def agent_killed(sig: int, pids: list[int], ooms_before: tuple[int | None, str], since_s: float | None,
+                 steps: str) -> tuple[str, str]:
+    """Status and one line for a torchrun agent that died of ``sig`` (its workers already stopped)."""
+    what = f"the torchrun agent was killed by {_signame(sig)}"
+    if sig == signal.SIGKILL and (found := oom_evidence(pids, ooms_before, since_s))[0]:
+        return "oom", f"{what}: {found[1]}; every worker of the run was stopped {steps}"
+    return "killed", f"{what}; every worker of the run was stopped {steps}"
+
+
 def diagnose(run_dir: Path, tail: list[str], rc: int, pids: list[int] | None = None,
-             ooms_before: tuple[int | None, str] = (None, "")) -> tuple[str, str]:
-    """Status and one-line cause: a worker killed by a signal (``oom`` only when the kernel log or the OOM-kill
-    counter shows an OOM kill), else the workers' error files, else the agent's report."""
+             ooms_before: tuple[int | None, str] = (None, ""), since_s: float | None = None) -> tuple[str, str]:
+    """Status and one-line cause: a worker killed by a signal (``oom`` only on evidence that the kernel OOM-killed one
+    of the run's processes, ``pids``: oom_evidence), else the workers' error files, else the agent's report."""
     deaths = signal_deaths(tail)
     kills = [(r, s) for r, s in deaths if s not in CRASHES]
     errors = sorted((run_dir / "errors").glob("rank*.txt"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
     texts = [p.read_text().strip() for p in errors]
     if kills and (any(s == signal.SIGKILL for _, s in kills) or not texts):
         rank, sig = next(((r, s) for r, s in kills if s == signal.SIGKILL), kills[0])
-        what = f"worker rank {rank} was killed by {signal.Signals(sig).name}"
+        what = f"worker rank {rank} was killed by {_signame(sig)}"
         if sig == signal.SIGKILL:
-            in_log = oom_killed_in_kernel_log(pids or [])
-            after, where = oom_kill_count()
-            if in_log:
-                return "oom", f"{what}: the kernel's OOM killer (host memory ran out; kernel log)"
-            if after is not None and ooms_before[0] is not None and after > ooms_before[0]:
-                return "oom", f"{what}: the kernel's OOM killer (host memory ran out; OOM kills counted by {where})"
-            why = "no OOM kill in the kernel log or " if in_log is False else "the kernel log is unreadable and no OOM kill "
-            return "killed", f"{what}, not by the OOM killer ({why}counted by {ooms_before[1] or where})"
+            oom, why = oom_evidence(pids or [], ooms_before, since_s)
+            if oom:
+                return "oom", f"{what}: {why}"
+            if oom is False:
+                return "killed", f"{what}, not by the OOM killer ({why})"
+            return "killed", f"{what}; no OOM kill of the run's processes can be seen ({why})"
         return "killed", f"{what} (sent from outside the run)"
     if texts:
         first = next((t for t in texts if "SIGTERM" not in t and "SignalException" not in t), texts[0])
