@@ -18,7 +18,6 @@ from conftest import FAST, ROOT, summary
 
 from parallelkit.runtime.launch import diagnose
 
-
 # ---- 1. a torchrun agent killed mid-run ----
 
 def _run_procs(run_dir: Path) -> list[psutil.Process]:

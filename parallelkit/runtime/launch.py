@@ -20,7 +20,12 @@ import uuid
 from pathlib import Path
 
 from parallelkit.measure.metrics import cpu_threads
-from parallelkit.runtime.procs import Tree, become_subreaper, oom_kill_count, oom_killed_in_kernel_log
+from parallelkit.runtime.procs import (
+    Tree,
+    become_subreaper,
+    oom_kill_count,
+    oom_killed_in_kernel_log,
+)
 from parallelkit.util.jsonio import read_json, write_json
 
 

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 PR_SET_CHILD_SUBREAPER = 36
 _SUBREAPER: bool | None = None
@@ -264,7 +264,8 @@ def oom_killed_in_kernel_log(pids: Iterable[int], log: str | None = None, since_
     when the log cannot be read."""
     if log is None:
         try:
-            out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL)
+            out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL,
+                                 check=False)
         except (OSError, subprocess.TimeoutExpired):
             return None
         if out.returncode != 0:
