@@ -31,13 +31,10 @@ BASE = ["model=tiny", "train.steps=4", "train.untimed_steps=3", "peak_tflops=1"]
 
 
 def predicted(run_dir: Path) -> dict[str, float]:
-    from omegaconf import OmegaConf
+    from parallelkit.config.plan import RunPlan
 
-    from parallelkit.config.plan import plan
-
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    cls, opts, layout = plan(cfg)
-    return cls.comm(cfg, opts, layout)
+    p = RunPlan.load(run_dir)
+    return p.cls.comm(p.cfg, p.opts, p.layout)
 
 
 def busiest(by_rank: list[dict]) -> dict[str, int]:

@@ -74,8 +74,8 @@ def _probe(out: Path) -> None:
             time.sleep(0.0005)
 
     threading.Thread(target=sample, daemon=True).start()
-    import parallelkit.metrics as metrics
-    import parallelkit.optim as optim  # patched before the worker's train module imports lr_at from it
+    import parallelkit.measure.metrics as metrics
+    import parallelkit.strategies.shared.optim as optim  # patched before the worker's loop module imports lr_at from it
 
     rank, start = os.environ.get("RANK", "0"), {}
     log = open(out / f"rank{rank}.jsonl", "w")
