@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from parallelkit.advisor.predict import preflight, summary_fields
 from parallelkit.checkpoint.resume import lock_checkpoint_dir
@@ -21,23 +21,12 @@ from parallelkit.config.env import adopt_slurm_env, under_torchrun
 from parallelkit.config.env import rank as env_rank
 from parallelkit.config.errors import ConfigError, DoesNotFit
 from parallelkit.config.plan import RunPlan
-from parallelkit.measure.results import base_summary
+from parallelkit.measure.results import base_summary, failed_summary
 from parallelkit.runtime.launch import Interrupted, raise_on_signals
 from parallelkit.runtime.plan import build_plan
 from parallelkit.util.jsonio import read_json, write_json
 
 CURRENT: dict = {"out": None, "sweep": None}  # the run (and sweep) in progress, for the interrupt path in main()
-
-
-def _failed_summary(cfg, error: str, plan: RunPlan | None = None) -> dict:
-    """A summary for a run that never started: as many known fields as the plan (or the config) gives."""
-    try:
-        s = base_summary(plan or RunPlan.of(cfg)).to_dict()
-    except Exception:  # noqa: BLE001 - the config itself may be what is broken
-        s = {"strategy": OmegaConf.select(cfg, "strategy.name"), "label": OmegaConf.select(cfg, "strategy.name"),
-             "model": OmegaConf.select(cfg, "model.name"), "losses": []}
-    s.update(status="failed", error=error)
-    return s
 
 
 def result_line(s: dict, where: Path) -> str:
@@ -65,7 +54,7 @@ def task(cfg: DictConfig) -> str:
     except DoesNotFit as e:
         if lock is not None:
             lock.release()
-        write_json(out / "summary.json", {**_failed_summary(cfg, f"pre-flight: {e}", plan), "status": "skipped"})
+        write_json(out / "summary.json", {**failed_summary(cfg, f"pre-flight: {e}", plan), "status": "skipped"})
         print(f"parallelkit: pre-flight: {e}" + ("; the sweep goes on" if multirun else ""), file=sys.stderr)
         if multirun:
             return "skipped"
@@ -73,7 +62,7 @@ def task(cfg: DictConfig) -> str:
     except ConfigError as e:
         if lock is not None:
             lock.release()
-        write_json(out / "summary.json", _failed_summary(cfg, f"config error: {e}", plan))
+        write_json(out / "summary.json", failed_summary(cfg, f"config error: {e}", plan))
         print(f"parallelkit: config error: {e}", file=sys.stderr)
         if multirun:
             return "failed"

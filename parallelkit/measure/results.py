@@ -112,6 +112,23 @@ def base_summary(plan) -> Summary:
         one_process=cls.one_process, reference=cls.reference, versions=versions(), machine=machine(), host=host_facts(), repeat=cfg.get("repeat"))
 
 
+def failed_summary(cfg, error: str, plan=None) -> dict:
+    """A summary for a run that never started: as many known fields as the plan (or the config) gives."""
+    from omegaconf import OmegaConf
+
+    try:
+        if plan is None:
+            from parallelkit.config.plan import RunPlan
+
+            plan = RunPlan.of(cfg)
+        s = base_summary(plan).to_dict()
+    except Exception:  # noqa: BLE001 - the config itself may be what is broken
+        s = {"strategy": OmegaConf.select(cfg, "strategy.name"), "label": OmegaConf.select(cfg, "strategy.name"),
+             "model": OmegaConf.select(cfg, "model.name"), "losses": []}
+    s.update(status="failed", error=error)
+    return s
+
+
 def one_line(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()

@@ -27,6 +27,7 @@ from parallelkit.data.datasets import Batches, make_dataset
 from parallelkit.config.layout import Layout
 from parallelkit.models.gpt import GPTConfig, build_model
 from parallelkit.measure.noise import RunProbe
+from parallelkit.measure.progress import Progress
 from parallelkit.strategies.shared.optim import lr_at
 from parallelkit.util.jsonio import write_json
 from parallelkit.runtime.processes import INIT_METHOD
@@ -47,30 +48,6 @@ def init_distributed(layout: Layout) -> Context:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 init_method=os.environ.get(INIT_METHOD))
     return Context(rank=rank, world_size=world, local_rank=local_rank, device=device, layout=layout)
-
-
-class Progress:
-    """A tqdm bar on a terminal; a line every ~10% of the steps in a log file."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled, self.bar = total, label, enabled, None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, step: int, loss: float, tps: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-            self.bar.update(1)
-        elif (step + 1) % max(1, self.total // 10) == 0 or step + 1 == self.total:
-            print(f"[{self.label}] step {step + 1}/{self.total} loss {loss:.4f} tokens/s {tps:,.0f}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def make_strategy(plan: RunPlan, ctx: Context, run_dir: Path | None) -> Strategy:
