@@ -84,10 +84,9 @@ def test_ddp_measured_equals_gradient_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
-def test_sharded_measured_within_ten_percent(tmp_path, strategy):
+def test_sharded_measured_to_the_byte(tmp_path, strategy):
+    """The comm models of ZeRO-3 and FSDP2 say they are exact: every kind's bytes equal on every rank."""
     s = train_ranks(tmp_path, strategy, f"strategy={strategy}", "train.grad_accum=2", *RUN)
     want = predicted(f"strategy={strategy}", "train.grad_accum=2", *RUN)
     for got in measured(s):
-        assert set(got) == set(want), (got, want)
-        for kind, b in got.items():
-            assert want[kind] == pytest.approx(b, rel=0.10), (kind, got, want)
+        assert got == want, (got, want)

@@ -183,7 +183,7 @@ def test_probe_step_counts_what_instrumented_steps_count(tmp_path):
         assert plain["comm_bytes_per_step"][0] >= 4 * plain["params"]  # every gradient reduced once
         kinds = plain["comm_by_kind"][0]
         assert sum(k["bytes"] for k in kinds.values()) == plain["comm_bytes_per_step"][0]
-    assert set(plain["comm_by_kind"][0]) >= {"reduce_scatter"} or set(plain["comm_by_kind"][0]) >= {"all_reduce"}
+    assert set(plain["comm_by_kind"][0]) == {"all_reduce", "all_gather"}  # ZeRO-2 as DeepSpeed 0.19 runs it
 
 
 def test_old_untimed_step_key_still_works_with_a_note(tmp_path):
