@@ -135,3 +135,18 @@ def test_a_gpu_projection_never_benchmarks_gloo_and_only_rank_0_predicts(monkeyp
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("PARALLELKIT_NO_PREDICTION", "1")  # rank 0 goes on to predict (here: told not to measure)
     assert predictions(plan, None) == {}
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_the_alpha_beta_fit_recovers_the_coefficients_it_was_made_from(n):
+    """Timings made by the cost formulas of bench_comm (ring, tree, point to point) at a known latency and
+    bandwidth are fitted back exactly: a wrong coefficient in a formula or in the fit fails here."""
+    from parallelkit.advisor import bench_comm
+
+    alpha, bw = 37e-6, 3.1e9
+    points = {k: [{"bytes": b, "median_s": bench_comm.model_time(k, b, n, alpha, bw)} for b in bench_comm.SIZES]
+              for k in bench_comm.KINDS}
+    fits = bench_comm.fit_points(points, n)
+    assert fits["alpha_s"] == pytest.approx(alpha, rel=1e-6) and fits["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
+    for kind, f in fits["kinds"].items():
+        assert f["alpha_s"] == pytest.approx(alpha, rel=1e-6) and f["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6), kind
