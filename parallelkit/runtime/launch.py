@@ -109,6 +109,8 @@ def launch(plan, run_dir: Path, base: dict) -> dict:
         if proc.poll() is None:  # stopped above with the rest of the tree
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+        with contextlib.suppress(Exception):  # what the backend leaves outside the run folder (NVMe swap)
+            plan.cls.after_run(plan.cfg)
     pump.join(timeout=5)
     summary = _summary(run_dir, base)
     steps = f"after {len(summary['losses'])} of {cfg.train.steps} steps"

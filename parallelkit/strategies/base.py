@@ -141,6 +141,11 @@ class Strategy:
         """Raise ConfigError for a layout or an option this backend cannot run."""
 
     @classmethod
+    def after_run(cls, cfg) -> None:
+        """In the launching process, once every worker has ended however the run ended: remove what the backend
+        leaves outside the run folder (DeepSpeed: NVMe swap folders of workers that died)."""
+
+    @classmethod
     def label(cls, cfg, o: Options) -> str:
         return o.name
 

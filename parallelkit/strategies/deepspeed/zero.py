@@ -121,6 +121,10 @@ class DeepSpeedStrategy(Strategy):
         return adopt_user_config(cfg, explicit)  # what was adopted, overridden or ignored
 
     @classmethod
+    def after_run(cls, cfg) -> None:
+        sweep_nvme_of(cfg)  # a worker that failed ended by os._exit, past its atexit removal
+
+    @classmethod
     def check(cls, cfg, o) -> None:
         ds, _ = build_config(cfg)
         nvme_check(cfg, ds)
