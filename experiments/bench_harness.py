@@ -50,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from parallelkit.config.compose import shipped_default  # noqa: E402
+
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp_zero2", "zero1", "zero2", "zero3", "fairscale_oss", "fairscale_oss_ddp")
 OPTIONAL = ("fsdp_zero3", "zero0")  # also known to bare_loops.py
 VARIANTS = ("bare", "plain", "instrumented")
@@ -92,7 +93,8 @@ def overrides(args, strategy: str) -> list[str]:
 
 
 def compose(args, strategy: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):
         return hydra_compose("config", overrides=overrides(args, strategy))

@@ -18,9 +18,17 @@ import shutil
 import sys
 from pathlib import Path
 
-from parallelkit.checkpoint.format import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, read_meta, recover, write_portable
-from parallelkit.config.errors import ConfigError
+from parallelkit.checkpoint.format import (
+    COMPLETE,
+    INCOMPLETE,
+    NATIVE,
+    PORTABLE,
+    read_meta,
+    recover,
+    write_portable,
+)
 from parallelkit.checkpoint.resume import resolve_resume
+from parallelkit.config.errors import ConfigError
 from parallelkit.runtime.processes import spawn
 from parallelkit.util.jsonio import write_json
 

@@ -5,6 +5,7 @@ place instead, so multi-node jobs go through torchrun's rendezvous.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,13 @@ from omegaconf import DictConfig
 
 from parallelkit.advisor.predict import preflight, summary_fields
 from parallelkit.checkpoint.resume import lock_checkpoint_dir
-from parallelkit.config.compose import CONF_DIR, check_group_choices, check_keys, explicit_keys, open_strategy_keys
+from parallelkit.config.compose import (
+    CONF_DIR,
+    check_group_choices,
+    check_keys,
+    explicit_keys,
+    open_strategy_keys,
+)
 from parallelkit.config.env import adopt_slurm_env, under_torchrun
 from parallelkit.config.env import rank as env_rank
 from parallelkit.config.errors import ConfigError, DoesNotFit
@@ -88,6 +95,9 @@ def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = Non
         if env_rank() == 0:
             plan.save(out)
         code = worker(plan, out)
+        if env_rank() == 0:
+            with contextlib.suppress(Exception):  # what a dead worker's backend left behind (NVMe swap)
+                plan.cls.after_run(plan.cfg)
         if env_rank() == 0 and (out / "summary.json").exists():
             write_json(out / "summary.json", {**read_json(out / "summary.json"), **predicted})
             print(result_line(read_json(out / "summary.json"), out), flush=True)

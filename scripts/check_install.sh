@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PY" -m venv --system-site-packages "$work/venv"
-"$work/venv/bin/python" -m pip install -q --no-deps . 2>&1 | grep -v "^WARNING: Running pip as" || true
+PIP_ROOT_USER_ACTION=ignore "$work/venv/bin/python" -m pip install -q --no-deps . \
+  || { echo "check_install: FAILED: pip install . (not editable) did not build or install" >&2; exit 1; }
 mkdir "$work/empty"
 cd "$work/empty"
 where=$("$work/venv/bin/python" -c "import parallelkit, os; print(os.path.dirname(parallelkit.__file__))")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate results/: every canned experiment (conf/experiment/*.yaml) into results/<name>/,
+# Regenerate results/: every canned experiment (parallelkit/conf/experiment/*.yaml) into results/<name>/,
 # then the machine facts and the run table in results/README.md. Run it on a quiet machine:
 # the numbers are timings.
 #
@@ -15,7 +15,7 @@ if [ $# -gt 0 ]; then names=("$@"); else names=(compare_all zero_stages memory_v
 mkdir -p "$RESULTS"
 failed=()
 for name in "${names[@]}"; do
-  [ -f "conf/experiment/$name.yaml" ] || { echo "no such experiment: conf/experiment/$name.yaml" >&2; failed+=("$name"); continue; }
+  [ -f "parallelkit/conf/experiment/$name.yaml" ] || { echo "no such experiment: parallelkit/conf/experiment/$name.yaml" >&2; failed+=("$name"); continue; }
   out="$RESULTS/$name"
   commit=$(git describe --always --dirty 2>/dev/null || echo unknown)  # before the old results are deleted
   rm -rf "$out" && mkdir -p "$out"   # no stale summary.json from an earlier run in the report
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from parallelkit.host import machine, versions
+from parallelkit.measure.host import machine, versions
 
 root = Path(sys.argv[1])
 m = machine()

@@ -72,7 +72,7 @@ if [ "${ops_only:-0}" = 1 ]; then
   exit 0
 fi
 
-if "$PY" -c "import torch" 2>/dev/null; then
+if "$PY" -c "import sys, torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 6))" 2>/dev/null; then
   echo "setup: keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "setup: GPU found; installing the default (CUDA) torch build"

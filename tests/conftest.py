@@ -126,7 +126,12 @@ def _jobs_main(rank: int, jobs: list) -> None:
     from parallelkit.checkpoint import format as checkpoint
     from parallelkit.config.plan import RunPlan
     from parallelkit.measure.results import base_summary
-    from parallelkit.runtime.loop import init_distributed, make_strategy, run_steps, train
+    from parallelkit.runtime.loop import (
+        init_distributed,
+        make_strategy,
+        run_steps,
+        train,
+    )
     from parallelkit.util.jsonio import write_json
 
     ctx0 = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FAST, ROOT, compose_run, run_cli, summary
+
 from parallelkit.advisor import predict
 
 

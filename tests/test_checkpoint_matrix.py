@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import jobs_in_one_group, prepare_run, summary
 
 pytestmark = pytest.mark.slow

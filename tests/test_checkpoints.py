@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from conftest import (
+    FAST,
+    assert_close_trajectory,
+    compose_plan,
+    compose_run,
+    run_cli,
+    train_ranks,
+)
 
-from conftest import FAST, assert_close_trajectory, compose_plan, compose_run, run_cli, train_ranks
-
-from parallelkit.config.errors import ConfigError
 from parallelkit.checkpoint.resume import DirLock
+from parallelkit.config.errors import ConfigError
 
 DDP = ["strategy=ddp", "train.steps=6"]
 

@@ -7,11 +7,10 @@ and one micro-batch's hidden states are s·b·h = 64 · 2 · 64 = 8192 values.
 from __future__ import annotations
 
 import pytest
+from conftest import compose_plan, train_ranks
 
 from parallelkit.config.plan import RunPlan, options_dict, planned_strategy  # noqa: F401
 from parallelkit.runtime.plan import build_plan  # noqa: F401
-
-from conftest import compose_plan, train_ranks
 
 PSI, BLOCK, VD, SBH = 136960, 49984, 512 * 64, 8192
 PERSISTENT = 2 * 13 * 64 + 2 * 64  # ZeRO-3 keeps tensors of <= 10 d elements gathered: LayerNorms and biases

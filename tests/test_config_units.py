@@ -1,6 +1,6 @@
 """Unit tests of config helpers (no processes)."""
-from parallelkit.config.env import adopt_slurm_env, first_host
 from parallelkit.config.compose import check_group_choices
+from parallelkit.config.env import adopt_slurm_env, first_host
 
 
 def test_first_host_of_slurm_nodelists():

@@ -8,14 +8,22 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train_ranks
+from conftest import (
+    FAST,
+    ROOT,
+    assert_close_trajectory,
+    gpu,
+    run_cli,
+    summary,
+    train_ranks,
+)
 from hydra import compose, initialize_config_dir
 
 pytest.importorskip("deepspeed")
 
+from parallelkit.config.compose import open_strategy_keys  # noqa: E402
 from parallelkit.config.errors import ConfigError  # noqa: E402
 from parallelkit.runtime.plan import build_plan  # noqa: E402
-from parallelkit.config.compose import open_strategy_keys  # noqa: E402
 from parallelkit.strategies.deepspeed.config import aio_available, build_config, sizes  # noqa: E402
 
 PARITY = ["train.steps=12", "train.grad_accum=2", "world_size=2"]

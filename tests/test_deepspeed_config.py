@@ -14,13 +14,19 @@ pytest.importorskip("deepspeed")
 
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig  # noqa: E402
 
+from parallelkit.config.compose import (
+    explicit_keys,  # noqa: E402
+    open_strategy_keys,  # noqa: E402
+)
 from parallelkit.config.errors import ConfigError  # noqa: E402
-from parallelkit.runtime.plan import build_plan  # noqa: E402
 from parallelkit.models.gpt import GPT, GPTConfig  # noqa: E402
+from parallelkit.runtime.plan import build_plan  # noqa: E402
+from parallelkit.strategies.deepspeed.config import (  # noqa: E402
+    adopt_user_config,
+    build_config,
+    sizes,
+)
 from parallelkit.strategies.deepspeed.zero import DeepSpeedStrategy  # noqa: E402
-from parallelkit.config.compose import explicit_keys  # noqa: E402
-from parallelkit.config.compose import open_strategy_keys  # noqa: E402
-from parallelkit.strategies.deepspeed.config import adopt_user_config, build_config, sizes  # noqa: E402
 from parallelkit.strategies.shared.optim import param_groups  # noqa: E402
 
 # The JSON of the DeepSpeed-vs-FairScale talk: written for 2 GPUs x micro-batch 4 x accumulation 2, fp16,

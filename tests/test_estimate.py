@@ -2,17 +2,19 @@
 import json
 
 import pytest
-from conftest import FAST, run_cli, train
-
-from parallelkit.config.errors import ConfigError
 import torch
+from conftest import FAST, run_cli, train
 from omegaconf import OmegaConf
 
 from parallelkit.advisor.estimate import GiB, estimate_all, main
 from parallelkit.config.checks import parse_bytes
+from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import split_stages as stage_split
-from parallelkit.strategies.shared.memory_model import activation_values as _acts, zero_state_bytes as deepspeed_state
 from parallelkit.models.gpt import GPTConfig, build_model, lm_loss
+from parallelkit.strategies.shared.memory_model import activation_values as _acts
+from parallelkit.strategies.shared.memory_model import (
+    zero_state_bytes as deepspeed_state,
+)
 
 PSI_1B = 1_313_722_368  # gpt_1b: 24 layers, d_model 2048, vocab 50304, seq 1024, tied
 

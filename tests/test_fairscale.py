@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-
 from conftest import FAST, ROOT, assert_close_trajectory, gpu, run_cli, summary, train
 
 SWEEP = ["single", "ddp", "fairscale_oss", "fairscale_oss_ddp", "fairscale_pipe", "fairscale_tp"]
@@ -70,8 +69,9 @@ def test_pipe_matches_single_and_says_it_is_one_process(sweep):
     assert "balance [2, 2]" in facts["sharded"]  # by parameter count: [embedding, block] [block, head]
     # one process does all the work on the CPU: its TFLOP/s is the whole pipeline's (not divided by its 2
     # "devices"), as the projection divides by processes too
-    from parallelkit.models.gpt import GPTConfig
     from conftest import compose_run
+
+    from parallelkit.models.gpt import GPTConfig
 
     flops = GPTConfig.from_cfg(compose_run("strategy=single").model).flops_per_token()
     assert s["tflops"] == pytest.approx(flops * s["tokens_per_s"] / 1e12, rel=1e-6)
@@ -146,8 +146,8 @@ def test_bad_layouts_are_config_errors(overrides, message):
     """The same checks as the CLI's, in-process (no start-up cost): composed config -> resolve."""
     from hydra import compose, initialize_config_dir
 
-    from parallelkit.config.errors import ConfigError
     from parallelkit.config.compose import open_strategy_keys
+    from parallelkit.config.errors import ConfigError
     from parallelkit.runtime.plan import build_plan
 
     with initialize_config_dir(str(ROOT / "parallelkit" / "conf"), version_base="1.3"):

@@ -3,8 +3,15 @@ import json
 import math
 
 import pytest
-
-from conftest import FAST, assert_close_trajectory, compose_plan, run_cli, summary, train, train_ranks
+from conftest import (
+    FAST,
+    assert_close_trajectory,
+    compose_plan,
+    run_cli,
+    summary,
+    train,
+    train_ranks,
+)
 
 CONTRACT_FIELDS = {
     "status", "error", "strategy", "label", "model", "params", "world_size", "dp", "tp", "pp", "precision",
@@ -98,7 +105,11 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path):
 def config_error(*overrides: str) -> str | None:
     """The one-line error ``python -m parallelkit.run`` gives these overrides before any worker starts, found
     in-process by the same checks in the same order (command line, then the plan), or None."""
-    from parallelkit.config.compose import check_group_choices, check_keys, open_strategy_keys
+    from parallelkit.config.compose import (
+        check_group_choices,
+        check_keys,
+        open_strategy_keys,
+    )
     from parallelkit.config.errors import ConfigError
 
     argv = open_strategy_keys([*FAST, *overrides])

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
-
 from conftest import assert_close_trajectory, gpu, run_cli, summary, train_ranks
+from omegaconf import OmegaConf
 
 # 10 steps, two micro-batches per step (no_sync path), clipping on: the parity configuration.
 PARITY = ["train.steps=10", "train.grad_accum=2", "train.grad_clip=0.5", "world_size=2"]

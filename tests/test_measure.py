@@ -10,11 +10,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST, ROOT, run_cli, summary
 
 from parallelkit.measure import calibrate
-from parallelkit.measure.noise import DRIFT_LIMIT, SPREAD_LIMIT, mfu, noise_fields, quantile
+from parallelkit.measure.noise import (
+    DRIFT_LIMIT,
+    SPREAD_LIMIT,
+    mfu,
+    noise_fields,
+    quantile,
+)
 
 CPU = torch.device("cpu")
 

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf, open_dict
-
 from conftest import FAST, ROOT, compose_run, summary
+from omegaconf import OmegaConf, open_dict
 
 from parallelkit.config.plan import planned_strategy
 

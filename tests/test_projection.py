@@ -6,13 +6,13 @@ import pytest
 from conftest import compose_run
 
 from parallelkit.advisor import bench_comm
-from parallelkit.measure import calibrate
-from parallelkit.config.errors import ConfigError
 from parallelkit.advisor.estimate import main
-from parallelkit.config.layout import Layout
-from parallelkit.util.devices import CUDA_PEAK_TFLOPS
-from parallelkit.models.gpt import GPTConfig
 from parallelkit.advisor.projection import comm_seconds, group_size, project
+from parallelkit.config.errors import ConfigError
+from parallelkit.config.layout import Layout
+from parallelkit.measure import calibrate
+from parallelkit.models.gpt import GPTConfig
+from parallelkit.util.devices import CUDA_PEAK_TFLOPS
 
 A, B = 5e-6, 10e9  # 5 us, 10 GB/s
 LINK = ["projection.latency_us=5", "projection.bandwidth_GBps=10"]

@@ -10,9 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
-
 from conftest import FAST, ROOT, run_cli
+from PIL import Image
 
 from parallelkit.report.compare import build, load, terminal_report, write_report
 from parallelkit.report.tables import hbytes, hcount, htime

@@ -8,9 +8,9 @@ from test_report import rows, write_run
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.plan import RunPlan, options_dict, planned_strategy  # noqa: F401
+from parallelkit.report.compare import write_report
 from parallelkit.runtime.plan import build_plan  # noqa: F401
 from parallelkit.strategies.shared.memory_model import in_flight
-from parallelkit.report.compare import write_report
 
 # 4 blocks (6 layers: 4 stages for interleaving), 2 micro-batches of 4 per pipeline, clipping active (the
 # gradient norm starts near 1.3), 6 steps; every run at the same global batch of 8 as single.

@@ -14,17 +14,24 @@ projection.py projects from it (``projection.*``; calibrations cached, measured 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 
+from omegaconf import OmegaConf
 
-from parallelkit.config.compose import compose_config, explicit_keys, preset, strategy_presets
+from parallelkit.config.checks import parse_bytes
+from parallelkit.config.compose import (
+    compose_config,
+    explicit_keys,
+    preset,
+    strategy_presets,
+)
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.plan import RunPlan
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.runtime.plan import build_plan
 from parallelkit.strategies.shared.memory_model import GPU_ALLOWANCE, PARTS
-from parallelkit.config.checks import parse_bytes
 from parallelkit.util.units import GiB, size
 
 OVERHEAD = GPU_ALLOWANCE  # allowance, not a measurement: CUDA context (~0.5 GB), cuBLAS workspace, allocator slack
@@ -84,8 +91,8 @@ def estimate_all(overrides: list[str]) -> dict:
         plan, note = configured, None
         try:
             if name != chosen:
-                pc = composed.copy()
-                pc.world_size = cfg.world_size
+                pc = copy.deepcopy(cfg)  # the configured run's settings (adopted, derived), another preset
+                OmegaConf.set_readonly(pc, False)
                 pc.strategy = preset(name)
                 try:  # a check that fails here (no GPU, chunks vs batch) still leaves an estimate worth showing
                     plan = build_plan(pc, quiet=True)

@@ -276,19 +276,22 @@ def predict(plan: RunPlan, baseline: bool = True, projection: bool = True, measu
            "peak_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss"}
     if stages:
         out["stage_peaks"] = [int(sum(st.get(k, 0) for k in PARTS) + base) for st in stages]
-    with contextlib.suppress(ImportError):
-        if not projection:
-            raise ImportError
-        from parallelkit.advisor.projection import project
-
-        try:
-            if comm is None:
-                raise ValueError("its backend does not predict its communication (not predicted)")
-            proj = project(cfg, comm, lay)
-            out.update(step_time_s=proj["step_s"], projection=proj)
-        except Exception as e:  # noqa: BLE001 - a projection that cannot be made leaves the memory prediction
-            out["projection"] = {"error": " ".join(str(e).split())[:200]}
+    if projection:
+        out.update(project_fields(plan, comm))
     return out
+
+
+def project_fields(plan: RunPlan, comm: dict | None) -> dict:
+    """``step_time_s`` and ``projection`` (projection.py), or the error that stopped the projection."""
+    from parallelkit.advisor.projection import project
+
+    try:
+        if comm is None:
+            raise ValueError("its backend does not predict its communication (not predicted)")
+        proj = project(plan.cfg, comm, plan.layout)
+        return {"step_time_s": proj["step_s"], "projection": proj}
+    except Exception as e:  # noqa: BLE001 - a projection that cannot be made leaves the memory prediction
+        return {"step_time_s": None, "projection": {"error": " ".join(str(e).split())[:200]}}
 
 
 def summary_fields(plan: RunPlan, p: dict | None = None) -> dict:
@@ -297,7 +300,10 @@ def summary_fields(plan: RunPlan, p: dict | None = None) -> dict:
     if os.environ.get("PARALLELKIT_NO_PREDICTION"):  # the footprint's own tiny runs
         return {}
     try:
-        p = p if p and p.get("projection") else predict(plan)
+        if p is None:
+            p = predict(plan)
+        elif not p.get("projection"):  # the pre-flight's memory prediction: add the projection only
+            p = {**p, **project_fields(plan, p["comm_by_kind"])}
     except Exception as e:  # noqa: BLE001
         return {"prediction": {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}}
     return {"predicted_model_state_bytes": p["model_state_bytes"], "predicted_peak_mem_bytes": p["peak_mem_bytes"],

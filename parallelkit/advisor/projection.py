@@ -38,12 +38,12 @@ from datetime import datetime, timezone
 import torch
 
 from parallelkit.advisor import bench_comm
-from parallelkit.measure import calibrate
-from parallelkit.config.layout import Layout
 from parallelkit.config.checks import named_device, projection_setting
+from parallelkit.config.layout import Layout
+from parallelkit.measure import calibrate
 from parallelkit.measure.metrics import cpu_threads
-from parallelkit.util.devices import CUDA_PEAK_TFLOPS
 from parallelkit.models.gpt import GPTConfig
+from parallelkit.util.devices import CUDA_PEAK_TFLOPS
 
 BUCKET = 25 * 2**20  # bytes per message for the latency term: DDP's default bucket (bucket_cap_mb=25)
 GPU_EFFICIENCY = 0.4  # achieved / peak FLOP/s assumed on a GPU (large GPT training reaches ~0.3-0.5)

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shlex
 import signal
@@ -33,19 +34,35 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from parallelkit.config.compose import STRATEGY_DIR, explicit_keys, preset
-from parallelkit.util.units import gib
+from parallelkit.advisor.predict import (
+    CUDA_CONTEXT,
+    MARGIN,
+    available_per_rank,
+    fits,
+    judged,
+    on_cuda,
+    predict,
+)
+from parallelkit.config.checks import _int, _num, parse_bytes
+from parallelkit.config.compose import (
+    STRATEGY_DIR,
+    check_keys,
+    compose_config,
+    explicit_keys,
+    preset,
+)
 from parallelkit.config.errors import ConfigError
-from parallelkit.config.checks import _int, _num
-from parallelkit.config.plan import planned_strategy, strategy_class
-from parallelkit.runtime.plan import build_plan
-from parallelkit.config.compose import compose_config
-from parallelkit.config.checks import parse_bytes
-from parallelkit.runtime.launch import SIGNALS, Interrupted, raise_on_signals, with_package_path
 from parallelkit.config.layout import divisors
-from parallelkit.config.compose import check_keys
-from parallelkit.advisor.predict import CUDA_CONTEXT, MARGIN, available_per_rank, fits, judged, on_cuda, predict
+from parallelkit.config.plan import planned_strategy, strategy_class
 from parallelkit.config.sweep import distinct_presets
+from parallelkit.runtime.launch import (
+    SIGNALS,
+    Interrupted,
+    raise_on_signals,
+    with_package_path,
+)
+from parallelkit.runtime.plan import build_plan
+from parallelkit.util.units import gib
 
 UNTIMED = 2  # untimed steps per trial
 LAUNCH_S = 10  # allowance for a trial's start and end outside train.timeout_s (Python, Hydra, the checks)
@@ -153,8 +170,9 @@ def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
     kept, same = distinct_presets(sorted(s["strategies"], key=lambda n: (not explicit_keys([], n), n)))
     rows = [_row(a, why=f"same as {b}") for a, b in same.items()]
     for name in kept:
-        base = composed.copy()
-        base.world_size, base.strategy = cfg.world_size, preset(name)
+        base = copy.deepcopy(cfg)  # the configured run's settings (adopted, derived), another preset
+        OmegaConf.set_readonly(base, False)
+        base.strategy = preset(name)
         base.train.global_batch_size, base.train.steps, base.train.untimed_steps = G, s["steps"], UNTIMED
         try:
             dp = planned_strategy(base)[2].data_ranks
@@ -234,8 +252,8 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 def trial(tune: dict, r: dict, n: int | str, left: float) -> None:
     """Run candidate ``r`` as trial ``n`` with ``left`` seconds of budget; its summary fills the row."""
-    from parallelkit.util.jsonio import read_json
     from parallelkit.report.compare import _max
+    from parallelkit.util.jsonio import read_json
 
     tag = f"{n:02d}" if isinstance(n, int) else n
     run = tune["dir"] / f"{tag}_{_name(r).replace(' mb=', '_mb').replace(' ', '_')}"
@@ -321,6 +339,9 @@ def remeasure(tune: dict, rows: list[dict], deadline: float) -> None:
             trial(tune, again, f"r{k}_{i:02d}", left)
             if again["status"] == "ok":
                 r["samples"].append(again["tokens_per_s"])
+            done = Path(again["run"]) / "summary.json"  # one row per candidate in the report: its first trial's
+            if done.exists():
+                done.rename(done.with_name("summary.retrial.json"))
     _settle(finalists)
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -55,7 +54,11 @@ def full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, names:
                ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """``names`` of ``module`` (FSDP2 shards gathered: COLLECTIVE over each shard group) and their optimizer
     state, as full fp32 CPU copies; on every rank."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True)
     msd = get_model_state_dict(module, options=full)
@@ -68,7 +71,11 @@ def load_full_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, m
                     optim: dict[str, dict[str, torch.Tensor]], source: dict[str, str]) -> None:
     """Every parameter ``n`` of ``module`` from ``model[source[n]]`` (FSDP2 keeps its shard), its optimizer
     state from ``optim[source[n]]``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(module, {n: model[s] for n, s in source.items()}, options=full)

@@ -34,8 +34,8 @@ import torch
 from omegaconf import OmegaConf
 
 from parallelkit.measure.collective import barrier, gather_named
-from parallelkit.util.jsonio import read_json, write_json
 from parallelkit.measure.host import versions
+from parallelkit.util.jsonio import read_json, write_json
 
 PORTABLE, NATIVE = "portable", "native"
 FORMATS = (PORTABLE, NATIVE)

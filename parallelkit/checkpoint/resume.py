@@ -15,11 +15,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from parallelkit.checkpoint.format import (COMPLETE, FORMATS, INCOMPLETE, NATIVE, STEP, complete_steps, incomplete_steps,
-                                          last_complete, recover)
+from parallelkit.checkpoint.format import (
+    COMPLETE,
+    FORMATS,
+    INCOMPLETE,
+    NATIVE,
+    STEP,
+    complete_steps,
+    incomplete_steps,
+    last_complete,
+    recover,
+)
 from parallelkit.config.checks import note
 from parallelkit.config.errors import ConfigError
-from parallelkit.config.plan import options_dict, planned_strategy
+from parallelkit.config.plan import current_target, options_dict, planned_strategy
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "vocab_size", "seq_len", "tie_weights")
 
@@ -110,7 +119,8 @@ def check_resume(cfg, path: Path) -> tuple[dict, list[str]]:
     if meta.get("format") == NATIVE:
         _, opts, lay = planned_strategy(cfg)
         lay, mine = lay.as_dict(), json.loads(json.dumps(options_dict(opts), default=str))
-        if (meta.get("strategy_target") != cfg.strategy._target_ or meta.get("strategy_options") != mine
+        if (current_target(meta.get("strategy_target")) != current_target(cfg.strategy._target_)
+                or meta.get("strategy_options") != mine
                 or meta.get("layout") != lay):
             raise ConfigError(f"checkpoint.resume={path} is a native {meta.get('strategy')} checkpoint (options "
                               f"{meta.get('strategy_options')}, layout {meta.get('layout')}): resume it under the same "

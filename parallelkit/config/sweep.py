@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from parallelkit.config.compose import CONF_DIR
 
 
 def _is_override(arg: str) -> bool:

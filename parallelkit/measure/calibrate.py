@@ -93,7 +93,9 @@ def read_cache(key: dict, kind: str = "peak") -> dict | None:
 
 
 def write_cache(key: dict, entry: dict, kind: str = "peak") -> None:
-    from parallelkit.util.jsonio import write_json  # atomic: ranks calibrating at once never see half a file
+    from parallelkit.util.jsonio import (
+        write_json,  # atomic: ranks calibrating at once never see half a file
+    )
 
     write_json(cache_path(key, kind), {"key": key, **entry})
 

@@ -13,12 +13,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-# Dense peak TFLOP/s per device, from the vendors' data sheets (no sparsity).
-# fp32 is plain FP32 (not TF32), since parallelkit does not enable TF32.
-
-
-
-
 
 def fix_mmap_threshold(nbytes: int | None) -> str:
     """Set glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD)``): blocks of ``nbytes`` or more are

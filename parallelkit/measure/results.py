@@ -6,6 +6,7 @@ from typing import Any
 
 from parallelkit.measure.host import machine, versions
 
+
 @dataclass
 class Summary:
     """summary.json: the run's result, one typed record (docs/results.md lists the fields users rely on)."""

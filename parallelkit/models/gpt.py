@@ -207,7 +207,9 @@ def initial_value(module: nn.Module, name: str, shape: tuple[int, ...], seed: in
 def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
     """Copy ``full`` into ``p``, or into this rank's slice of it when ``p`` is a DTensor (FSDP2)."""
     if hasattr(p, "device_mesh") and hasattr(p, "placements"):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor._utils import (
+            compute_local_shape_and_global_offset,
+        )
 
         shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
         local = p.to_local()

@@ -19,10 +19,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from parallelkit.report.aggregate import aligned_losses, config_key, host_labels, merge_repeats
-from parallelkit.util.jsonio import read_json
+from parallelkit.report.aggregate import (
+    aligned_losses,
+    config_key,
+    host_labels,
+    merge_repeats,
+)
 from parallelkit.report.tables import display, html_page, markdown_page
-
+from parallelkit.util.jsonio import read_json
 
 
 def _natural(p: Path) -> list:
@@ -259,7 +263,9 @@ def sweep_command(root: Path) -> str | None:
 
 def write_report(root: Path, echo: bool = True) -> Path | None:
     """Write every report file into root; return the markdown's path (None: no summaries)."""
-    from parallelkit.report.plots import write_plots  # matplotlib only when a report is written
+    from parallelkit.report.plots import (
+        write_plots,  # matplotlib only when a report is written
+    )
 
     root = Path(root)
     records = load(root)

@@ -20,19 +20,19 @@ import torch
 import torch.distributed as dist
 
 from parallelkit.checkpoint import format as checkpoint
-from parallelkit.measure import metrics
-from parallelkit.measure.collective import gather_named, max_over_ranks
+from parallelkit.config.layout import Layout
 from parallelkit.config.plan import RunPlan
 from parallelkit.data.datasets import Batches, make_dataset
-from parallelkit.config.layout import Layout
-from parallelkit.models.gpt import GPTConfig, build_model
+from parallelkit.measure import metrics
+from parallelkit.measure.collective import gather_named, max_over_ranks
 from parallelkit.measure.noise import RunProbe
 from parallelkit.measure.progress import Progress
+from parallelkit.measure.results import Summary, base_summary, one_line
+from parallelkit.models.gpt import GPTConfig, build_model
+from parallelkit.runtime.processes import INIT_METHOD
+from parallelkit.strategies.base import Context, Strategy
 from parallelkit.strategies.shared.optim import lr_at
 from parallelkit.util.jsonio import write_json
-from parallelkit.runtime.processes import INIT_METHOD
-from parallelkit.measure.results import Summary, base_summary, one_line
-from parallelkit.strategies.base import Context, Strategy
 
 
 def init_distributed(layout: Layout) -> Context:
@@ -227,7 +227,15 @@ def worker(plan: RunPlan, run_dir: Path) -> int:
 
 def main() -> None:
     run_dir = Path(sys.argv[1])
-    code = worker(RunPlan.load(run_dir), run_dir)
+    try:
+        plan = RunPlan.load(run_dir)
+    except Exception as e:  # noqa: BLE001 - e.g. the backend's library missing in this worker's environment
+        rank = int(os.environ.get("RANK", 0))
+        (run_dir / "errors").mkdir(exist_ok=True)
+        (run_dir / "errors" / f"rank{rank}.txt").write_text(one_line(e) + "\n")
+        print(f"parallelkit: rank {rank}: {one_line(e)}", file=sys.stderr, flush=True)
+        os._exit(1)
+    code = worker(plan, run_dir)
     # The results are written and the process group is gone. Skip the interpreter's teardown:
     # backend threads (gloo, DeepSpeed, FairScale) can abort it after the work is done.
     sys.stdout.flush()

@@ -14,8 +14,14 @@ import sys
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from parallelkit.checkpoint.resume import checkpoint_plan
-from parallelkit.config.checks import (check_settings, check_world, default_world_size, grad_accum_of, note,
-                                       untimed_steps_key)
+from parallelkit.config.checks import (
+    check_settings,
+    check_world,
+    default_world_size,
+    grad_accum_of,
+    note,
+    untimed_steps_key,
+)
 from parallelkit.config.env import rank as env_rank
 from parallelkit.config.plan import MADE, RunPlan, options_dict, strategy_class
 

@@ -70,13 +70,6 @@ def _scan() -> dict[int, tuple[int, int]]:
     return out
 
 
-def children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _) in _scan().items():
-        kids.setdefault(ppid, []).append(pid)
-    return kids
-
-
 def _carries(pid: int, entry: bytes) -> bool:
     """Whether ``pid``'s environment (as it was started) holds ``entry`` (b"NAME=value")."""
     try:

@@ -32,12 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
+from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
 from parallelkit.models.gpt import GPTConfig, lm_loss
 from parallelkit.strategies.shared.optim import build_optimizer, param_groups
 from parallelkit.strategies.shared.precision import Precision
-from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 
 
 @dataclass

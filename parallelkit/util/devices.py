@@ -1,7 +1,10 @@
 """The data sheet: peak dense TFLOP/s of the GPUs a projection or an MFU can be judged against."""
 from __future__ import annotations
 
+# Dense peak TFLOP/s per device, from the vendors' data sheets (no sparsity); fp32 is plain FP32 (not TF32), since
+# parallelkit does not enable TF32.
 CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
     "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2},
     "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
@@ -10,6 +13,7 @@ CUDA_PEAK_TFLOPS = {  # name fragment -> {precision: TFLOP/s}
     "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
     "L40": {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5},
     "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "V100S": {"bf16": 0.0, "fp16": 130.0, "fp32": 16.4},
     "V100": {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7},
     "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "fp32": 82.6},
     "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
@@ -25,4 +29,6 @@ def device_entry(name: str) -> str | None:
         return exact
     words = f" {low.replace('-', ' ')} "
     found = [k for k in CUDA_PEAK_TFLOPS if f" {k.lower()} " in words]
+    if not found:  # a model number with a suffix: "V100S", "H100-SXM5" keep their entry's name as a prefix
+        found = [k for k in CUDA_PEAK_TFLOPS if f" {k.lower()}" in words]
     return max(found, key=len) if found else None

@@ -21,7 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallelkit.checkpoint.by_name import ADAM_KEYS, check_names, load_by_name, state_by_name
+from parallelkit.checkpoint.by_name import (
+    ADAM_KEYS,
+    check_names,
+    load_by_name,
+    state_by_name,
+)
 
 
 def named(engine) -> list[tuple[str, nn.Parameter]]:

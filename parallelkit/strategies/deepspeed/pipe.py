@@ -34,18 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallelkit.strategies.shared.comm_model import activation, busiest, gpt, one_process, tensor_parallel, total, word
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.strategies.shared.memory_model import PARTS, activation_values, parts_total, zero_state_bytes
-from parallelkit.models.gpt import Block, GPTConfig, initial_value
-from parallelkit.strategies.shared.optim import param_groups
-from parallelkit.strategies.base import Options
-from parallelkit.strategies.deepspeed.zero import SHARDED, DeepSpeedStrategy
-from parallelkit.strategies.deepspeed.config import build_config, settings
-from parallelkit.strategies.shared.pipeline import bubble, stage_balance
 from parallelkit.measure.metrics import storages
-
+from parallelkit.models.gpt import Block, GPTConfig, initial_value
+from parallelkit.strategies.base import Options
+from parallelkit.strategies.deepspeed.config import build_config, settings
+from parallelkit.strategies.deepspeed.zero import SHARDED, DeepSpeedStrategy
+from parallelkit.strategies.shared.comm_model import (
+    activation,
+    busiest,
+    gpt,
+    one_process,
+    tensor_parallel,
+    total,
+    word,
+)
+from parallelkit.strategies.shared.memory_model import (
+    PARTS,
+    activation_values,
+    parts_total,
+    zero_state_bytes,
+)
+from parallelkit.strategies.shared.optim import param_groups
+from parallelkit.strategies.shared.pipeline import bubble, stage_balance
 
 
 @dataclass

@@ -22,15 +22,35 @@ from typing import Any, Optional
 
 import torch
 
-from parallelkit.strategies.shared.comm_model import gpt, grad_word, leaf_modules, one_process, tensor_sizes, total, word
 from parallelkit.config.errors import ConfigError
-from parallelkit.strategies.shared.memory_model import activations, zero_state_bytes
 from parallelkit.measure.metrics import storages, tensor_bytes
 from parallelkit.models.gpt import GPTConfig
-from parallelkit.strategies.shared.optim import adamw_kwargs, build_optimizer, param_groups
-from parallelkit.strategies.deepspeed import ckpt as deepspeed_ckpt
 from parallelkit.strategies.base import Options, Strategy
-from parallelkit.strategies.deepspeed.config import OFFLOAD, adopt_user_config, build_config, machine_memory, nvme_check, settings, sizes
+from parallelkit.strategies.deepspeed import ckpt as deepspeed_ckpt
+from parallelkit.strategies.deepspeed.config import (
+    OFFLOAD,
+    adopt_user_config,
+    build_config,
+    machine_memory,
+    nvme_check,
+    settings,
+    sizes,
+)
+from parallelkit.strategies.shared.comm_model import (
+    gpt,
+    grad_word,
+    leaf_modules,
+    one_process,
+    tensor_sizes,
+    total,
+    word,
+)
+from parallelkit.strategies.shared.memory_model import activations, zero_state_bytes
+from parallelkit.strategies.shared.optim import (
+    adamw_kwargs,
+    build_optimizer,
+    param_groups,
+)
 
 SHARDED = ("nothing (replicated; gradients all-reduced)", "optimizer state", "optimizer state, gradients",
            "optimizer state, gradients, parameters")

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from parallelkit.strategies.shared.lazy import lazy
 
-fairscale_dp = lazy("fairscale.nn.data_parallel")
-
-from parallelkit.config.errors import ConfigError
 from parallelkit.config.env import cuda_available
-from parallelkit.util.dtypes import DTYPES
+from parallelkit.config.errors import ConfigError
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.fsdp import fsdp_comm, fsdp_memory
+from parallelkit.strategies.shared.lazy import lazy
+from parallelkit.util.dtypes import DTYPES
+
+fairscale_dp = lazy("fairscale.nn.data_parallel")
 
 
 @dataclass

@@ -18,14 +18,20 @@ from pathlib import Path
 
 import torch
 
-from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_process, total
-from parallelkit.config.errors import ConfigError
-from parallelkit.strategies.shared.memory_model import activations, replica_state
-from parallelkit.models.gpt import GPTConfig
-from parallelkit.strategies.shared.optim import adamw_kwargs
-from parallelkit.strategies.base import Options, Strategy
 from parallelkit.checkpoint.by_name import ADAM_KEYS
+from parallelkit.config.errors import ConfigError
+from parallelkit.models.gpt import GPTConfig
+from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.comm_model import (
+    FP32,
+    clip_norm,
+    gpt,
+    one_process,
+    total,
+)
 from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
+from parallelkit.strategies.shared.memory_model import activations, replica_state
+from parallelkit.strategies.shared.optim import adamw_kwargs
 
 
 @dataclass

@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from parallelkit.config.errors import ConfigError
 from parallelkit.config.env import cuda_available, under_torchrun
+from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout, split_stages
-from parallelkit.strategies.shared.memory_model import activation_values, parts_total
 from parallelkit.models.gpt import GPTConfig, lm_loss
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.memory_model import activation_values, parts_total
 from parallelkit.strategies.shared.pipeline import gpt_layers, stage_balance
 
 

@@ -25,16 +25,29 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_process, tensor_parallel, total, word
+from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.strategies.shared.memory_model import activations, replica_state
 from parallelkit.models.gpt import GPT, GPTConfig
 from parallelkit.strategies.base import Options, Strategy
-from parallelkit.checkpoint.by_name import load_by_name, state_by_name
+from parallelkit.strategies.shared.comm_model import (
+    FP32,
+    clip_norm,
+    gpt,
+    one_process,
+    tensor_parallel,
+    total,
+    word,
+)
 from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
 from parallelkit.strategies.shared.lazy import lazy
-from parallelkit.strategies.shared.tensor_parallel import check_heads, split_of, tp_slice, tp_unslice  # noqa: F401
+from parallelkit.strategies.shared.memory_model import activations, replica_state
+from parallelkit.strategies.shared.tensor_parallel import (  # noqa: F401
+    check_heads,
+    split_of,
+    tp_slice,
+    tp_unslice,
+)
 
 mp = lazy("fairscale.nn.model_parallel")
 layers = lazy("fairscale.nn.model_parallel.layers")

@@ -4,7 +4,14 @@ shared by PyTorch FSDP2 (torch/fsdp.py), FSDP1 (torch/fsdp1.py) and FairScale's 
 from __future__ import annotations
 
 from parallelkit.models.gpt import GPTConfig
-from parallelkit.strategies.shared.comm_model import FP32, clip_norm, gpt, one_process, total, word
+from parallelkit.strategies.shared.comm_model import (
+    FP32,
+    clip_norm,
+    gpt,
+    one_process,
+    total,
+    word,
+)
 from parallelkit.strategies.shared.memory_model import activations, replica_state
 
 

@@ -117,5 +117,5 @@ def pipeline_memory(cfg, layout: Layout, schedule: str, v: int, sharded_dp: bool
         elif dp > 1:
             r["buffers"] += 4 * psi  # DDP's buckets
         rows.append({**r, "activations": acts})
-    top = max(rows, key=lambda r: sum(r[k] for k in ("params", "grads", "optimizer", "buffers", "activations")))
+    top = max(rows, key=parts_total)
     return {**top, "stages": rows}

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from parallelkit.util.dtypes import DTYPES  # noqa: F401 - importable from here too
+from parallelkit.util.dtypes import DTYPES
 
 
 class Precision:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parallelkit.strategies.shared.comm_model import FP32, gpt, one_process
-from parallelkit.strategies.shared.memory_model import replica
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.comm_model import FP32, gpt, one_process
 from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
+from parallelkit.strategies.shared.memory_model import replica
 
 
 @dataclass

@@ -25,18 +25,29 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     get_state_dict, set_model_state_dict, set_optimizer_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from parallelkit.checkpoint.by_name import check_names
 from parallelkit.config.errors import ConfigError
-from parallelkit.util.dtypes import DTYPES
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.fsdp import fsdp_comm, fsdp_memory, stage_label
-from parallelkit.checkpoint.by_name import check_names
+from parallelkit.util.dtypes import DTYPES
 
 
 @dataclass

@@ -8,20 +8,24 @@ torch.distributed.checkpoint exactly as for FSDP2 (``get_state_dict`` handles bo
 from __future__ import annotations
 
 import torch
-from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel as FSDP, MixedPrecision, ShardingStrategy
+from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.models.gpt import Block
-from parallelkit.strategies.shared.optim import decays
 from parallelkit.strategies.base import Strategy
 from parallelkit.strategies.shared.fsdp import fsdp_comm, stage_label
+from parallelkit.strategies.shared.optim import decays
 from parallelkit.strategies.torch.fsdp import FSDPStrategy
 
 
 def has_accelerator_build() -> bool:
     """What FSDP1 itself checks: a compiled-in accelerator (CUDA, XPU, ...), not the CPU."""
-    return torch.accelerator.current_accelerator(check_available=False) is not None
+    try:
+        return torch.accelerator.current_accelerator(check_available=False) is not None
+    except TypeError:  # torch 2.6 has no check_available: a build with CUDA or XPU compiled in
+        return torch.backends.cuda.is_built() or bool(getattr(torch, "xpu", None) and torch.xpu._is_compiled())
 
 
 class FSDP1Strategy(FSDPStrategy):

@@ -27,20 +27,39 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 
-from parallelkit.strategies.shared.comm_model import FP32, activation, busiest, clip_norm, gpt, one_process, pipeline_p2p, stage_params, total
+from parallelkit.checkpoint.by_name import check_names, full_state, load_full_state
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.strategies.shared.memory_model import pipeline_memory
 from parallelkit.measure.metrics import time_in
 from parallelkit.models.gpt import GPT, Block, GPTConfig, assign_full, initial_value
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.comm_model import (
+    FP32,
+    activation,
+    busiest,
+    clip_norm,
+    gpt,
+    one_process,
+    pipeline_p2p,
+    stage_params,
+    total,
+)
 from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
-from parallelkit.checkpoint.by_name import check_names, full_state, load_full_state
+from parallelkit.strategies.shared.memory_model import pipeline_memory
 from parallelkit.strategies.shared.pipeline import bubble, gpt_layers, stage_balance
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
