@@ -5,7 +5,7 @@
    micro-batch sizes at one fixed global batch G (``train.global_batch_size``, else micro-batch x grad_accum x
    dp of the configured run; ``tune.micro_batch_sizes``, else every divisor of G / dp; a size that does not
    divide G / dp of a candidate's own layout is dropped), x ``tune.activation_checkpointing``.
-2. Pruned before anything runs (a row each, with the reason): a config check that fails (config.validate),
+2. Pruned before anything runs (a row each, with the reason): a config check that fails (the plan builder, runtime/plan.py),
    a predicted peak per rank over what a rank has (predict.fits: with predict.MARGIN). With ``gpu_memory`` on
    a machine without CUDA the tune plans for a GPU cluster: the predicted device bytes (model state, buffers,
    activations; neither offloaded state nor the CPU process's own footprint) against gpu_memory less the CUDA

@@ -284,7 +284,7 @@ class Strategy:
 
     # ---- checkpoints ----
     # The portable form (the default, ``checkpoint.format=portable``): every strategy can write it and
-    # every strategy can resume from any strategy's. The loop (checkpoint.py) writes the files, the step,
+    # every strategy can resume from any strategy's. The loop (checkpoint/format.py) writes the files, the step,
     # schedule, RNG and data position; a strategy only turns its state into names and back.
     #
     # Names are the single-process GPT's: ``GPT.named_parameters()`` of an unwrapped model, so a tied
@@ -294,7 +294,7 @@ class Strategy:
     # a parameter the optimizer has not stepped yet has no entry. Hyperparameters (lr, betas, weight
     # decay) are not state: they come from ``optim.*`` and the schedule of the run that resumes.
     # Moments and step counts must round-trip exactly: a resume continues the trajectory to the parity
-    # tolerance (1e-5 relative in fp32). Shared helpers: ``state.py`` (``state_by_name`` / ``load_by_name``
+    # tolerance (1e-5 relative in fp32). Shared helpers: ``checkpoint/by_name.py`` (``state_by_name`` / ``load_by_name``
     # for a torch optimizer over whole parameters, ``check_names``); tensor-parallel cutting by name:
     # ``shared/tensor_parallel.py`` (``split_of`` / ``tp_slice`` / ``tp_unslice``); pipelines: ``fairscale/pipe.py``'s ``portable_params``.
     # ``tests/test_checkpoint_matrix.py`` checks every strategy against every other: add yours to its lists.

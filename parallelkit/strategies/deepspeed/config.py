@@ -5,7 +5,7 @@ merged over it.
 DeepSpeed's defaults (5e8-element buckets, 1e9 sub-groups and live parameters) allocate
 gigabytes per rank whatever the model's size, so every buffer is scaled here, and rounded to meet
 DeepSpeed's alignment asserts (see ALIGN). The user's DeepSpeed config is the source of truth for
-what the command line does not say: adopt_user_config (called by config.resolve) takes its stage,
+what the command line does not say: adopt_user_config (called while the plan is built, ``Strategy.prepare``) takes its stage,
 offloads, batch sizes, precision and clipping into the run; what both still set must then agree
 (or be ``"auto"``): a conflict is a ConfigError naming both values, raised before any worker starts.
 """

@@ -2,7 +2,7 @@
 
 DeepSpeed's engine owns accumulation, loss scaling, clipping and the step; the optimizer is
 the run's torch AdamW (so every stage matches ddp), or DeepSpeedCPUAdam when the optimizer is
-offloaded. The config comes from ``deepspeed_config.build_config`` and is saved as
+offloaded. The config comes from ``deepspeed/config.py``'s ``build_config`` and is saved as
 ``deepspeed_config.json`` beside the summary.
 """
 from __future__ import annotations
