@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 pytest.importorskip("deepspeed")
 
-from parallelkit.config.compose import open_strategy_keys  # noqa: E402
+from parallelkit.config.compose import explicit_keys, open_strategy_keys  # noqa: E402
 from parallelkit.config.errors import ConfigError  # noqa: E402
 from parallelkit.runtime.plan import build_plan  # noqa: E402
 from parallelkit.strategies.deepspeed.config import aio_available, build_config, sizes  # noqa: E402
@@ -144,13 +144,15 @@ def test_conflicting_batch_size_fails_before_workers(tmp_path):
     (["strategy=zero2", "strategy.offload_param=cpu"], "strategy.offload_param=cpu"),
     (["strategy=zero3", "strategy.offload_optimizer=disk"], "strategy.offload_optimizer='disk'"),
     (["strategy=zero3_nvme", "strategy.nvme_path=null"], "strategy.offload_param=nvme"),
-    (["strategy=zero2", "strategy.config={train_micro_batch_size_per_gpu: 8}"], "train.micro_batch_size=4"),
+    (["strategy=zero2", "train.micro_batch_size=4", "strategy.config={train_micro_batch_size_per_gpu: 8}"],
+     "train.micro_batch_size=4"),
     (["strategy=zero2", "strategy.config={zero_optimization: {stage: 3}}"], "strategy.zero_stage=2"),
     (["strategy=zero2", "train.precision=bf16", "strategy.config={fp16: {enabled: true}}"], "train.precision=bf16"),
 ])
 def test_bad_config_is_one_line(overrides, key):
     with pytest.raises(ConfigError) as e:
-        build_plan(cfg_of(*overrides))
+        strategy = next(o.split("=", 1)[1] for o in overrides if o.startswith("strategy="))
+        build_plan(cfg_of(*overrides), explicit=explicit_keys(overrides, strategy))  # as the CLI plans it
     assert key in str(e.value) and "\n" not in str(e.value)
 
 

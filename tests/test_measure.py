@@ -105,7 +105,7 @@ def test_host_facts_and_no_warning_for_fp32():
 
 def test_bf16_without_native_kernels_is_warned_about_with_the_measured_ratio(tmp_path):
     # oneDNN limited to AVX2 runs bf16 matmuls the way a CPU without AVX512-BF16/AMX does
-    code = ("import torch; from parallelkit.calibrate import precision_warning as w; "
+    code = ("import torch; from parallelkit.measure.calibrate import precision_warning as w; "
             "print(w(torch.device('cpu'), 'bf16'))")
     env = {**os.environ, "PARALLELKIT_CACHE": str(tmp_path), "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -2,6 +2,7 @@
 import math
 
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from parallelkit.data.datasets import Batches, Synthetic, Text
@@ -9,7 +10,7 @@ from parallelkit.models.gpt import GPT, GPTConfig, build_model, lm_loss
 
 
 def cfg_of(name: str) -> GPTConfig:
-    return GPTConfig.from_cfg(OmegaConf.load(f"conf/model/{name}.yaml"))
+    return GPTConfig.from_cfg(OmegaConf.load(ROOT / "parallelkit" / "conf" / "model" / f"{name}.yaml"))
 
 
 def test_shapes_and_param_count_formula():
@@ -38,7 +39,7 @@ def test_flops_per_token():
 
 
 def test_layers_are_the_forward():
-    m = build_model(OmegaConf.load("conf/model/tiny.yaml"), seed=0)
+    m = build_model(OmegaConf.load(ROOT / "parallelkit" / "conf" / "model" / "tiny.yaml"), seed=0)
     idx = torch.randint(0, 512, (2, 16))
     x = idx
     for layer in m.layers():
@@ -48,7 +49,7 @@ def test_layers_are_the_forward():
 
 
 def test_init_depends_only_on_seed():
-    mc = OmegaConf.load("conf/model/tiny.yaml")
+    mc = OmegaConf.load(ROOT / "parallelkit" / "conf" / "model" / "tiny.yaml")
     a, b, c = build_model(mc, 1), build_model(mc, 1), build_model(mc, 2)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.head.out.weight, c.head.out.weight)
@@ -85,7 +86,7 @@ def test_text_dataset(tmp_path):
 
 
 def test_lm_loss_at_init_is_about_ln_vocab():
-    m = build_model(OmegaConf.load("conf/model/tiny.yaml"), seed=0)
+    m = build_model(OmegaConf.load(ROOT / "parallelkit" / "conf" / "model" / "tiny.yaml"), seed=0)
     idx = torch.randint(0, 512, (4, 64))
     loss = lm_loss(m(idx), torch.randint(0, 512, (4, 64)))
     assert abs(loss.item() - math.log(512)) < 0.2

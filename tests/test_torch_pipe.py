@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_close_trajectory, compose_run, train_ranks
+from conftest import assert_close_trajectory, compose_plan, compose_run, train_ranks
 from test_report import rows, write_run
 
 from parallelkit.config.errors import ConfigError
@@ -115,7 +115,7 @@ def test_config_errors_are_one_line(overrides, message):
 def test_estimate_gives_every_stage_and_the_largest():
     from parallelkit.advisor.estimate import estimate
 
-    gpipe, one = (estimate(compose_run(*PIPE, f"strategy.schedule={k}", "train.global_batch_size=32"))
+    gpipe, one = (estimate(compose_plan(*PIPE, f"strategy.schedule={k}", "train.global_batch_size=32"))
                   for k in ("gpipe", "1f1b"))
     assert len(gpipe["stage_totals"]) == 2 and gpipe["total"] == max(gpipe["stage_totals"])
     assert one["activations"] < gpipe["activations"]  # 1F1B keeps at most pp micro-batches, GPipe all 8

@@ -119,8 +119,10 @@ def failed_summary(cfg, error: str, plan=None) -> dict:
 
     try:
         if plan is None:
+            from parallelkit.config.checks import default_world_size
             from parallelkit.config.plan import RunPlan
 
+            cfg = OmegaConf.merge(cfg, {"world_size": cfg.get("world_size") or default_world_size()})
             plan = RunPlan.of(cfg)
         s = base_summary(plan).to_dict()
     except Exception:  # noqa: BLE001 - the config itself may be what is broken
