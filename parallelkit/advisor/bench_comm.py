@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from parallelkit.measure import calibrate
+import parallelkit.measure.calibrate as calibrate
 from parallelkit.measure.metrics import cpu_threads
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")

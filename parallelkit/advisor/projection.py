@@ -37,10 +37,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from parallelkit.advisor import bench_comm
+import parallelkit.advisor.bench_comm as bench_comm
+import parallelkit.measure.calibrate as calibrate
 from parallelkit.config.checks import named_device, projection_setting
 from parallelkit.config.layout import Layout
-from parallelkit.measure import calibrate
 from parallelkit.measure.metrics import cpu_threads
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from parallelkit.measure import calibrate
+import parallelkit.measure.calibrate as calibrate
 
 SPREAD_LIMIT = 1.5  # p90 / median of step times
 DRIFT_LIMIT = 0.25  # |after / before - 1| of the matmul peak

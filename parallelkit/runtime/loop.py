@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallelkit.checkpoint import format as checkpoint
+import parallelkit.checkpoint.format as checkpoint
+import parallelkit.measure.metrics as metrics
 from parallelkit.config.layout import Layout
 from parallelkit.config.plan import RunPlan
 from parallelkit.data.datasets import Batches, make_dataset
-from parallelkit.measure import metrics
 from parallelkit.measure.collective import gather_named, max_over_ranks
 from parallelkit.measure.noise import RunProbe
 from parallelkit.measure.progress import Progress
