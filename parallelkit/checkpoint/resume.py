@@ -28,9 +28,16 @@ from parallelkit.checkpoint.format import (
 )
 from parallelkit.config.checks import note
 from parallelkit.config.errors import ConfigError
-from parallelkit.config.plan import current_target, options_dict, planned_strategy
+from parallelkit.config.plan import options_dict, planned_strategy, strategy_class
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "vocab_size", "seq_len", "tie_weights")
+
+
+def _class_of(target: str | None):
+    try:
+        return strategy_class(OmegaConf.create({"strategy": {"_target_": target}}))
+    except ConfigError:
+        return target
 
 
 def checkpoint_plan(cfg, portable: bool) -> tuple[dict, list[str]]:
@@ -119,7 +126,7 @@ def check_resume(cfg, path: Path) -> tuple[dict, list[str]]:
     if meta.get("format") == NATIVE:
         _, opts, lay = planned_strategy(cfg)
         lay, mine = lay.as_dict(), json.loads(json.dumps(options_dict(opts), default=str))
-        if (current_target(meta.get("strategy_target")) != current_target(cfg.strategy._target_)
+        if (_class_of(meta.get("strategy_target")) is not _class_of(cfg.strategy._target_)
                 or meta.get("strategy_options") != mine
                 or meta.get("layout") != lay):
             raise ConfigError(f"checkpoint.resume={path} is a native {meta.get('strategy')} checkpoint (options "

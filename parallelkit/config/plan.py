@@ -22,25 +22,13 @@ from parallelkit.config.layout import Layout
 MADE = {"plans": 0}  # plans built (runtime.plan.build_plan) or loaded (RunPlan.load) here: a test counts one a run
 
 
-def current_target(target: str | None) -> str | None:
-    """A ``_target_`` as the package names it now (configs saved before it was arranged by family name the old
-    module: ``parallelkit.strategies.MOVED``, read by name, not imported from here)."""
-    import importlib
-
-    moved = getattr(importlib.import_module("parallelkit.strategies"), "MOVED", {})
-    for old, new in moved.items():
-        if target and target.startswith(old):
-            return new + target[len(old):]
-    return target
-
-
 def strategy_class(cfg):
     """The class named by ``strategy._target_`` (importing it needs torch, not the backend's library)."""
     from hydra.utils import get_class
 
     target = OmegaConf.select(cfg, "strategy._target_")
     try:
-        return get_class(current_target(target))
+        return get_class(target)
     except Exception as e:  # noqa: BLE001 - turned into one line for the user
         raise ConfigError(f"strategy._target_={target!r} cannot be imported ({type(e).__name__}: {e}); "
                           f"is its backend installed? (bash scripts/setup.sh)") from None
