@@ -58,27 +58,28 @@ def task(cfg: DictConfig) -> str:
         if env_rank() == 0:  # a checkpoint.dir in use by another live run is refused
             lock = lock_checkpoint_dir(plan.cfg, out)
         prediction = preflight(plan)  # DoesNotFit when the predicted memory per rank clearly exceeds a rank's
-    except DoesNotFit as e:
+    except ConfigError as e:  # DoesNotFit included
         if lock is not None:
             lock.release()
-        write_json(out / "summary.json", {**failed_summary(cfg, f"pre-flight: {e}", plan), "status": "skipped"})
-        print(f"parallelkit: pre-flight: {e}" + ("; the sweep goes on" if multirun else ""), file=sys.stderr)
-        if multirun:
-            return "skipped"
-        sys.exit(2)
-    except ConfigError as e:
-        if lock is not None:
-            lock.release()
-        write_json(out / "summary.json", failed_summary(cfg, f"config error: {e}", plan))
-        print(f"parallelkit: config error: {e}", file=sys.stderr)
-        if multirun:
-            return "failed"
-        sys.exit(2)
+        return refused(e, cfg, plan, out, multirun)
     try:
         return _run(plan, out, multirun, prediction)
     finally:
         if lock is not None:
             lock.release()
+
+
+def refused(e: ConfigError, cfg: DictConfig, plan: RunPlan | None, out: Path, multirun: bool) -> str:
+    """A run refused before any worker starts: its summary says why (``skipped`` when pre-flight predicts it
+    does not fit, ``failed`` for a config error), one line on stderr, exit 2 (a sweep goes on)."""
+    fit = isinstance(e, DoesNotFit)
+    why = f"pre-flight: {e}" if fit else f"config error: {e}"
+    summary = {**failed_summary(cfg, why, plan), "status": "skipped" if fit else "failed"}
+    write_json(out / "summary.json", summary)
+    print(f"parallelkit: {why}" + ("; the sweep goes on" if multirun and fit else ""), file=sys.stderr)
+    if multirun:
+        return "skipped" if fit else "failed"
+    sys.exit(2)
 
 
 def predictions(plan: RunPlan, prediction: dict | None) -> dict:
@@ -121,12 +122,6 @@ def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = Non
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
     return task(cfg)
-
-
-
-
-
-
 
 
 def main() -> None:
