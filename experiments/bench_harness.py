@@ -1,6 +1,6 @@
 """Benchmark, not a test: what parallelkit costs against hand-written loops, and what measuring costs.
 
-    python experiments/bench_harness.py [--model small] [--seq-len 128] [--steps 5] [--warmup 1] [--micro 1]
+    python experiments/bench_harness.py [--model small] [--seq-len 128] [--steps 12] [--warmup 2] [--micro 1]
                                         [--rounds 3] [--strategies single,ddp,...] [--out results/harness]
 
 For every data-parallel strategy, three runs of the same model, data, global batch and optimizer:
@@ -22,11 +22,11 @@ spread, the first-step losses of the bare loop and of parallelkit and their larg
 average and CPU steal before and after each round. Writes ``OUT/bench.json`` (after every
 round) and ``OUT/README.md``.
 
-The defaults (``small``, seq 128, micro-batch 1, 5 steps of which 1 warm-up, 9 strategies,
-3 rounds) make 81 launches. Starting them dominates: about 9 s per parallelkit run and 7 s per
-bare loop before the first step on the 2-core box of results/README.md (12 of the 81 launches'
-minutes), so a full run takes about 17 minutes there when it is quiet; one round took 13.5 min
-while other jobs kept the load average at 4-10. ``--rounds 2`` or fewer ``--strategies`` cut it
+The defaults (``small``, seq 128, micro-batch 1, 12 steps of which 2 warm-up, 9 strategies,
+3 rounds) make 81 launches: about 25 minutes on a quiet 2-core box, with the waits for the load to
+settle between rounds (``--settle``). Ten timed steps, not four: single steps vary by +-15% there,
+and four of them made per-round ratios that moved by 20% between rounds (results/harness, pooled
+column). ``--rounds 2`` or fewer ``--strategies`` cut it
 in proportion. The numbers are only as good as the quiet of the machine: run it with nothing
 else running.
 """
@@ -204,6 +204,13 @@ def spread(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)} if values else None
 
 
+def quartiles(values: list[float]) -> dict | None:
+    if len(values) < 2:
+        return None
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return {"q1": q1, "median": q2, "q3": q3, "n": len(values)}
+
+
 def summarize(rounds: list[dict], strategies: list[str]) -> dict[str, dict]:
     out = {}
     for s in strategies:
@@ -211,6 +218,7 @@ def summarize(rounds: list[dict], strategies: list[str]) -> dict[str, dict]:
         ok = lambda run, v: v in run and run[v]["status"] == "ok"  # noqa: E731
         ratio = lambda a, b: [run[a]["step_time_s"] / run[b]["step_time_s"] for run in runs if ok(run, a) and ok(run, b)]  # noqa: E731
         times = {v: [run[v]["step_time_s"] for run in runs if ok(run, v)] for v in VARIANTS}
+        steps = {v: [t for run in runs if ok(run, v) for t in run[v].get("step_times_s") or []] for v in VARIANTS}
         dev, first = [], {}
         for run in runs:
             for v in ("plain", "instrumented"):
@@ -226,6 +234,8 @@ def summarize(rounds: list[dict], strategies: list[str]) -> dict[str, dict]:
         out[s] = {"step_time_s": {v: spread(t) for v, t in times.items()},
                   "parallelkit_over_bare": spread(ratio("plain", "bare")),
                   "instrumented_over_plain": spread(ratio("instrumented", "plain")),
+                  # every timed step of every round in one pool: its median, and the middle half of the steps
+                  "pooled": {v: quartiles(t) for v, t in steps.items()},
                   "first_loss": first, "max_loss_diff": max(dev) if dev else None, "errors": errors,
                   "ds_config_differs": ds}
     return out
@@ -237,6 +247,10 @@ def fmt_ratio(x: dict | None) -> str:
 
 def fmt_ms(x: dict | None) -> str:
     return f"{x['median'] * 1e3:,.1f}" if x else "-"
+
+
+def fmt_q(x: dict) -> str:
+    return f"{x['median'] * 1e3:,.0f} ({x['q1'] * 1e3:,.0f}-{x['q3'] * 1e3:,.0f})"
 
 
 def report(args, command: str, facts: dict, rounds: list[dict], summary: dict, wall: float) -> str:
@@ -257,18 +271,24 @@ def report(args, command: str, facts: dict, rounds: list[dict], summary: dict, w
         f"process running both ranks' micro-batches), fp32, {args.steps} steps of which {args.warmup} warm-up; "
         "step time = median of the timed steps (perf_counter around the step, as parallelkit times it); the ms columns "
         "are medians over rounds.", "",
-        "| strategy | bare ms | parallelkit ms | parallelkit / bare | instrumented ms | instrumented / plain | "
-        "step-0 loss bare / parallelkit | max loss diff |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | bare ms | parallelkit ms | parallelkit / bare | pooled steps: bare ms / parallelkit ms (middle "
+        "half) | pooled ratio | instrumented ms | instrumented / plain | step-0 loss bare / parallelkit | max loss diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s, r in summary.items():
         t, f = r["step_time_s"], r["first_loss"]
         losses = f"{f['bare']:.6f} / {f['plain']:.6f}" if "bare" in f and "plain" in f else "-"
         diff = f"{r['max_loss_diff']:.1e}" if r["max_loss_diff"] is not None else "-"
+        pb, pp = r["pooled"]["bare"], r["pooled"]["plain"]
+        pooled = (f"{fmt_q(pb)} / {fmt_q(pp)}", f"{pp['median'] / pb['median']:.3f}") if pb and pp else ("-", "-")
         lines.append(f"| {s} | {fmt_ms(t['bare'])} | {fmt_ms(t['plain'])} | {fmt_ratio(r['parallelkit_over_bare'])} | "
-                     f"{fmt_ms(t['instrumented'])} | {fmt_ratio(r['instrumented_over_plain'])} | {losses} | {diff} |")
+                     f"{pooled[0]} | {pooled[1]} | {fmt_ms(t['instrumented'])} | {fmt_ratio(r['instrumented_over_plain'])} | {losses} | {diff} |")
     lines += ["", "- **parallelkit / bare** (issue 10): parallelkit's `step_time_s` (CLI, `train.instrument=false`) over "
               "the hand-written loop's (`experiments/bare_loops.py`), per round; median (min-max).",
+              "- **pooled**: every timed step of every round in one pool per variant: the median step and the middle "
+              "half of the steps (quartiles). On a 2-core machine single steps vary by +-15% or more (the two ranks "
+              "share the two cores with everything else), so a per-round ratio of medians over a few steps moves by "
+              "several percent from round to round; the pooled ratio uses every step measured.",
               "- **instrumented / plain** (issue 9): `train.instrument=true` over `false`, per round.",
               "- **max loss diff**: largest per-step difference between the bare loop's loss and parallelkit's "
               "(both variants, all rounds); in fp32 the same computation stays around 1e-6."]
@@ -285,17 +305,28 @@ def report(args, command: str, facts: dict, rounds: list[dict], summary: dict, w
     return "\n".join(lines) + "\n"
 
 
+def settle(limit: float, most_s: float = 300) -> float:
+    """Wait until the 1-minute load average is under ``limit`` (at most ``most_s``); returns the seconds waited."""
+    t0 = time.perf_counter()
+    while limit > 0 and os.getloadavg()[0] >= limit and time.perf_counter() - t0 < most_s:
+        time.sleep(5)
+    return round(time.perf_counter() - t0, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small")
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1, help="steps left out of timing (the same in all three runs)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of timing (the same in all three runs)")
     ap.add_argument("--micro", type=int, default=1, help="micro-batch size per rank")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list (default: all data-parallel ones)")
     ap.add_argument("--out", default="results/harness")
     ap.add_argument("--keep-runs", action="store_true", help="keep every run's folder (default: only failed ones)")
+    ap.add_argument("--settle", type=float, default=0.5,
+                    help="before each round, wait (up to 5 min) until the 1-minute load average is under this: the "
+                         "previous round's own runs raise it to ~2 (0: do not wait)")
     args = ap.parse_args()
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES + OPTIONAL]
@@ -317,7 +348,8 @@ def main() -> None:
     start = time.perf_counter()
     for r in range(args.rounds):
         order, variants = rotate(strategies, r), rotate(VARIANTS, r)
-        rd = {"round": r + 1, "order": order, "variants": variants, "load_before": list(os.getloadavg()), "runs": {}}
+        waited = settle(args.settle)
+        rd = {"round": r + 1, "settled_s": waited, "order": order, "variants": variants, "load_before": list(os.getloadavg()), "runs": {}}
         steal0, total0, t0 = *cpu_times(), time.perf_counter()
         for s in order:
             for v in variants:

@@ -19,7 +19,7 @@ case "$where" in
   *) echo "check_install: FAILED: parallelkit imports from $where, not from the venv's install" >&2; exit 1 ;;
 esac
 test -f "$where/conf/config.yaml" || { echo "check_install: FAILED: conf/ is not in the installed package" >&2; exit 1; }
-"$work/venv/bin/python" -m parallelkit.run -m strategy=single,ddp train.steps=3 train.untimed_steps=1 \
+"$work/venv/bin/python" -m parallelkit.run -m strategy=single,ddp model=tiny train.steps=3 train.untimed_steps=1 \
   hydra.sweep.dir="$work/empty/sweep" > "$work/out.txt" 2> "$work/err.txt" \
   || { echo "check_install: FAILED: the sweep from an empty folder:" >&2; tail -20 "$work/err.txt" >&2; exit 1; }
 grep -q "report: " "$work/out.txt" || { echo "check_install: FAILED: no report printed" >&2; cat "$work/out.txt" >&2; exit 1; }
