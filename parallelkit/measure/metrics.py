@@ -7,11 +7,11 @@ import functools
 import inspect
 import os
 import threading
-import time
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from parallelkit.util.tensors import Storage, storages, tensor_bytes, time_in  # noqa: F401 - measured here too
 
 
 def fix_mmap_threshold(nbytes: int | None) -> str:
@@ -121,45 +121,6 @@ class PeakWindow:
         return self.train, self.save
 
 
-class Storage(NamedTuple):
-    """A storage that was alive at a moment, without keeping it alive: what accounting needs of a tensor."""
-
-    device: torch.device
-    ptr: int
-    nbytes: int
-
-
-def storages(tensors) -> list[Storage]:
-    """The distinct storages behind ``tensors`` as plain numbers (the tensors themselves are not kept)."""
-    out = {}
-    for t in tensors:
-        if t is None:
-            continue
-        t = getattr(t, "_local_tensor", t)
-        if t.numel():
-            s = t.untyped_storage()
-            out[(str(t.device), s.data_ptr())] = Storage(t.device, s.data_ptr(), s.nbytes())
-    return list(out.values())
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and shared weights counted once); ``Storage``
-    records count as the storage they name."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        if isinstance(t, Storage):
-            seen[(str(t.device), t.ptr)] = t.nbytes
-            continue
-        t = getattr(t, "_local_tensor", t)  # DTensor: this rank's shard
-        if t.numel() == 0:
-            continue
-        s = t.untyped_storage()
-        seen[(str(t.device), s.data_ptr())] = s.nbytes()
-    return sum(seen.values())
-
-
 def comm_kind(op: str) -> str:
     """The collective family of a torch.distributed entry point (all_gather_into_tensor -> all_gather)."""
     for kind in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "reduce"):
@@ -252,30 +213,6 @@ class CommCounter:
 
     def by_kind(self) -> dict[str, dict[str, int]]:
         return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.kinds.items())}
-
-
-@contextlib.contextmanager
-def time_in(calls: list[tuple[object, str]]):
-    """Seconds spent inside the methods ``(object, name)`` while the block runs (a pipeline stage's compute, on
-    the probe step): each is wrapped on its instance, and the class's method is back afterwards."""
-    spent = [0.0]
-
-    def timed(fn):
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - t0
-        return run
-
-    for obj, name in calls:
-        setattr(obj, name, timed(getattr(obj, name)))
-    try:
-        yield spent
-    finally:
-        for obj, name in calls:
-            delattr(obj, name)
 
 
 def _payload(x) -> int:

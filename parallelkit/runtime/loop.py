@@ -78,8 +78,9 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
     ``checkpoint.every`` steps; rank 0 appends each step to metrics.jsonl (with a run_dir)."""
     cfg = plan.cfg
     ctx, t, layout = strategy.ctx, cfg.train, plan.layout
+    mine = strategy.data_ranks()  # the data-parallel ranks whose micro-batches this process runs
     dataset = make_dataset(cfg.data, cfg.model, cfg.seed)
-    batches = [Batches(dataset, t.micro_batch_size, t.grad_accum, layout.data_ranks, r) for r in strategy.data_ranks()]
+    batches = [Batches(dataset, t.micro_batch_size, t.grad_accum, layout.data_ranks, r) for r in mine]
     steps = t.steps
     untimed = min(t.untimed_steps, max(0, steps - start - 1))  # at least one timed step (config.py says so first)
     probe = start + untimed - 1 if untimed else start  # the last untimed step counts communication

@@ -32,10 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
-from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
 from parallelkit.models.gpt import GPTConfig, lm_loss
+from parallelkit.strategies.shared.by_name import load_by_name, state_by_name
 from parallelkit.strategies.shared.optim import build_optimizer, param_groups
 from parallelkit.strategies.shared.precision import Precision
 
@@ -294,7 +294,7 @@ class Strategy:
     # a parameter the optimizer has not stepped yet has no entry. Hyperparameters (lr, betas, weight
     # decay) are not state: they come from ``optim.*`` and the schedule of the run that resumes.
     # Moments and step counts must round-trip exactly: a resume continues the trajectory to the parity
-    # tolerance (1e-5 relative in fp32). Shared helpers: ``checkpoint/by_name.py`` (``state_by_name`` / ``load_by_name``
+    # tolerance (1e-5 relative in fp32). Shared helpers: ``strategies/shared/by_name.py`` (``state_by_name`` / ``load_by_name``
     # for a torch optimizer over whole parameters, ``check_names``); tensor-parallel cutting by name:
     # ``shared/tensor_parallel.py`` (``split_of`` / ``tp_slice`` / ``tp_unslice``); pipelines: ``fairscale/pipe.py``'s ``portable_params``.
     # ``tests/test_checkpoint_matrix.py`` checks every strategy against every other: add yours to its lists.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from parallelkit.checkpoint.by_name import (
+from parallelkit.strategies.shared.by_name import (
     ADAM_KEYS,
     check_names,
     load_by_name,

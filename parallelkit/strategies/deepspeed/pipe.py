@@ -36,7 +36,6 @@ from torch import nn
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.measure.metrics import storages
 from parallelkit.models.gpt import Block, GPTConfig, initial_value
 from parallelkit.strategies.base import Options
 from parallelkit.strategies.deepspeed.config import build_config, settings
@@ -58,6 +57,7 @@ from parallelkit.strategies.shared.memory_model import (
 )
 from parallelkit.strategies.shared.optim import param_groups
 from parallelkit.strategies.shared.pipeline import bubble, stage_balance
+from parallelkit.util.tensors import storages
 
 
 @dataclass

@@ -23,7 +23,6 @@ from typing import Any, Optional
 import torch
 
 from parallelkit.config.errors import ConfigError
-from parallelkit.measure.metrics import storages, tensor_bytes
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.deepspeed import ckpt as deepspeed_ckpt
@@ -51,6 +50,7 @@ from parallelkit.strategies.shared.optim import (
     build_optimizer,
     param_groups,
 )
+from parallelkit.util.tensors import storages, tensor_bytes
 
 SHARDED = ("nothing (replicated; gradients all-reduced)", "optimizer state", "optimizer state, gradients",
            "optimizer state, gradients, parameters")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from parallelkit.checkpoint.by_name import ADAM_KEYS
 from parallelkit.config.errors import ConfigError
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.by_name import ADAM_KEYS
 from parallelkit.strategies.shared.comm_model import (
     FP32,
     clip_norm,

@@ -25,11 +25,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from parallelkit.checkpoint.by_name import load_by_name, state_by_name
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
 from parallelkit.models.gpt import GPT, GPTConfig
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.by_name import load_by_name, state_by_name
 from parallelkit.strategies.shared.comm_model import (
     FP32,
     clip_norm,

@@ -43,9 +43,9 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from parallelkit.checkpoint.by_name import check_names
 from parallelkit.config.errors import ConfigError
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.by_name import check_names
 from parallelkit.strategies.shared.fsdp import fsdp_comm, fsdp_memory, stage_label
 from parallelkit.util.dtypes import DTYPES
 

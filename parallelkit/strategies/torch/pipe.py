@@ -41,12 +41,11 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from parallelkit.checkpoint.by_name import check_names, full_state, load_full_state
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.measure.metrics import time_in
 from parallelkit.models.gpt import GPT, Block, GPTConfig, assign_full, initial_value
 from parallelkit.strategies.base import Options, Strategy
+from parallelkit.strategies.shared.by_name import check_names, full_state, load_full_state
 from parallelkit.strategies.shared.comm_model import (
     FP32,
     activation,
@@ -61,6 +60,7 @@ from parallelkit.strategies.shared.comm_model import (
 from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
 from parallelkit.strategies.shared.memory_model import pipeline_memory
 from parallelkit.strategies.shared.pipeline import bubble, gpt_layers, stage_balance
+from parallelkit.util.tensors import time_in
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
