@@ -199,8 +199,8 @@ def _probe_keeps_nothing_main(rank: int, run_dir: str, out: str) -> None:
     import torch
 
     from parallelkit.config.plan import RunPlan
-    from parallelkit.measure.metrics import tensor_bytes
     from parallelkit.runtime.loop import init_distributed, make_strategy, run_steps
+    from parallelkit.util.tensors import tensor_bytes
 
     plan = RunPlan.load(Path(run_dir))
     strategy = make_strategy(plan, init_distributed(plan.layout), None)

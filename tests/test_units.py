@@ -13,10 +13,11 @@ from omegaconf import OmegaConf, open_dict
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout, split_stages
 from parallelkit.config.plan import RunPlan, options_dict, planned_strategy  # noqa: F401
-from parallelkit.measure.metrics import CommCounter, tensor_bytes
+from parallelkit.measure.metrics import CommCounter
 from parallelkit.models.gpt import build_model
 from parallelkit.runtime.plan import build_plan  # noqa: F401
 from parallelkit.strategies.shared.optim import lr_at, param_groups
+from parallelkit.util.tensors import tensor_bytes
 
 TINY = OmegaConf.create({"n_layer": 2, "n_head": 4, "d_model": 64, "vocab_size": 512, "seq_len": 64})
 

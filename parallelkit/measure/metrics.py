@@ -11,8 +11,6 @@ import threading
 import torch
 import torch.distributed as dist
 
-from parallelkit.util.tensors import Storage, storages, tensor_bytes, time_in  # noqa: F401 - measured here too
-
 
 def fix_mmap_threshold(nbytes: int | None) -> str:
     """Set glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD)``): blocks of ``nbytes`` or more are

@@ -33,6 +33,7 @@ from parallelkit.runtime.processes import INIT_METHOD
 from parallelkit.strategies.base import Context, Strategy
 from parallelkit.strategies.shared.optim import lr_at
 from parallelkit.util.jsonio import write_json
+from parallelkit.util.tensors import tensor_bytes
 
 
 def init_distributed(layout: Layout) -> Context:
@@ -163,8 +164,8 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
     times, losses, kinds, steps = done.times, done.losses, done.kinds, cfg.train.steps
     tokens_per_step = summary.tokens_per_step
     state = strategy.state_tensors()
-    mine = {"breakdown": {k: metrics.tensor_bytes(v) for k, v in state.items()},
-            "state": metrics.tensor_bytes(x for v in state.values() for x in v),
+    mine = {"breakdown": {k: tensor_bytes(v) for k, v in state.items()},
+            "state": tensor_bytes(x for v in state.values() for x in v),
             "comm": sum(v["bytes"] for v in kinds.values()), "kinds": kinds, "peak": peak,
             "mem": done.peak, "save_mem": done.save_peak, "live": done.live_peak}
     ranks = gather_named(mine)
