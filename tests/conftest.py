@@ -28,13 +28,18 @@ FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_bat
 
 
 def run_cli(out: Path, *overrides: str, module: str = "parallelkit.run", timeout: int = 600,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m parallelkit.run`` with hydra.run.dir=out; returns the finished process."""
+            env: dict | None = None, predict: bool = False) -> subprocess.CompletedProcess:
+    """``python -m parallelkit.run`` with hydra.run.dir=out; returns the finished process.
+
+    ``predict=False`` (the default): no pre-flight and no predicted_* fields (PARALLELKIT_NO_PREDICTION, as the
+    footprint's own tiny runs): a first prediction of a backend measures its worker footprint with a tiny run of
+    its own, about 8 s, which only the tests of the predictions need."""
     cmd = [sys.executable, "-m", module, *overrides]
     if module == "parallelkit.run" and not any(o.startswith("-m") for o in overrides):
         cmd.append(f"hydra.run.dir={out}")
+    extra = {} if predict else {"PARALLELKIT_NO_PREDICTION": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+                          env={**os.environ, **extra, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
 def summary(out: Path) -> dict:
@@ -155,6 +160,18 @@ def _jobs_main(rank: int, jobs: list) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def train_together(tmp: Path, runs: dict[str, list[str]], nproc: int = 2) -> dict[str, dict]:
+    """Train several runs one after another in one spawn of ``nproc`` processes (one start-up, one process
+    group): {name: rank 0's summary}. For runs whose asserted figures are their own (losses, tensor bytes,
+    communication), not the process's peak RSS, which the later runs inherit."""
+    dirs = {name: prepare_run(Path(tmp) / name, *overrides) for name, overrides in runs.items()}
+    jobs_in_one_group(nproc, [("train", d) for d in dirs.values()])
+    out = {name: summary(d) for name, d in dirs.items()}
+    for name, s in out.items():
+        assert s["status"] == "ok", (name, s)
+    return out
 
 
 def jobs_in_one_group(nproc: int, jobs: list, timeout: float = 1200) -> None:

@@ -13,7 +13,7 @@ def test_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
     """The headline command on a 1.3B model with 2 ranks of this machine: refused before any worker starts, with
     the predicted and available bytes and what would fit; the summary says skipped."""
     out = tmp_path / "oss_1b"
-    p = run_cli(out, "strategy=fairscale_oss", "model=gpt_1b", "gpu_memory=12GiB")
+    p = run_cli(out, "strategy=fairscale_oss", "model=gpt_1b", "gpu_memory=12GiB", predict=True)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [line for line in p.stderr.splitlines() if "pre-flight" in line]
     assert len(lines) == 1 and lines[0].startswith("parallelkit: pre-flight: predicted") and "11.0 GiB available" in lines[0], lines
@@ -25,9 +25,9 @@ def test_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
 
 def test_preflight_false_runs_anyway(tmp_path):
     """A limit the tiny model exceeds: refused, then run with preflight=false; the run records its prediction."""
-    refused = run_cli(tmp_path / "refused", *FAST, "gpu_memory=1MiB")
+    refused = run_cli(tmp_path / "refused", *FAST, "gpu_memory=1MiB", predict=True)
     assert refused.returncode == 2 and "pre-flight" in refused.stderr
-    p = run_cli(tmp_path / "forced", *FAST, "gpu_memory=1MiB", "preflight=false")
+    p = run_cli(tmp_path / "forced", *FAST, "gpu_memory=1MiB", "preflight=false", predict=True)
     assert p.returncode == 0, p.stderr[-2000:]
     s = summary(tmp_path / "forced")
     assert s["status"] == "ok"
@@ -39,7 +39,7 @@ def test_sweep_shows_a_job_too_big_as_a_row(tmp_path):
     """A sweep with one job predicted not to fit: that job is a skipped row and the sweep goes on."""
     sweep = tmp_path / "sweep"
     fast = [o for o in FAST if not o.startswith("model=")]
-    p = run_cli(sweep, "-m", "model=tiny,gpt_1b", *fast, f"hydra.sweep.dir={sweep}")
+    p = run_cli(sweep, "-m", "model=tiny,gpt_1b", *fast, f"hydra.sweep.dir={sweep}", predict=True)
     assert p.returncode == 0, p.stderr[-3000:]
     by_model = {json.loads(f.read_text())["model"]: json.loads(f.read_text()) for f in sweep.glob("*/summary.json")}
     assert by_model["tiny"]["status"] == "ok" and by_model["gpt_1b"]["status"] == "skipped"

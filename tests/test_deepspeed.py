@@ -16,6 +16,7 @@ from conftest import (
     run_cli,
     summary,
     train_ranks,
+    train_together,
 )
 from hydra import compose, initialize_config_dir
 
@@ -43,11 +44,12 @@ def cfg_of(*overrides: str):
 def runs(tmp_path_factory):
     """ddp and ZeRO 0-3 on the same 12 steps; stage 3 also writes native checkpoints at steps 6 and 12."""
     tmp = tmp_path_factory.mktemp("ds")
-    out = {"tmp": tmp, "ddp": train_ranks(tmp, "ddp", "strategy=ddp", *PARITY)}
-    for s in range(4):
-        ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6", "checkpoint.format=native"] if s == 3 else []
-        out[s] = train_ranks(tmp, f"zero{s}", "strategy=deepspeed", f"strategy.zero_stage={s}", *PARITY, *ck)
-    return out
+    ck = [f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=6", "checkpoint.format=native"]
+    runs = {"ddp": ["strategy=ddp", *PARITY]}
+    runs.update({f"zero{s}": ["strategy=deepspeed", f"strategy.zero_stage={s}", *PARITY, *(ck if s == 3 else [])]
+                 for s in range(4)})
+    done = train_together(tmp, runs)  # one spawn: the runs' figures are tensor bytes and losses, not RSS
+    return {"tmp": tmp, "ddp": done["ddp"], **{s: done[f"zero{s}"] for s in range(4)}}
 
 
 @pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)

@@ -7,6 +7,8 @@ from conftest import (
     FAST,
     assert_close_trajectory,
     compose_plan,
+    jobs_in_one_group,
+    prepare_run,
     run_cli,
     summary,
     train,
@@ -50,29 +52,28 @@ def test_cli_writes_contract_summary_and_metrics(tmp_path):
 
 
 def test_synthetic_loss_falls_well_below_ln_vocab(tmp_path):
-    s = train(tmp_path, "learn", "strategy=ddp", "train.steps=150", "train.micro_batch_size=8", "optim.lr=3e-3",
+    s = train_ranks(tmp_path, "learn", "strategy=ddp", "train.steps=150", "train.micro_batch_size=8", "optim.lr=3e-3",
               "train.untimed_steps=1")
     assert s["losses"][0] > math.log(512) - 0.3
     assert s["final_loss"] < 0.6 * math.log(512), s["losses"][-10:]
 
 
 def test_bf16_trains(tmp_path):
-    s = train(tmp_path, "bf16", "strategy=ddp", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3")
+    s = train_ranks(tmp_path, "bf16", "strategy=ddp", "train.precision=bf16", "train.steps=10", "optim.lr=3e-3")
     assert s["losses"][-1] < s["losses"][0]
 
 
 def test_text_data(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    s = train(tmp_path, "text", "strategy=ddp", "data=text", f"data.path={corpus}", "train.steps=10", "optim.lr=3e-3")
+    s = train_ranks(tmp_path, "text", "strategy=ddp", "data=text", f"data.path={corpus}", "train.steps=10", "optim.lr=3e-3")
     assert s["losses"][-1] < s["losses"][0]
 
 
-@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_checkpoint_resume_continues_the_trajectory(tmp_path):
-    full = train(tmp_path, "full", "strategy=ddp", "train.steps=8")
+    full = train_ranks(tmp_path, "full", "strategy=ddp", "train.steps=8")
     ck = tmp_path / "ck"
-    train(tmp_path, "first", "strategy=ddp", "train.steps=8", f"checkpoint.dir={ck}", "checkpoint.every=4")
+    train_ranks(tmp_path, "first", "strategy=ddp", "train.steps=8", f"checkpoint.dir={ck}", "checkpoint.every=4")
     resumed = train(tmp_path, "resumed", "strategy=ddp", "train.steps=8", f"checkpoint.resume={ck}/step_4")
     assert_close_trajectory(resumed["losses"], full["losses"][4:], rtol=1e-5)
 
@@ -98,7 +99,7 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path):
     assert [a.returncode for a in agents] == [0, 0], logs
     s = summary(out)
     assert s["status"] == "ok" and s["world_size"] == 2 and s["dp"] == 2
-    local = train(tmp_path, "local", "strategy=ddp")
+    local = train_ranks(tmp_path, "local", "strategy=ddp")
     assert_close_trajectory(s["losses"], local["losses"], rtol=1e-6)
 
 
@@ -180,14 +181,15 @@ def test_one_rank_counts_no_communication(tmp_path):
     assert s["world_size"] == 1 and s["comm_bytes_per_step"] == [0]
 
 
-@pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_probe_step_counts_what_instrumented_steps_count(tmp_path):
     """Communication counted on the untimed probe step (timed steps run the backend's own path) equals the
     per-step count of the old instrumented path, for DDP's C++ buckets and for DeepSpeed's Python calls."""
+    runs = {(strategy, inst): prepare_run(tmp_path / f"{strategy}_{inst}", f"strategy={strategy}",
+                                          "train.untimed_steps=2", f"train.instrument={inst}")
+            for strategy in ("ddp", "zero2") for inst in ("false", "true")}
+    jobs_in_one_group(2, [("train", d) for d in runs.values()])  # one spawn for the four runs
     for strategy in ("ddp", "zero2"):
-        plain = train_ranks(tmp_path, f"{strategy}_plain", f"strategy={strategy}", "train.untimed_steps=2")
-        inst = train_ranks(tmp_path, f"{strategy}_inst", f"strategy={strategy}", "train.untimed_steps=2",
-                           "train.instrument=true")
+        plain, inst = (summary(runs[strategy, i]) for i in ("false", "true"))
         assert plain["losses"] == inst["losses"]  # measuring changes nothing that is computed
         assert plain["measured_on"].startswith("step 2 (untimed probe step)") and "every timed step" in inst["measured_on"]
         assert plain["comm_bytes_per_step"] == inst["comm_bytes_per_step"], strategy

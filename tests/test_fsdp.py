@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close_trajectory, gpu, run_cli, summary, train_ranks
+from conftest import assert_close_trajectory, gpu, run_cli, summary, train_ranks, train_together
 from omegaconf import OmegaConf
 
 # 10 steps, two micro-batches per step (no_sync path), clipping on: the parity configuration.
@@ -16,17 +16,24 @@ PARITY = ["train.steps=10", "train.grad_accum=2", "train.grad_clip=0.5", "world_
 
 
 @pytest.fixture(scope="module")
-def ddp_ref(tmp_path_factory):
-    return train_ranks(tmp_path_factory.mktemp("ref"), "ddp", "strategy=ddp", *PARITY)
+def refs(tmp_path_factory):
+    """ddp, and fsdp_zero3 with a native (DCP) checkpoint every 5 steps (saving must not change the trajectory),
+    in one spawn."""
+    tmp = tmp_path_factory.mktemp("refs")
+    done = train_together(tmp, {"ddp": ["strategy=ddp", *PARITY],
+                                "zero3": ["strategy=fsdp_zero3", *PARITY, f"checkpoint.dir={tmp / 'ck'}",
+                                          "checkpoint.every=5", "checkpoint.format=native"]})
+    return done, tmp / "ck"
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory):
-    """fsdp_zero3 with a native (DCP) checkpoint every 5 steps (saving must not change the trajectory)."""
-    tmp = tmp_path_factory.mktemp("zero3")
-    s = train_ranks(tmp, "zero3", "strategy=fsdp_zero3", *PARITY, f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=5",
-                    "checkpoint.format=native")
-    return s, tmp / "ck"
+def ddp_ref(refs):
+    return refs[0]["ddp"]
+
+
+@pytest.fixture(scope="module")
+def zero3(refs):
+    return refs[0]["zero3"], refs[1]
 
 
 def test_zero3_matches_ddp_with_half_the_state(ddp_ref, zero3):

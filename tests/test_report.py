@@ -297,9 +297,9 @@ def check_report_files(root: Path, n_rows: int) -> tuple[list[dict], list[list[s
     return table, body
 
 
-def sweep(tmp_path: Path, *overrides: str):
+def sweep(tmp_path: Path, *overrides: str, predict: bool = False):
     out = tmp_path / "sweep"
-    p = run_cli(out, "-m", *FAST, *overrides, f"hydra.sweep.dir={out}")
+    p = run_cli(out, "-m", *FAST, *overrides, f"hydra.sweep.dir={out}", predict=predict)
     assert "report: " in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
     return out, p
 
@@ -307,7 +307,7 @@ def sweep(tmp_path: Path, *overrides: str):
 @pytest.mark.slow  # over a minute on 2 busy cores; CI runs it (plain `pytest` selects every marker)
 def test_sweep_of_three_strategies_reports_one_row_per_job(tmp_path):
     # through a canned experiment, its strategies narrowed on the command line
-    out, p = sweep(tmp_path, "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp")
+    out, p = sweep(tmp_path, "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp", predict=True)
     table, body = check_report_files(out, 3)
     assert [r["strategy"] for r in table] == ["ddp", "single", "fsdp"]
     assert all(r["status"] == "ok" for r in table), table
