@@ -14,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -25,8 +26,9 @@ from parallelkit.report.aggregate import (
     host_labels,
     merge_repeats,
 )
-from parallelkit.report.tables import display, html_page, markdown_page
+from parallelkit.report.tables import TERMINAL_WIDTH, display, html_page, markdown_page, winners
 from parallelkit.util.jsonio import read_json
+from parallelkit.util.units import blank
 
 
 def _natural(p: Path) -> list:
@@ -105,6 +107,13 @@ def _reference(s: dict, records: list[dict]) -> dict | None:
     return cands[0] if cands else None
 
 
+def _ratio(tokens_per_s, ref: dict | None) -> float | None:
+    """tokens/s over the reference run's (the run the loss deviation is measured against)."""
+    if ref is None or blank(tokens_per_s) or not ref.get("tokens_per_s"):
+        return None
+    return tokens_per_s / ref["tokens_per_s"]
+
+
 def _baseline_batch(s: dict, records: list[dict]) -> int | None:
     """The global batch most finished runs of this model use (ties: the reference strategy's)."""
     group = [r for r in records if (r.get("model"), r.get("seq_len")) == (s.get("model"), s.get("seq_len"))
@@ -127,7 +136,7 @@ def build(records: list[dict]) -> pd.DataFrame:
     rows = []
     for i, s in enumerate(records):
         ok = s.get("status") == "ok"
-        notes, dev, ref, fair = [], None, None, ok
+        notes, dev, ref, fair, r = [], None, None, ok, None
         if not ok:
             notes.append(f"{s.get('status')}: {s.get('error') or 'no error recorded'}")
         notes += s.get("_extra_notes") or []
@@ -166,7 +175,8 @@ def build(records: list[dict]) -> pd.DataFrame:
             "one_process": _one_process(s), "precision": s.get("precision"),
             "micro_batch": s.get("micro_batch_size"), "grad_accum": s.get("grad_accum"),
             "global_batch": s.get("global_batch"), "seq_len": s.get("seq_len"), "seed": s.get("seed"),
-            "tokens_per_s": s.get("tokens_per_s"), "tokens_per_s_lo": s.get("tokens_per_s_lo"),
+            "tokens_per_s": s.get("tokens_per_s"), "speed_ratio": _ratio(s.get("tokens_per_s"), r),
+            "tokens_per_s_lo": s.get("tokens_per_s_lo"),
             "tokens_per_s_hi": s.get("tokens_per_s_hi"), "step_time_s": s.get("step_time_s"),
             "step_time_lo_s": s.get("step_time_lo_s"), "step_time_hi_s": s.get("step_time_hi_s"),
             "spread": s.get("spread"), "spread_of": s.get("spread_of"), "n": s.get("n", 1),
@@ -285,10 +295,13 @@ def write_report(root: Path, echo: bool = True) -> Path | None:
 
 
 def terminal_report(df: pd.DataFrame) -> str:
-    """Narrow: columns every row shares are said once above, notes and errors go below."""
+    """At most TERMINAL_WIDTH columns: who wins first, then the table (columns every row shares said once above
+    it), then the notes and errors, wrapped. The md, csv and html have every column."""
     t, notes, common = display(df, terminal=True)
-    lines = [f"{len(df)} run(s)" + (f"; all: {', '.join(common)}" if common else ""), t.to_string(index=False)]
-    lines += [f"  [{i}] {n}" for i, n in enumerate(notes, 1)]
+    head = f"{len(df)} run(s)" + (f"; all: {', '.join(common)}" if common else "")
+    lines = textwrap.wrap(head, TERMINAL_WIDTH, subsequent_indent="  ") + winners(df) + [t.to_string(index=False)]
+    for i, n in enumerate(notes, 1):
+        lines += textwrap.wrap(f"[{i}] {n}", TERMINAL_WIDTH, initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)
 
 

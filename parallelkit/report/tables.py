@@ -21,24 +21,27 @@ def _dev(v) -> str:
     return "" if blank(v) else ("0" if v == 0 else f"{v:.1e}")
 
 
-# (column, header in files, header in the terminal, formatter)
+# (column, header in files, header in the terminal (None: files only), formatter). The terminal keeps what
+# answers "which is fastest, smallest, and does it train the same": the rest is in the md, csv and html.
 COLUMNS = [
-    ("#", "#", "#", str), ("label", "label", "run", str), ("model", "model", "model", str),
-    ("params", "params", "params", hcount), ("layout", "world/dp/tp/pp", "w/dp/tp/pp", str),
-    ("precision", "precision", "prec", str), ("global_batch", "global batch", "gb", _num("{:.0f}")),
-    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("tok_range", "tokens/s range", None, str),
+    ("#", "#", "#", str), ("label", "label", "run", str), ("model", "model", None, str),
+    ("params", "params", None, hcount), ("layout", "world/dp/tp/pp", None, str),
+    ("precision", "precision", None, str), ("global_batch", "global batch", None, _num("{:.0f}")),
+    ("tokens_per_s", "tokens/s", "tok/s", hcount), ("speed_ratio", "tokens/s vs ref", "vs ref", _num("{:.2f}x")),
+    ("tok_range", "tokens/s range", None, str),
     ("step_time_s", "step time", "step", htime), ("spread_text", "spread", "spread", str), ("n", "runs", "n", "n={:.0f}".format),
-    ("tflops", "TFLOP/s", "TFLOP/s", _num("{:.3g}")), ("mfu", "MFU", "MFU", _num("{:.1%}")),
+    ("tflops", "TFLOP/s", None, _num("{:.3g}")), ("mfu", "MFU", None, _num("{:.1%}")),
     ("peak_mem_bytes", "peak mem/rank (max)", "mem/rank", hbytes),
-    ("model_state_bytes", "model state/rank (max)", "state/rank", hbytes),
+    ("model_state_bytes", "model state/rank (max)", None, hbytes),
     ("comm_bytes_per_step", "comm/step (max rank)", "comm/step", hbytes),
-    ("schedule_text", "pipeline schedule", "sched", str), ("bubble_text", "bubble: est. (idle by stage)", "bubble", str),
-    ("stage_mem_text", "peak mem by stage", "mem/stage", str), ("comm_split_text", "comm p2p / collectives", "p2p/coll", str),
-    ("peak_mem_err", "peak mem: pred. err", "mem err", lambda v: _pct(v)),
-    ("comm_err", "comm: pred. err", "comm err", lambda v: _pct(v)),
-    ("final_loss", "final loss", "loss", _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
+    ("schedule_text", "pipeline schedule", None, str), ("bubble_text", "bubble: est. (idle by stage)", None, str),
+    ("stage_mem_text", "peak mem by stage", None, str), ("comm_split_text", "comm p2p / collectives", None, str),
+    ("peak_mem_err", "peak mem: pred. err", None, lambda v: _pct(v)),
+    ("comm_err", "comm: pred. err", None, lambda v: _pct(v)),
+    ("final_loss", "final loss", None, _num("{:.4f}")), ("loss_dev", "max loss dev", "loss dev", _dev),
     ("status", "status", "status", str), ("notes", "notes", "notes", str),
 ]
+TERMINAL_WIDTH = 120  # the terminal report's widest line
 CONSTANT_IN_TERMINAL = ("model", "params", "layout", "precision", "global_batch", "status", "n")
 HIDDEN_WHEN_ALL = {"n": "n=1"}  # said by nobody when every row has it (one run per configuration)
 HIDDEN_WHEN_EMPTY = ("schedule_text", "bubble_text", "stage_mem_text", "comm_split_text", "peak_mem_err", "comm_err")  # shown once a pipeline runs
@@ -101,36 +104,63 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
     for row_notes in df["_notes"]:
         ids = []
         for n in row_notes:
-            if terminal and len(n) > 300:
-                n = n[:297] + "..."
+            if terminal and len(n) > 2 * TERMINAL_WIDTH:
+                n = n[:2 * TERMINAL_WIDTH - 3] + "..."
             if n not in notes:
                 notes.append(n)
             ids.append(str(notes.index(n) + 1))
         marks.append(",".join(ids))
-    df = df.assign(notes=marks, loss_dev=[("ref" if r == nm and not blank(d) else d)
-                                         for r, nm, d in zip(df["reference"], df["name"], df["loss_dev"])],
+    is_ref = [r == nm for r, nm in zip(df["reference"], df["name"])]
+    df = df.assign(notes=marks, loss_dev=["ref" if ref and not blank(d) else d for ref, d in zip(is_ref, df["loss_dev"])],
+                   speed_ratio=["ref" if ref and not blank(v) else v for ref, v in zip(is_ref, df["speed_ratio"])],
                    tok_range=[_range(lo, hi, hcount) for lo, hi in zip(df["tokens_per_s_lo"], df["tokens_per_s_hi"])],
                    spread_text=[_spread(v, z) for v, z in zip(df["spread"], df["noisy"])], **pipeline_texts(df))
     if terminal:  # the unique name (label + what tells same-label runs apart), cut to fit
-        width = min(32, int(df["name"].str.len().max()))
+        width = min(30, int(df["name"].str.len().max()))
         df = df.assign(label=[n[:width].ljust(width) for n in df["name"]])
     else:
         df = df.assign(label=df["name"])
     out, common = {}, []
     for col, file_head, term_head, fmt in COLUMNS:
-        if terminal and term_head is None:
-            continue
         vals = [v if isinstance(v, str) and v == "ref" else ("" if blank(v) else fmt(v)) for v in df[col]]
         if col in HIDDEN_WHEN_ALL and all(v == HIDDEN_WHEN_ALL[col] for v in vals):
             continue
-        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(set(vals)) == 1 and vals[0]:
-            common.append(vals[0] if col == "n" else f"{file_head} {vals[0]}")
+        given = {v for v in vals if v}  # a run that failed before it knew (e.g. its params) does not count
+        if terminal and col in CONSTANT_IN_TERMINAL and len(df) > 1 and len(given) == 1:
+            common.append(given.pop() if col == "n" else f"{file_head} {given.pop()}")
+            continue
+        if terminal and term_head is None:
             continue
         if (terminal and col in ("notes", "spread_text") or col in HIDDEN_WHEN_EMPTY) and not any(vals):
             continue
         head = term_head if terminal else file_head
         out[head.ljust(len(vals[0])) if terminal and col == "label" else head] = vals
     return pd.DataFrame(out), notes, common
+
+
+def winners(df: pd.DataFrame) -> list[str]:
+    """Who wins, first: the fastest, the least memory per rank and the least communication per step among the
+    runs that finished and compare like for like, with their ratio to the reference run (single, else ddp)."""
+    ok = df[(df["status"] == "ok") & df["like_for_like"].astype(bool)]
+    if len(ok) < 2:
+        return []
+    ref = next((r for r in ok["reference"] if isinstance(r, str)), None)
+    base = ok[ok["name"] == ref].iloc[0] if ref is not None and (ok["name"] == ref).any() else None
+    many = ok[ok["world"].fillna(1).astype(float) > 1] if "world" in ok else ok
+    lines = []
+    for what, col, pick, fmt, pool in (("fastest", "tokens_per_s", "max", lambda v: f"{hcount(v)} tokens/s", ok),
+                                       ("least memory/rank", "peak_mem_bytes", "min", hbytes, ok),
+                                       ("least comm/step", "comm_bytes_per_step", "min", hbytes, many)):
+        vals = pool[col].dropna()
+        if vals.empty:
+            continue
+        row = pool.loc[vals.idxmax() if pick == "max" else vals.idxmin()]
+        ratio = "  (the reference)" if row["name"] == ref else ""
+        if base is not None and not blank(base[col]) and base[col] > 0 and row["name"] != ref:
+            ratio = f"  {row[col] / base[col]:.2f}x {ref}"
+        where = " (of the runs on 2 or more ranks)" if pool is many and len(many) < len(ok) else ""
+        lines.append(f"{what + ':':<19}{row['name'][:40]}: {fmt(row[col])}{ratio}{where}")
+    return lines
 
 
 def _pct(v) -> str:
@@ -220,6 +250,8 @@ def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: lis
            f"Report written {datetime.now():%Y-%m-%d %H:%M}"]
     if command:
         out += ["", f"Command: {command}"]
+    if first := winners(df):
+        out += ["", *[f"- {line}" for line in first]]
     out += ["", _markdown(t), "", _legend(t), ""]
     if notes:
         out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
