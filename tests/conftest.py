@@ -56,6 +56,15 @@ def train(tmp_path: Path, name: str, *overrides: str) -> dict:
     return s
 
 
+def board_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard's own reader finds in a run folder's event files: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def assert_close_trajectory(a: list[float], b: list[float], rtol: float) -> None:
     assert len(a) == len(b) and len(a) > 0
     for i, (x, y) in enumerate(zip(a, b)):

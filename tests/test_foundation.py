@@ -6,6 +6,7 @@ import pytest
 from conftest import (
     FAST,
     assert_close_trajectory,
+    board_scalars,
     compose_plan,
     jobs_in_one_group,
     prepare_run,
@@ -49,6 +50,12 @@ def test_cli_writes_contract_summary_and_metrics(tmp_path):
     assert [r["step"] for r in lines] == list(range(6))
     assert {"step", "loss", "lr", "step_time_s", "tokens_per_s", "peak_mem_bytes"} <= lines[0].keys()
     assert [r["loss"] for r in lines] == s["losses"]
+    # TensorBoard's reader finds every step's loss, lr, tokens/s, memory; communication from the probe step on
+    board = board_scalars(tmp_path / "run")
+    assert [v for _, v in board["train/loss"]] == pytest.approx(s["losses"], rel=1e-6)
+    assert [st for st, _ in board["speed/tokens_per_s"]] == list(range(6)) and board["train/lr"][0][1] > 0
+    assert [v for _, v in board["comm/bytes_per_step_rank0"]] == [s["comm_bytes_per_step"][0]] * 6
+    assert max(v for _, v in board["memory/peak_bytes_max_rank"]) > 0
 
 
 def test_synthetic_loss_falls_well_below_ln_vocab(tmp_path):
@@ -137,6 +144,7 @@ def config_error(*overrides: str) -> str | None:
     ("train.grad_clip=nan", "train.grad_clip=nan: must be a finite number"),
     ("train.grad_clip=inf", "train.grad_clip=inf: must be a finite number"),
     ("train.grad_clip=-1", "train.grad_clip=-1"),
+    ("train.tensorboard=sometimes", "train.tensorboard='sometimes': must be true or false"),
 ])
 def test_bad_config_is_one_line_before_any_worker(override, message):
     err = config_error(*override.split())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import FAST, ROOT, run_cli
+from conftest import FAST, ROOT, board_scalars, run_cli
 from PIL import Image
 
 from parallelkit.report.compare import build, load, terminal_report, write_report
@@ -323,6 +323,9 @@ def test_sweep_of_three_strategies_reports_one_row_per_job(tmp_path):
     report = p.stdout[p.stdout.index("3 run(s)"):p.stdout.index("report: ")].splitlines()  # then where it is
     assert report[1].startswith("fastest:") and max(map(len, report)) <= TERMINAL_WIDTH, p.stdout  # answers first
     assert "vs ref" in report[4] and "fastest:" in (out / "comparison.md").read_text()
+    for job in ("0_ddp", "1_single", "2_fsdp"):  # tensorboard --logdir <sweep>: one run per job, step by step
+        board = board_scalars(out / job)
+        assert len(board["train/loss"]) == 6 and len(board["speed/tokens_per_s"]) == 6, (job, board.keys())
 
 
 def test_sweep_with_failing_jobs_still_reports_every_row(tmp_path):

@@ -105,7 +105,7 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.train.untimed_steps >= cfg.train.steps:
         raise ConfigError(f"train.untimed_steps={cfg.train.untimed_steps} leaves no timed step of "
                           f"train.steps={cfg.train.steps}: lower train.untimed_steps or raise train.steps")
-    for key in ("train.instrument", "preflight"):
+    for key in ("train.instrument", "train.tensorboard", "preflight"):
         if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: must be true or false")
     if cfg.train.precision not in PRECISIONS:

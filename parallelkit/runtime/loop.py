@@ -26,6 +26,7 @@ from parallelkit.config.plan import RunPlan
 from parallelkit.data.datasets import Batches, make_dataset
 from parallelkit.measure.collective import gather_named, max_over_ranks
 from parallelkit.measure.noise import RunProbe
+from parallelkit.measure.board import Board
 from parallelkit.measure.progress import Progress
 from parallelkit.measure.results import Summary, base_summary, one_line
 from parallelkit.models.gpt import GPTConfig, build_model
@@ -89,6 +90,7 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
     rank0 = ctx.rank == 0
     mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 and run_dir else None
     progress = Progress(steps - start, label, rank0 and run_dir is not None)
+    board = Board(run_dir, rank0 and run_dir is not None and t.get("tensorboard", True))
     counter, probe_kinds = metrics.CommCounter(), {}
     times, losses, live_peak = [], [], None
     window = metrics.PeakWindow(ctx.device)
@@ -132,12 +134,17 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
             mfile.write(json.dumps(rec) + "\n")
             mfile.flush()
         progress.update(step - start, step_loss, tokens_per_step / dt)
+        comm = sum(v["bytes"] for v in probe_kinds.values()) if probe_kinds else None  # counted on the probe step
+        board.scalars(step, {"train/loss": step_loss, "train/lr": lr, "speed/tokens_per_s": tokens_per_step / dt,
+                             "speed/step_time_s": dt, "memory/peak_bytes_max_rank": mem,
+                             "comm/bytes_per_step_rank0": comm if layout.processes > 1 else 0})
         if cfg.checkpoint.dir and cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
             window.before_save()  # a save's full-state gather is not the training peak: measured apart
             checkpoint.save(strategy, cfg, step + 1)
             window.after_save()
     peak, save_peak = window.finish()
     progress.close()
+    board.close()
     if mfile:
         mfile.close()
     if ctx.instrument:  # the mean over the timed steps
