@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallelkit.config.env import cuda_available, under_torchrun
 from parallelkit.config.errors import ConfigError
+from parallelkit.data import tokens
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -121,6 +122,14 @@ def check_settings(cfg: DictConfig) -> None:
                           f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}, or a model.d_model divisible by {m.n_head}")
     if cfg.data.name == "text":
         check_text(cfg.data.get("path"), m.seq_len)
+    elif cfg.data.name in tokens.FORMATS:
+        if not cfg.data.get("path"):
+            raise ConfigError(f"data={cfg.data.name} needs data.path=<its token file>")
+        try:
+            tokens.check(cfg.data.name, str(cfg.data.path), cfg.data.get("dtype"), m.vocab_size, m.seq_len)
+        except (tokens.TokenFileError, OSError) as e:
+            text = " ".join(str(e).split())
+            raise ConfigError(text if text.startswith("data.") else f"data.path={text}") from None
         if m.vocab_size < 256:
             raise ConfigError(f"model.vocab_size={m.vocab_size} < 256: byte-level text needs 256 tokens")
     gpu_mem = OmegaConf.select(cfg, "gpu_memory")

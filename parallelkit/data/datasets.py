@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parallelkit.data.tokens import FORMATS, Tokens
+
 
 class Synthetic:
     """Token streams from a fixed sparse Markov chain: each token has ``branching`` possible
@@ -52,6 +54,8 @@ class Text:
 def make_dataset(data_cfg, model_cfg, seed: int):
     if data_cfg.name == "text":
         return Text(data_cfg.path, model_cfg.seq_len, seed)
+    if data_cfg.name in FORMATS:  # nanoGPT's and Megatron's token files
+        return Tokens(data_cfg.name, data_cfg.path, data_cfg.get("dtype"), model_cfg.seq_len, seed)
     return Synthetic(model_cfg.vocab_size, model_cfg.seq_len, seed, data_cfg.get("branching", 4))
 
 
