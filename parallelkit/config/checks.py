@@ -86,6 +86,18 @@ def check_text(path, seq_len: int) -> None:
                           f"give more text or lower model.seq_len")
 
 
+ARCHS = ("gpt", "llama")  # model.arch: models/gpt.py, models/llama.py
+
+
+def check_family(cfg: DictConfig, cls) -> None:
+    """A strategy that cuts the model (pipeline stages, tensor-parallel shards) knows the GPT's layout only."""
+    arch = cfg.model.get("arch") or "gpt"
+    if arch not in cls.families:
+        fits = "single, ddp, zero0-3 (and offload), fairscale_oss, fairscale_oss_ddp, fsdp*"
+        raise ConfigError(f"strategy={cfg.strategy.name} cuts the model and knows model.arch={' or '.join(cls.families)} "
+                          f"only; model.arch={arch} runs under {fits}")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """The run's own settings (everything but the strategy's options and the checkpoint to resume)."""
     _int(cfg, "world_size")
@@ -120,6 +132,15 @@ def check_settings(cfg: DictConfig) -> None:
         fits = [h for h in range(1, min(m.d_model, 64) + 1) if m.d_model % h == 0]
         raise ConfigError(f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}: use model.n_head="
                           f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}, or a model.d_model divisible by {m.n_head}")
+    arch = m.get("arch") or "gpt"
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch={arch!r}: choose {' or '.join(ARCHS)}")
+    if arch == "llama":
+        for k in ("n_kv_head", "d_ff"):
+            _int(cfg, f"model.{k}")
+        if m.n_head % m.n_kv_head:
+            raise ConfigError(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head}: each key/value "
+                              f"head serves a whole group of query heads")
     if cfg.data.name == "text":
         check_text(cfg.data.get("path"), m.seq_len)
     elif cfg.data.name in tokens.FORMATS:

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from parallelkit.models.llama import Llama, LlamaConfig
+from parallelkit.util.tensors import assign_full  # noqa: F401 - importers name it here too
+
 
 @dataclass
 class GPTConfig:
@@ -39,7 +42,11 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_cfg(cls, m) -> "GPTConfig":
+    def from_cfg(cls, m) -> "GPTConfig | LlamaConfig":
+        """The shape of ``model.*``: a GPTConfig, or a LlamaConfig for ``model.arch=llama``; both answer the
+        same questions (parameters by part, FLOPs per token) for the estimator, the predictors and the backends."""
+        if (m.get("arch") or "gpt") == "llama":
+            return LlamaConfig.from_cfg(m)
         return cls(**{k: m[k] for k in cls.__dataclass_fields__ if k in m})
 
     def block_params(self) -> int:
@@ -204,29 +211,15 @@ def initial_value(module: nn.Module, name: str, shape: tuple[int, ...], seed: in
     return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
-def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy ``full`` into ``p``, or into this rank's slice of it when ``p`` is a DTensor (FSDP2)."""
-    if hasattr(p, "device_mesh") and hasattr(p, "placements"):
-        from torch.distributed.tensor._utils import (
-            compute_local_shape_and_global_offset,
-        )
-
-        shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
-        local = p.to_local()
-        if local.numel():
-            local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
-        return
-    p.copy_(full)
-
-
 def build_model(model_cfg, seed: int, activation_checkpointing: bool = False, device: str | torch.device | None = "cpu",
-                init: bool = True) -> GPT:
+                init: bool = True) -> GPT | Llama:
     """The GPT, built without drawing any default init (on the meta device, then materialised), then
     initialised by ``init_weights``. ``device="meta"`` with ``init=False`` leaves it for a strategy to shard
     first and initialise after (FSDP2); ``device=None`` constructs it in the caller's context (DeepSpeed's
     zero.Init partitions each parameter as it is created)."""
+    c = GPTConfig.from_cfg(model_cfg)
     with torch.device("meta") if device is not None else contextlib.nullcontext():
-        model = GPT(GPTConfig.from_cfg(model_cfg))
+        model = Llama(c) if isinstance(c, LlamaConfig) else GPT(c)
     for b in model.blocks:
         b.checkpoint = activation_checkpointing
     if device is not None and str(device) != "meta":

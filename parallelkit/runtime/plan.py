@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from parallelkit.checkpoint.resume import checkpoint_plan
 from parallelkit.config.checks import (
+    check_family,
     check_settings,
     check_world,
     default_world_size,
@@ -45,6 +46,7 @@ def build_plan(cfg: DictConfig, explicit: set[str] | None = None, quiet: bool = 
         cls = strategy_class(cfg)
         adopted = cls.prepare(cfg, explicit or set()) or []  # settings taken from the backend's own config
         check_settings(cfg)
+        check_family(cfg, cls)  # a strategy that cuts the model knows the GPT's layout only
         opts = cls.options(cfg)
         layout = cls.layout(cfg, opts)
         if (accum := grad_accum_of(cfg, layout.data_ranks)) is not None:

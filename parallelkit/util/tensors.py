@@ -71,3 +71,18 @@ def time_in(calls: list[tuple[object, str]]):
     finally:
         for obj, name in calls:
             delattr(obj, name)
+
+
+def assign_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy ``full`` into ``p``, or into this rank's slice of it when ``p`` is a DTensor (FSDP2)."""
+    if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+        from torch.distributed.tensor._utils import (
+            compute_local_shape_and_global_offset,
+        )
+
+        shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
+        local = p.to_local()
+        if local.numel():
+            local.copy_(full[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
+        return
+    p.copy_(full)

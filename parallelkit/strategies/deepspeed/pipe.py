@@ -190,6 +190,7 @@ def gpt_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 class DeepSpeedPipeStrategy(DeepSpeedStrategy):
+    families = ("gpt",)  # cuts the GPT into stages / shards by its layout
     portable = False  # DeepSpeed's per-layer engine checkpoints only (checkpoint.format=native); see README
     Options = PipeOptions
 

@@ -59,6 +59,7 @@ class _Autocast(nn.Module):
 
 
 class FairScalePipeStrategy(Strategy):
+    families = ("gpt",)  # cuts the GPT into stages / shards by its layout
     Options = PipeOptions
     one_process = True
     autocast_forward = False  # done per stage (_Autocast)

@@ -109,6 +109,7 @@ def shard_gpt(gpt: GPT, r: int, n: int, vocab_parallel: bool) -> None:
 
 
 class FairScaleTPStrategy(Strategy):
+    families = ("gpt",)  # cuts the GPT into stages / shards by its layout
     Options = TPOptions
 
     @classmethod

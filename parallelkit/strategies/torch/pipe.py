@@ -99,6 +99,7 @@ class _Stage(nn.Module):
 
 
 class TorchPipeStrategy(Strategy):
+    families = ("gpt",)  # cuts the GPT into stages / shards by its layout
     Options = TorchPipeOptions
     autocast_forward = False  # per stage (_Stage)
 
