@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from parallelkit.config.env import cuda_available, under_torchrun
 from parallelkit.config.errors import ConfigError
 from parallelkit.data import tokens
+from parallelkit.models.hf import hf_fields
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -86,14 +87,26 @@ def check_text(path, seq_len: int) -> None:
                           f"give more text or lower model.seq_len")
 
 
-ARCHS = ("gpt", "llama")  # model.arch: models/gpt.py, models/llama.py
+ARCHS = ("gpt", "llama", "hf")  # model.arch: models/gpt.py, models/llama.py, models/hf.py
+
+
+def hf_model_values(cfg: DictConfig) -> dict:
+    """``model=hf``: the model.* values its folder's config.json gives (layers, width, heads, vocabulary, tying)."""
+    path = cfg.model.get("path")
+    if not path or not (Path(str(path)).expanduser() / "config.json").is_file():
+        raise ConfigError(f"model.path={path!r}: give a local folder holding a Hugging Face config.json (and "
+                          f"optionally model.safetensors); nothing is downloaded")
+    try:
+        return hf_fields(path)
+    except ValueError as e:
+        raise ConfigError(" ".join(str(e).split())) from None
 
 
 def check_family(cfg: DictConfig, cls) -> None:
     """A strategy that cuts the model (pipeline stages, tensor-parallel shards) knows the GPT's layout only."""
     arch = cfg.model.get("arch") or "gpt"
     if arch not in cls.families:
-        fits = "single, ddp, zero0-3 (and offload), fairscale_oss, fairscale_oss_ddp, fsdp*"
+        fits = "single, ddp, zero0-3 (and offload), fairscale_oss, fairscale_oss_ddp, fsdp (FSDP2) presets"
         raise ConfigError(f"strategy={cfg.strategy.name} cuts the model and knows model.arch={' or '.join(cls.families)} "
                           f"only; model.arch={arch} runs under {fits}")
 

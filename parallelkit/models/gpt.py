@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from parallelkit.models.hf import HFCausalLM, HFShape
 from parallelkit.models.llama import Llama, LlamaConfig
 from parallelkit.util.tensors import assign_full  # noqa: F401 - importers name it here too
 
@@ -42,11 +43,13 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_cfg(cls, m) -> "GPTConfig | LlamaConfig":
-        """The shape of ``model.*``: a GPTConfig, or a LlamaConfig for ``model.arch=llama``; both answer the
-        same questions (parameters by part, FLOPs per token) for the estimator, the predictors and the backends."""
+    def from_cfg(cls, m) -> "GPTConfig | LlamaConfig | HFShape":
+        """The shape of ``model.*``: a GPTConfig, a LlamaConfig for ``model.arch=llama``, an HFShape for
+        ``model.arch=hf``; all answer the same questions (parameters by part, FLOPs per token) for the estimator, the predictors and the backends."""
         if (m.get("arch") or "gpt") == "llama":
             return LlamaConfig.from_cfg(m)
+        if m.get("arch") == "hf":
+            return HFShape.from_cfg(m)
         return cls(**{k: m[k] for k in cls.__dataclass_fields__ if k in m})
 
     def block_params(self) -> int:
@@ -212,14 +215,14 @@ def initial_value(module: nn.Module, name: str, shape: tuple[int, ...], seed: in
 
 
 def build_model(model_cfg, seed: int, activation_checkpointing: bool = False, device: str | torch.device | None = "cpu",
-                init: bool = True) -> GPT | Llama:
+                init: bool = True) -> GPT | Llama | HFCausalLM:
     """The GPT, built without drawing any default init (on the meta device, then materialised), then
     initialised by ``init_weights``. ``device="meta"`` with ``init=False`` leaves it for a strategy to shard
     first and initialise after (FSDP2); ``device=None`` constructs it in the caller's context (DeepSpeed's
     zero.Init partitions each parameter as it is created)."""
     c = GPTConfig.from_cfg(model_cfg)
     with torch.device("meta") if device is not None else contextlib.nullcontext():
-        model = Llama(c) if isinstance(c, LlamaConfig) else GPT(c)
+        model = Llama(c) if isinstance(c, LlamaConfig) else HFCausalLM(c) if isinstance(c, HFShape) else GPT(c)
     for b in model.blocks:
         b.checkpoint = activation_checkpointing
     if device is not None and str(device) != "meta":

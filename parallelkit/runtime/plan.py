@@ -18,6 +18,7 @@ from parallelkit.config.checks import (
     check_family,
     check_settings,
     check_world,
+    hf_model_values,
     default_world_size,
     grad_accum_of,
     note,
@@ -41,6 +42,8 @@ def build_plan(cfg: DictConfig, explicit: set[str] | None = None, quiet: bool = 
         if old is not None:
             cfg.train.untimed_steps, cfg.train.warmup_steps = old, None
             notes.append(why)
+        if cfg.model.get("arch") == "hf":  # a Hugging Face model: its shape comes from its config.json
+            cfg.model.update(hf_model_values(cfg))
         if cfg.world_size is None:
             cfg.world_size = default_world_size()
         cls = strategy_class(cfg)

@@ -91,7 +91,7 @@ class Strategy:
     one_process = False  # one process drives every device (FairScale Pipe)
     autocast_forward = True  # False when the backend casts the model itself
     scaler_class = None  # fp16 loss scaler; None: torch.amp.GradScaler (sharded gradients need a sharded one)
-    families = ("gpt", "llama")  # model.arch it runs; one that cuts the model into stages or shards: ("gpt",)
+    families = ("gpt", "llama", "hf")  # model.arch it runs; one that cuts the model into stages or shards: ("gpt",)
     portable = True  # export_state / import_state implemented (checked before launch: False refuses the portable form)
     reference: int | None = None  # the report compares losses with the ok run whose reference is lowest (single 0, ddp 1)
     candidate = True  # tune measures it (False: not a way to train on world_size devices)

@@ -1,0 +1,193 @@
+"""A Hugging Face causal LM (``transformers``) built from a local folder, never downloaded: ``model=hf
+model.path=<folder>``, the folder holding ``config.json`` and, optionally, ``model.safetensors`` (then the run
+starts from those weights). Any ``AutoModelForCausalLM`` architecture (Llama, Mistral, Qwen, GPT-NeoX, GPT-2...)
+runs under the strategies that do not cut the model; ``models/llama.py`` is our own Llama for the rest.
+
+It keeps the GPT's contract: ``blocks`` (the decoder layers, which FSDP shards one by one),
+``init_weights(seed, assign)`` (each parameter from ``(seed, name)``, or from the checkpoint: every strategy
+starts from the same values however it shards), ``tie()``, ``forward(idx) -> logits``. The planner fills
+``model.n_layer``, ``d_model``, ``n_head``, ``vocab_size`` and ``tie_weights`` from ``config.json``
+(``hf_fields``) so the data, the checks and the estimator read them as for the GPT.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from parallelkit.util.tensors import assign_full
+
+WEIGHTS = "model.safetensors"
+
+
+def _config_json(path: str | Path) -> dict:
+    f = Path(path).expanduser() / "config.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path={path}: no readable config.json ({type(e).__name__}: {e}): give a folder "
+                         f"holding a Hugging Face config.json (and optionally {WEIGHTS})") from None
+
+
+def hf_fields(path: str | Path) -> dict:
+    """The model.* values the rest of the run reads, from the folder's config.json."""
+    c = _config_json(path)
+    get = lambda *keys: next((c[k] for k in keys if c.get(k) is not None), None)  # noqa: E731
+    out = {"n_layer": get("num_hidden_layers", "n_layer"), "d_model": get("hidden_size", "n_embd"),
+           "n_head": get("num_attention_heads", "n_head"), "vocab_size": get("vocab_size"),
+           "tie_weights": bool(c.get("tie_word_embeddings", True))}
+    missing = [k for k, v in out.items() if v is None]
+    if missing:
+        raise ValueError(f"model.path={path}: config.json has no {', '.join(missing)} (a causal LM's config?)")
+    return out
+
+
+def _hf_config(path: str | Path):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(Path(path).expanduser()), local_files_only=True)
+    cfg.use_cache = False
+    return cfg
+
+
+@dataclass
+class HFShape:
+    """The shape questions the estimator and the predictors ask, answered from a model built on the meta device."""
+
+    path: str
+    seq_len: int
+    n_layer: int = 0
+    n_head: int = 0
+    d_model: int = 0
+    vocab_size: int = 0
+    tie_weights: bool = True
+    arch: str = "hf"
+    counts: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_cfg(cls, m) -> "HFShape":
+        return cls(path=str(m.path), seq_len=int(m.seq_len), **hf_fields(m.path))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @cached_property
+    def _counts(self) -> dict:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_hf_config(self.path))
+        blocks = decoder_layers(model)
+        total = sum(p.numel() for p in model.parameters())
+        block = sum(p.numel() for p in blocks[0].parameters())
+        embed = sum(p.numel() for p in model.get_input_embeddings().parameters())
+        return {"total": total, "block": block, "embed": embed, "head": total - embed - block * len(blocks)}
+
+    def block_params(self) -> int:
+        return self._counts["block"]
+
+    def block_matmul_params(self) -> int:
+        return self.block_params()
+
+    def embed_params(self) -> int:
+        return self._counts["embed"]
+
+    def head_params(self, own_copy: bool = False) -> int:
+        return self._counts["head"] + (self.vocab_size * self.d_model if own_copy and self.tie_weights else 0)
+
+    def layer_params(self, own_head: bool = True) -> list[int]:
+        return [self.embed_params(), *[self.block_params()] * self.n_layer, self.head_params(own_head)]
+
+    def num_params(self) -> int:
+        return self._counts["total"]
+
+    def flops_per_token(self) -> float:
+        n = self.num_params() - (0 if self.tie_weights else self.embed_params())
+        return 6 * n + 12 * self.n_layer * self.d_model * self.seq_len
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers: the first ModuleList as long as the config's layer count (model.layers, gpt_neox.layers,
+    transformer.h, ...)."""
+    n = model.config.num_hidden_layers
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ValueError(f"no list of {n} decoder layers found in {type(model).__name__}")
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the GPT's contract. Built on the CPU whatever device context it is built
+    in (its buffers, e.g. RoPE's inverse frequencies, are computed in its constructor), so ``to_empty`` keeps
+    the buffers and only the parameters are left for ``init_weights``."""
+
+    def __init__(self, c: HFShape):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.config, self.path = c, Path(c.path).expanduser()
+        with torch.device("cpu"):
+            self.hf = AutoModelForCausalLM.from_config(_hf_config(c.path), attn_implementation="sdpa")
+        self.blocks = decoder_layers(self.hf)
+
+    def to_empty(self, *, device, recurse: bool = True):
+        saved = {n: b.detach().to("cpu", copy=True) for n, b in self.named_buffers() if b.device.type != "meta"}
+        super().to_empty(device=device, recurse=recurse)
+        with torch.no_grad():
+            for n, b in self.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
+        return self
+
+    def tie(self) -> None:
+        if self.config.tie_weights:
+            self.hf.tie_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, assign=None) -> None:
+        """From the folder's model.safetensors when there is one (names as transformers saves them), else
+        N(0, 0.02) matrices and embeddings (residual output projections scaled by 1/sqrt(2 n_layer)), zero
+        biases, unit norm gains; each drawn from (seed, name)."""
+        assign = assign or assign_full
+        weights = None
+        if (self.path / WEIGHTS).is_file():  # loaded by transformers itself: it knows each family's renamed keys
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("cpu"):
+                saved = AutoModelForCausalLM.from_pretrained(str(self.path), local_files_only=True)
+            weights = {n: t.detach() for n, t in saved.named_parameters(remove_duplicate=False)}
+        seen = set()
+        for mod_name, m in self.named_modules():
+            for p_name, p in m.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                key = name.removeprefix("hf.")
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                if weights is not None:
+                    if key not in weights:
+                        raise ValueError(f"{self.path / WEIGHTS} holds no {key}: not the weights of this config.json")
+                    assign(p, weights[key].float())
+                elif p_name == "bias":
+                    assign(p, torch.zeros(shape))
+                elif "norm" in type(m).__name__.lower():
+                    assign(p, torch.ones(shape))
+                else:
+                    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                    scaled = key.endswith(("o_proj.weight", "down_proj.weight", "dense_4h_to_h.weight", "c_proj.weight"))
+                    std = 0.02 / math.sqrt(2 * self.config.n_layer) if scaled else 0.02
+                    assign(p, torch.empty(shape).normal_(0.0, std, generator=g))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=idx, use_cache=False).logits
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
