@@ -94,3 +94,37 @@ def test_bad_token_files_are_one_line_before_launch(corpora, tmp_path):
 def test_megatron_paths():
     assert megatron_paths("/d/x") == megatron_paths("/d/x.bin") == megatron_paths("/d/x.idx") == (Path("/d/x.bin"),
                                                                                                   Path("/d/x.idx"))
+
+
+# ---- data=corpus: text through a real tokenizer ----
+def test_a_corpus_is_tokenized_once_and_trains(tmp_path):
+    from parallelkit.data.corpus import prepare, token_file
+    from parallelkit.data.datasets import make_dataset
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(3):  # a few files of repetitive prose: a 300-token BPE learns its words
+        (text / f"{i}.txt").write_text(" ".join(f"the {w} of file {i} is not the {w} of the others." for w in
+                                                 ("cat", "dog", "sun", "moon", "tree", "river")) * 60)
+    common = ["data=corpus", f"data.path={text}", "data.tokenizer_vocab=300", "train.steps=12", "optim.lr=3e-3"]
+    plan = compose_plan(*common)
+    path = token_file(plan.cfg.data)
+    assert not path.exists()
+    assert prepare(plan.cfg.data) == path and path.is_file() and (path.parent / "tokenizer.json").is_file()
+    stamp = path.stat().st_mtime_ns
+    ds = make_dataset(plan.cfg.data, plan.cfg.model, 0)  # the cached file, not a second tokenization
+    assert path.stat().st_mtime_ns == stamp and int(ds.data.max()) < 300 and len(ds.sample(0)) == 65
+    s = train_together(tmp_path, {"ddp": ["strategy=ddp", *common]})["ddp"]
+    assert s["losses"][-1] < 0.8 * s["losses"][0], s["losses"]
+    # its own tokenizer.json as data.tokenizer: the same ids
+    again = compose_plan("data=corpus", f"data.path={text}", f"data.tokenizer={path.parent / 'tokenizer.json'}")
+    assert np.array_equal(open_tokens("nanogpt", str(prepare(again.cfg.data)), "uint16"), ds.data)
+
+
+def test_a_corpus_whose_tokenizer_outgrows_the_model_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="the tokenizer has 8192 tokens, model.vocab_size=512 fewer: set model.vocab_size=8192"):
+        compose_plan("data=corpus")
+    with pytest.raises(ConfigError, match="data.tokenizer=/no/tokenizer.json: no such tokenizer.json"):
+        compose_plan("data=corpus", "data.tokenizer=/no/tokenizer.json")
+    with pytest.raises(ConfigError, match="data.path='/no/such/text' does not exist"):
+        compose_plan("data=corpus", "data.path=/no/such/text", "data.tokenizer_vocab=300")

@@ -149,7 +149,7 @@ def test_report_shows_layout_schedule_bubble_stage_memory_and_p2p(tmp_path):
     for col in ("world/dp/tp/pp", "pipeline schedule", "bubble: est. (idle by stage)", "peak mem by stage",
                 "comm p2p / collectives"):
         assert col in head, head
-    line = next(line for line in md.splitlines() if "torch pipe" in line)
+    line = next(line for line in md.splitlines() if "torch pipe" in line and line.startswith("|"))  # its table row
     for text in ("4/2/1/2", "1f1b m=4", "20% (25% / 40%)", "310 MiB / 420 MiB", "3 MiB / 1 MiB"):
         assert text in line, line
     assert "| 0 / 535 KiB " in next(line for line in md.splitlines() if "| ddp" in line)  # collectives only

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallelkit.config.env import cuda_available, under_torchrun
 from parallelkit.config.errors import ConfigError
-from parallelkit.data import tokens
+from parallelkit.data import corpus, tokens
 from parallelkit.models.hf import hf_fields
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
 
@@ -111,6 +111,26 @@ def check_family(cfg: DictConfig, cls) -> None:
                           f"only; model.arch={arch} runs under {fits}")
 
 
+def check_corpus(data: DictConfig, vocab_size: int) -> None:
+    """``data=corpus``: text files to read and a tokenizer whose ids the model's vocabulary covers."""
+    path = str(data.get("path"))
+    if path != corpus.STDLIB:
+        check_text(path, 0)
+    tok = data.get("tokenizer")
+    if tok and not Path(str(tok)).expanduser().is_file():
+        raise ConfigError(f"data.tokenizer={tok}: no such tokenizer.json (null: a BPE trained on the corpus)")
+    if not tok and (not isinstance(data.get("tokenizer_vocab"), int) or data.tokenizer_vocab < 260):
+        raise ConfigError(f"data.tokenizer_vocab={data.get('tokenizer_vocab')!r}: a whole number of at least 260 "
+                          f"(256 bytes and some merges)")
+    try:
+        need = corpus.tokenizer_vocab(data)
+    except Exception as e:  # noqa: BLE001 - a tokenizer.json that does not load
+        raise ConfigError(f"data.tokenizer={tok}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    if need > vocab_size:
+        raise ConfigError(f"data=corpus: the tokenizer has {need} tokens, model.vocab_size={vocab_size} fewer: set "
+                          f"model.vocab_size={need} (or more)")
+
+
 def check_settings(cfg: DictConfig) -> None:
     """The run's own settings (everything but the strategy's options and the checkpoint to resume)."""
     _int(cfg, "world_size")
@@ -156,6 +176,8 @@ def check_settings(cfg: DictConfig) -> None:
                               f"head serves a whole group of query heads")
     if cfg.data.name == "text":
         check_text(cfg.data.get("path"), m.seq_len)
+    elif cfg.data.name == "corpus":
+        check_corpus(cfg.data, m.vocab_size)
     elif cfg.data.name in tokens.FORMATS:
         if not cfg.data.get("path"):
             raise ConfigError(f"data={cfg.data.name} needs data.path=<its token file>")

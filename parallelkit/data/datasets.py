@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from parallelkit.data.corpus import dtype_of, prepare
 from parallelkit.data.tokens import FORMATS, Tokens
 
 
@@ -56,7 +57,16 @@ def make_dataset(data_cfg, model_cfg, seed: int):
         return Text(data_cfg.path, model_cfg.seq_len, seed)
     if data_cfg.name in FORMATS:  # nanoGPT's and Megatron's token files
         return Tokens(data_cfg.name, data_cfg.path, data_cfg.get("dtype"), model_cfg.seq_len, seed)
+    if data_cfg.name == "corpus":  # text through a real tokenizer, tokenized once into a cached token file
+        path = prepare(data_cfg)
+        return Tokens("nanogpt", str(path), dtype_of(path), model_cfg.seq_len, seed)
     return Synthetic(model_cfg.vocab_size, model_cfg.seq_len, seed, data_cfg.get("branching", 4))
+
+
+def prepare_data(data_cfg) -> None:
+    """What a dataset needs done once before the workers start (tokenizing a corpus); nothing for the others."""
+    if data_cfg.name == "corpus":
+        prepare(data_cfg)
 
 
 class Batches:

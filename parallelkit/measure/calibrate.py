@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from parallelkit.measure.metrics import cpu_threads
+from parallelkit.util.cache import cache_dir  # noqa: F401 - importers name it here too
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
 from parallelkit.util.dtypes import DTYPES
 
@@ -61,10 +62,6 @@ def host_facts(device: torch.device | None = None) -> dict:
     if device is not None and device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PARALLELKIT_CACHE") or Path.home() / ".cache" / "parallelkit")
 
 
 def cache_key(precision: str, threads: int, device: torch.device) -> dict:

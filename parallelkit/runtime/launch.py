@@ -19,6 +19,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from parallelkit.data.datasets import prepare_data
 from parallelkit.measure.metrics import cpu_threads
 from parallelkit.runtime.procs import (
     Tree,
@@ -72,6 +73,7 @@ def launch(plan, run_dir: Path, base: dict) -> dict:
     would otherwise go on training)."""
     cfg, nproc = plan.cfg, plan.layout.processes
     plan.save(run_dir)  # what each worker loads (config.yaml, plan.json)
+    prepare_data(cfg.data)  # e.g. a corpus tokenized once, here rather than in every worker
     for stale in [run_dir / "summary.json", run_dir / "metrics.jsonl", *run_dir.glob("errors/rank*.txt")]:
         stale.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

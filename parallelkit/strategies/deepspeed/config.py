@@ -97,7 +97,7 @@ def sizes(cfg, mem: int | None = None) -> dict[str, int]:
     cap = max(d * d, (mem or machine_memory(cfg)) // 640)
     bucket = aligned(min(5e8, cap, max(d * d, n // 10)))
     live, sub_group = aligned(min(1e9, 5 * cap)), aligned(min(1e9, 2.5 * cap))
-    largest = max(c.vocab_size * d, c.seq_len * d, 4 * d * d)
+    largest = max(c.vocab_size * d, c.seq_len * d, 4 * d * d, getattr(c, "d_ff", 0) * d)  # the largest tensor
     # the largest sub-group's partition on one rank: sub_group plus one parameter's partition, at most all of
     # this rank's partitions (each parameter is padded to a multiple of dp: + one element per tensor)
     group = min(sub_group + math.ceil(largest / dp), math.ceil(n / dp) + 12 * c.n_layer + 8)
