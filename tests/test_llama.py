@@ -47,7 +47,7 @@ def test_non_cutting_strategies_train_it_like_single(tmp_path):
     assert ref["losses"][-1] < ref["losses"][0]
 
 
-@pytest.mark.parametrize("strategy", ["torch_pipe", "fairscale_tp", "deepspeed_pipe", "neox_3d", "fairscale_pipe"])
+@pytest.mark.parametrize("strategy", ["fairscale_tp", "deepspeed_pipe", "neox_3d", "fairscale_pipe"])
 def test_strategies_that_cut_the_model_refuse_it_in_one_line(strategy):
     with pytest.raises(ConfigError) as e:
         compose_plan("model=llama_tiny", f"strategy={strategy}", "world_size=4" if strategy == "neox_3d" else "world_size=2")
@@ -57,3 +57,14 @@ def test_strategies_that_cut_the_model_refuse_it_in_one_line(strategy):
 def test_bad_llama_shape_is_one_line():
     with pytest.raises(ConfigError, match="model.n_kv_head=4 does not divide model.n_head=6"):
         compose_plan("model=llama_tiny", "model.n_head=6", "model.d_model=96", "model.n_kv_head=4")
+
+
+def test_torch_pipelining_cuts_it_and_matches_single(tmp_path):
+    """Our Llama keeps the GPT's layer list (embedding, blocks, head): torch.distributed.pipelining cuts it the same
+    way (pp 2, 1F1B over 2 micro-batches) and the losses follow single's."""
+    common = ["model=llama_tiny", "model.n_layer=4", "train.steps=8", "train.global_batch_size=8",
+              "train.micro_batch_size=4", "train.grad_clip=0.5"]
+    ref = train_ranks(tmp_path, "single", "strategy=single", *common)
+    s = train_ranks(tmp_path, "pipe", "strategy=torch_pipe", *common)
+    assert s["strategy_facts"]["pp"] == 2 and s["strategy_facts"]["micro_batches"] == 2
+    assert_close_trajectory(s["losses"], ref["losses"], rtol=1e-5)
