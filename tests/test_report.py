@@ -14,8 +14,7 @@ from conftest import FAST, ROOT, board_scalars, run_cli
 from PIL import Image
 
 from parallelkit.report.compare import build, load, terminal_report, write_report
-from parallelkit.report.tables import TERMINAL_WIDTH
-from parallelkit.report.tables import hbytes, hcount, htime
+from parallelkit.report.tables import TERMINAL_WIDTH, hbytes, hcount, htime
 
 PNG = b"\x89PNG\r\n\x1a\n"
 REPORT_FILES = ("comparison.md", "comparison.csv", "comparison.html", "memory.png", "throughput.png", "loss.png")

@@ -24,9 +24,9 @@ import parallelkit.measure.metrics as metrics
 from parallelkit.config.layout import Layout
 from parallelkit.config.plan import RunPlan
 from parallelkit.data.datasets import Batches, make_dataset
+from parallelkit.measure.board import Board
 from parallelkit.measure.collective import gather_named, max_over_ranks
 from parallelkit.measure.noise import RunProbe
-from parallelkit.measure.board import Board
 from parallelkit.measure.progress import Progress
 from parallelkit.measure.results import Summary, base_summary, one_line
 from parallelkit.models.gpt import GPTConfig, build_model

@@ -18,9 +18,9 @@ from parallelkit.config.checks import (
     check_family,
     check_settings,
     check_world,
-    hf_model_values,
     default_world_size,
     grad_accum_of,
+    hf_model_values,
     note,
     untimed_steps_key,
 )

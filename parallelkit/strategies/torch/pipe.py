@@ -43,7 +43,7 @@ from torch.distributed.pipelining import (
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.models.gpt import GPT, Block, GPTConfig, assign_full, initial_value
+from parallelkit.models.gpt import GPT, GPTConfig, assign_full, initial_value
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names, full_state, load_full_state
 from parallelkit.strategies.shared.comm_model import (
@@ -99,7 +99,7 @@ class _Stage(nn.Module):
 
 
 class TorchPipeStrategy(Strategy):
-    families = ("gpt",)  # cuts the GPT into stages / shards by its layout
+    families = ("gpt", "llama")  # cuts the model's layer list (embedding, blocks, head): ours, GPT or Llama
     Options = TorchPipeOptions
     autocast_forward = False  # per stage (_Stage)
 
@@ -203,9 +203,10 @@ class TorchPipeStrategy(Strategy):
         parts = [_Stage([layers[i] for i in self.stage_layers[s]], self.precision.dtype) for s in self.stage_ids]
         fsdp = o.dp_mode == "fsdp" and dp > 1
         if fsdp:  # sharded on meta, then each rank materialises its shards (as fsdp.py does)
+            blocks = {id(b) for b in gpt.blocks}
             for part in parts:
                 for layer in part.layers:
-                    if isinstance(layer, Block):
+                    if id(layer) in blocks and not isinstance(layer, nn.Identity):
                         fully_shard(layer, mesh=self.mesh["dp"], reshard_after_forward=False)
                 fully_shard(part, mesh=self.mesh["dp"], reshard_after_forward=False)  # one gather per step, not per micro-batch
         gpt.to_empty(device=ctx.device)
