@@ -51,6 +51,20 @@ def test_tune_prunes_measures_and_names_the_fastest(tmp_path):
     assert cfg.strategy.name == ok[0]["strategy"] and cfg.train.grad_accum == 2
     # the measured trials got the sweep report
     assert (out / "comparison.md").exists() and (out / "comparison.csv").exists()
+    # predicted and measured step time side by side, and how well the projection ordered them
+    assert "pred. step" in md and "predicted vs measured step time: " in p.stdout and "predicted vs measured" in md
+
+
+def test_rank_correlation():
+    from parallelkit.advisor.tune import order_agreement, rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)  # ties: mean ranks
+    assert rank_correlation([1, 2], [1, 2]) is None and rank_correlation([1, 1, 1], [1, 2, 3]) is None
+    rows = [{"status": "ok", "predicted_step_time_s": p, "step_time_s": m} for p, m in ((1, 2), (2, 3), (3, 1))]
+    assert order_agreement(rows) == "predicted vs measured step time: Spearman rank correlation -0.50 over 3 measured candidates"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device judges against itself")

@@ -406,11 +406,49 @@ def table(tune: dict, rows: list[dict]):
         spread = f" ({hcount(r['tokens_per_s_lo'])}-{hcount(r['tokens_per_s_hi'])}, {r['trials']} trials)" \
             if (r.get("trials") or 1) > 1 else ""
         out.append({"#": i, "candidate": _name(r), "tokens/s": hcount(r["tokens_per_s"]) + spread,
-                    "step": htime(r["step_time_s"]), "peak/rank": measured_else_predicted(peak, r["judged_bytes"]),
+                    "step": htime(r["step_time_s"]), "pred. step": htime(r["predicted_step_time_s"]),
+                    "peak/rank": measured_else_predicted(peak, r["judged_bytes"]),
                     "headroom": hbytes(headroom),
                     "comm/step": measured_else_predicted(r["comm_bytes_per_step"], r["predicted_comm_bytes_per_step"]),
                     "trial": htime(r["trial_s"]), "status": r["status"], "why": r["why"]})
     return pd.DataFrame(out)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties given their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists (None under 3 pairs or when one list is constant)."""
+    if len(a) != len(b) or len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va and vb else None
+
+
+def order_agreement(rows: list[dict]) -> str:
+    """How well the projection ordered the measured candidates: Spearman's rank correlation of predicted and
+    measured step times."""
+    pairs = [(r["predicted_step_time_s"], r["step_time_s"]) for r in rows
+             if r["status"] == "ok" and r["predicted_step_time_s"] and r["step_time_s"]]
+    rho = rank_correlation(*map(list, zip(*pairs))) if pairs else None
+    if rho is None:
+        return f"predicted vs measured step time: no rank correlation ({len(pairs)} measured candidate(s) with both)"
+    return f"predicted vs measured step time: Spearman rank correlation {rho:.2f} over {len(pairs)} measured candidates"
 
 
 def winner_command(tune: dict, rows: list[dict]) -> str | None:
@@ -443,7 +481,7 @@ def write(tune: dict, rows: list[dict], used_s: float) -> str:
             f"{sum(r['status'] == 'pruned' for r in rows)} pruned, {sum(r['status'] == 'not run' for r in rows)} not "
             f"measured; {used_s:.0f} s of tune.budget_s={tune['budget_s']}",
             f"memory judged against: {tune['judged']}; pruned above {1 + MARGIN:.2f} x that (predict.MARGIN: the "
-            f"prediction is an upper bound)", f"trial order: {tune['order']}"]
+            f"prediction is an upper bound)", f"trial order: {tune['order']}", order_agreement(rows)]
     df = table(tune, rows)
     said = verdict(rows)
     md = ["# parallelkit tune", "", *(f"- {h}" for h in head), "", df.to_markdown(index=False), "",
