@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from parallelkit.models.common import CheckpointedBlock, LayerListLM, unique_parameters
 from parallelkit.models.hf import HFCausalLM, HFShape
 from parallelkit.models.llama import Llama, LlamaConfig
 from parallelkit.util.tensors import assign_full  # noqa: F401 - importers name it here too
@@ -125,23 +126,17 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
-class Block(nn.Module):
+class Block(CheckpointedBlock):
     """Pre-LayerNorm transformer block."""
 
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(c.d_model), Attention(c)
         self.ln2, self.mlp = nn.LayerNorm(c.d_model), MLP(c)
-        self.checkpoint = False  # activation checkpointing: recompute this block in backward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
 
 
 class Head(nn.Module):
@@ -156,7 +151,7 @@ class Head(nn.Module):
         return self.out(self.ln(x))
 
 
-class GPT(nn.Module):
+class GPT(LayerListLM):
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.config = c
@@ -164,38 +159,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.head = Head(c, self.embed if c.tie_weights else None)
 
-    def tie(self) -> None:
-        """Share the token embedding with the output projection again (a move to a new device can split them)."""
-        if self.config.tie_weights:
-            self.head.out.weight = self.embed.tok.weight
-
     @torch.no_grad()
     def init_weights(self, seed: int, assign: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> None:
         """Give every parameter its initial value; ``assign(param, full_value)`` stores it (default: copy,
         or this rank's slice of a DTensor). GPT-2 init: N(0, 0.02) matrices and embeddings, residual
         projections scaled by 1/sqrt(2 n_layer), zero biases, unit LayerNorm gains."""
         assign = assign or assign_full
-        seen = set()
-        for mod_name, m in self.named_modules():
-            for p_name, p in m.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                name = f"{mod_name}.{p_name}" if mod_name else p_name
-                shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 placeholders keep the full shape aside
-                assign(p, initial_value(m, name, shape, seed, self.config.n_layer))
-
-    def layers(self) -> list[nn.Module]:
-        return [self.embed, *self.blocks, self.head]
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = idx
-        for layer in self.layers():
-            x = layer(x)
-        return x  # logits (B, T, V)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # shared tensors counted once
+        for m, name, p, shape in unique_parameters(self):
+            assign(p, initial_value(m, name, shape, seed, self.config.n_layer))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

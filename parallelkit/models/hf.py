@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from parallelkit.models.common import unique_parameters
 from parallelkit.util.tensors import assign_full
 
 WEIGHTS = "model.safetensors"
@@ -163,28 +164,21 @@ class HFCausalLM(nn.Module):
             with torch.device("cpu"):
                 saved = AutoModelForCausalLM.from_pretrained(str(self.path), local_files_only=True)
             weights = {n: t.detach() for n, t in saved.named_parameters(remove_duplicate=False)}
-        seen = set()
-        for mod_name, m in self.named_modules():
-            for p_name, p in m.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                name = f"{mod_name}.{p_name}" if mod_name else p_name
-                key = name.removeprefix("hf.")
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                if weights is not None:
-                    if key not in weights:
-                        raise ValueError(f"{self.path / WEIGHTS} holds no {key}: not the weights of this config.json")
-                    assign(p, weights[key].float())
-                elif p_name == "bias":
-                    assign(p, torch.zeros(shape))
-                elif "norm" in type(m).__name__.lower():
-                    assign(p, torch.ones(shape))
-                else:
-                    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-                    scaled = key.endswith(("o_proj.weight", "down_proj.weight", "dense_4h_to_h.weight", "c_proj.weight"))
-                    std = 0.02 / math.sqrt(2 * self.config.n_layer) if scaled else 0.02
-                    assign(p, torch.empty(shape).normal_(0.0, std, generator=g))
+        for m, name, p, shape in unique_parameters(self):
+            key = name.removeprefix("hf.")
+            if weights is not None:
+                if key not in weights:
+                    raise ValueError(f"{self.path / WEIGHTS} holds no {key}: not the weights of this config.json")
+                assign(p, weights[key].float())
+            elif name.rsplit(".", 1)[-1] == "bias":
+                assign(p, torch.zeros(shape))
+            elif "norm" in type(m).__name__.lower():
+                assign(p, torch.ones(shape))
+            else:
+                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                scaled = key.endswith(("o_proj.weight", "down_proj.weight", "dense_4h_to_h.weight", "c_proj.weight"))
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if scaled else 0.02
+                assign(p, torch.empty(shape).normal_(0.0, std, generator=g))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=idx, use_cache=False).logits

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from parallelkit.models.common import CheckpointedBlock, LayerListLM, unique_parameters
 from parallelkit.util.tensors import assign_full
 
 
@@ -124,21 +125,15 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Block(nn.Module):
+class Block(CheckpointedBlock):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.attn_norm, self.attn = nn.RMSNorm(c.d_model, eps=c.norm_eps), Attention(c)
         self.mlp_norm, self.mlp = nn.RMSNorm(c.d_model, eps=c.norm_eps), MLP(c)
-        self.checkpoint = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
 
 
 class Head(nn.Module):
@@ -153,7 +148,7 @@ class Head(nn.Module):
         return self.out(self.norm(x))
 
 
-class Llama(nn.Module):
+class Llama(LayerListLM):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         if c.n_head % c.n_kv_head or c.d_model % c.n_head:
@@ -164,42 +159,19 @@ class Llama(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.head = Head(c, self.embed if c.tie_weights else None)
 
-    def tie(self) -> None:
-        if self.config.tie_weights:
-            self.head.out.weight = self.embed.tok.weight
-
     @torch.no_grad()
     def init_weights(self, seed: int, assign: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> None:
         """Llama's init: N(0, 0.02) matrices and embedding, the residual projections (o, down) scaled by
         1/sqrt(2 n_layer), unit RMSNorm gains; each from a generator seeded by (seed, name)."""
         assign = assign or assign_full
-        seen = set()
-        for mod_name, m in self.named_modules():
-            for p_name, p in m.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                name = f"{mod_name}.{p_name}" if mod_name else p_name
-                shape = tuple(getattr(p, "ds_shape", p.shape))
-                if isinstance(m, nn.RMSNorm):
-                    assign(p, torch.ones(shape))
-                    continue
-                g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-                scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
-                std = 0.02 / math.sqrt(2 * self.config.n_layer) if scaled else 0.02
-                assign(p, torch.empty(shape).normal_(0.0, std, generator=g))
-
-    def layers(self) -> list[nn.Module]:
-        return [self.embed, *self.blocks, self.head]
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = idx
-        for layer in self.layers():
-            x = layer(x)
-        return x
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        for m, name, p, shape in unique_parameters(self):
+            if isinstance(m, nn.RMSNorm):
+                assign(p, torch.ones(shape))
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if scaled else 0.02
+            assign(p, torch.empty(shape).normal_(0.0, std, generator=g))
 
 
 def hf_names(n_layer: int, tied: bool = False) -> dict[str, str]:
