@@ -93,7 +93,10 @@ ARCHS = ("gpt", "llama", "hf")  # model.arch: models/gpt.py, models/llama.py, mo
 def hf_model_values(cfg: DictConfig) -> dict:
     """``model=hf``: the model.* values its folder's config.json gives (layers, width, heads, vocabulary, tying)."""
     path = cfg.model.get("path")
-    if not path or not (Path(str(path)).expanduser() / "config.json").is_file():
+    if not path:
+        raise ConfigError("model=hf needs model.path=<a local folder holding a Hugging Face config.json>; nothing is "
+                          "downloaded")
+    if not (Path(str(path)).expanduser() / "config.json").is_file():
         raise ConfigError(f"model.path={path!r}: give a local folder holding a Hugging Face config.json (and "
                           f"optionally model.safetensors); nothing is downloaded")
     try:
