@@ -4,10 +4,19 @@ Every run takes the same global batch as ``single`` (8 samples a step: train.glo
 grad_accum from each layout's dp) with clipping active at every step (grad_clip 0.1: the tiny model's
 gradient norm is between 0.1 and 1; without clipping the losses move by 3.7e-5).
 """
+import json
 import re
 
 import pytest
-from conftest import assert_close_trajectory, compose_plan, compose_run, train_ranks
+from conftest import (
+    assert_close_trajectory,
+    compose_plan,
+    compose_run,
+    jobs_in_one_group,
+    prepare_run,
+    summary,
+    train_ranks,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -88,11 +97,22 @@ def test_deepspeed_pipe_resumes_from_deepspeed_engine_checkpoints(runs):
 
 
 @pytest.mark.slow
-def test_neox_3d_tp2_pp2_dp2_on_8_processes_matches_single(single, tmp_path):
-    """8 processes on however few cores (one thread each), the same 6 steps (the lr schedule spans train.steps)."""
-    s = train_ranks(tmp_path, "3d", "strategy=neox_3d", "world_size=8", *COMMON)
+def test_neox_3d_tp2_pp2_dp2_on_8_processes_matches_single_and_torch_nd_resumes_it(single, tmp_path):
+    """8 processes on however few cores (one thread each), the same 6 steps (the lr schedule spans train.steps).
+    Then torchtitan's composition, torch_nd pp2 x fsdp2 x tp2, on the same 8: its straight run matches single too,
+    and it resumes neox_3d's portable checkpoint of step 3 and continues its own straight run."""
+    s = train_ranks(tmp_path, "3d", "strategy=neox_3d", "world_size=8", *COMMON, f"checkpoint.dir={tmp_path / 'ck'}",
+                    "checkpoint.every=3")
     assert s["label"] == "neox 3d tp2 pp2 dp2" and (s["tp"], s["pp"], s["dp"], s["processes"]) == (2, 2, 2, 8)
     assert_close_trajectory(s["losses"], single["losses"], rtol=RTOL)
+    nd = prepare_run(tmp_path / "nd", "strategy=torch_nd_3d", "world_size=8", *COMMON)
+    jobs_in_one_group(8, [("train", nd), ("resume", nd, [tmp_path / "ck" / "step_3"])])
+    straight = summary(nd)
+    assert straight["label"] == "torch nd pp2 fsdp2 tp2+sp" and straight["strategy_facts"]["mesh"] == {
+        "pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}
+    assert_close_trajectory(straight["losses"], single["losses"], rtol=1e-5)  # DTensor's partial sums: ~1e-6
+    resumed = json.loads((nd / "resumed.json").read_text())[str(tmp_path / "ck" / "step_3")]
+    assert_close_trajectory(resumed, straight["losses"][3:], rtol=1e-5)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -116,7 +116,7 @@ def test_every_backend_predicts_or_says_not_predicted():
 
     assert Strategy.memory(None, None, None, None) is None and Strategy.comm(None, None, None) is None
     for name in strategy_presets():  # the planning face alone (no machine checks: GPU- or libaio-only presets too)
-        cfg = compose_run(f"strategy={name}", "world_size=4" if name == "neox_3d" else "world_size=2",
+        cfg = compose_run(f"strategy={name}", f"world_size={ {'neox_3d': 4, 'torch_nd_3d': 8}.get(name, 2)}",
                           "train.grad_accum=2", checked=False)
         cls, opts, lay = planned_strategy(cfg)
         assert cls.memory(cfg, opts, lay, None) is not None, name

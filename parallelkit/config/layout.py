@@ -4,14 +4,16 @@ Every consumer (config checks, the loop's data sampler, the backends, the summar
 the report) reads the same ``Layout``; a strategy only says its tp and pp degrees and whether one
 process drives every device.
 
-The rank map. Ranks are laid out on a mesh of the axes ``AXES`` = (pp, dp, tp), slowest to fastest,
+The rank map. Ranks are laid out on a mesh of the axes ``AXES`` = (pp, dp, cp, tp), slowest to fastest,
 row-major as torch's ``DeviceMesh`` lays them out and in the order Megatron and GPT-NeoX use
-(DeepSpeed's ``PipeModelDataParallelTopology`` orders (pipe, data, model): the same):
+(DeepSpeed's ``PipeModelDataParallelTopology`` orders (pipe, data, model): the same; torchtitan's mesh
+is (pp, dp_replicate, dp_shard, cp, tp): the same, its two dp axes being ``dp`` split slowest-first):
 
-    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+    rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
 
-so the ranks of one tensor-parallel group are consecutive (one node's fast links), a pipeline's
-stages are the farthest apart, and a data-parallel replica is one pipeline. A backend whose library
+so the ranks of one tensor-parallel group are consecutive (one node's fast links), a sequence's
+context-parallel ranks next, a pipeline's stages are the farthest apart, and a data-parallel replica
+is one pipeline. ``cp`` (context parallelism: one sequence split over ranks) is 1 except under torch_nd. A backend whose library
 wants another order converts through ``coords`` / ``rank_of`` here, in one place.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ from itertools import accumulate
 
 from parallelkit.config.errors import ConfigError
 
+AXES = ("pp", "dp", "cp", "tp")  # the mesh's axes, slowest to fastest
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -28,6 +32,7 @@ class Layout:
     dp: int  # data-parallel replicas
     tp: int = 1  # tensor-parallel ranks per replica
     pp: int = 1  # pipeline stages per replica
+    cp: int = 1  # context-parallel ranks sharing one sequence (torch_nd)
     processes: int = 1  # worker processes launched
     ranks_per_process: int = 1  # data-parallel ranks whose batches one process consumes (single, one-process pipes)
 
@@ -41,19 +46,22 @@ class Layout:
         n = self.ranks_per_process
         return list(range(dp_rank * n, (dp_rank + 1) * n))
 
-    # ---- the rank map (see the module doc): (pp, dp, tp), tp fastest ----
+    # ---- the rank map (see the module doc): AXES, tp fastest ----
     @property
     def shape(self) -> dict[str, int]:
-        return {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+        return {a: getattr(self, a) for a in AXES}
 
     def coords(self, rank: int) -> dict[str, int]:
-        """{pp, dp, tp} of a device rank."""
+        """{pp, dp, cp, tp} of a device rank."""
         if not 0 <= rank < self.world:
             raise ValueError(f"rank {rank} is not in a world of {self.world}")
-        return {"pp": rank // (self.dp * self.tp), "dp": rank // self.tp % self.dp, "tp": rank % self.tp}
+        out = {}
+        for a in reversed(AXES):
+            rank, out[a] = divmod(rank, getattr(self, a))
+        return {a: out[a] for a in AXES}
 
-    def rank_of(self, pp: int = 0, dp: int = 0, tp: int = 0) -> int:
-        return (pp * self.dp + dp) * self.tp + tp
+    def rank_of(self, pp: int = 0, dp: int = 0, cp: int = 0, tp: int = 0) -> int:
+        return ((pp * self.dp + dp) * self.cp + cp) * self.tp + tp
 
     def group(self, axis: str, rank: int) -> list[int]:
         """The ranks that differ from ``rank`` along ``axis`` only (its tensor-, data- or pipeline-parallel group)."""
@@ -65,11 +73,15 @@ class Layout:
         return sorted({tuple(self.group(axis, r)) for r in range(self.world)})
 
     def mesh_description(self) -> str:
+        if self.cp > 1:
+            return (f"pp x dp x cp x tp = {self.pp} x {self.dp} x {self.cp} x {self.tp}; rank = ((pp_rank * {self.dp} + "
+                    f"dp_rank) * {self.cp} + cp_rank) * {self.tp} + tp_rank")
         return (f"pp x dp x tp = {self.pp} x {self.dp} x {self.tp}; rank = (pp_rank * {self.dp} + dp_rank) * {self.tp} "
                 f"+ tp_rank")
 
     def as_dict(self) -> dict[str, int]:
-        return {"world": self.world, "dp": self.dp, "tp": self.tp, "pp": self.pp, "processes": self.processes}
+        out = {"world": self.world, "dp": self.dp, "tp": self.tp, "pp": self.pp, "processes": self.processes}
+        return {**out, "cp": self.cp} if self.cp > 1 else out
 
     @classmethod
     def data_parallel(cls, world: int) -> "Layout":

@@ -100,7 +100,14 @@ class Embedding(nn.Module):
         return self.tok(idx) + self.pos(pos)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of (B, heads, T, head_dim) tensors."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Attention(nn.Module):
+    attend = staticmethod(causal_attention)  # context parallelism puts a distributed one here (torch/nd.py)
+
     def __init__(self, c: GPTConfig):
         super().__init__()
         self.head_dim = c.head_dim
@@ -112,7 +119,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (B, T, local width)
         nh = q.size(-1) // self.head_dim  # local heads: all of them, or 1/tp of them
         q, k, v = (t.view(B, T, nh, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attend(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * self.head_dim))
 
 

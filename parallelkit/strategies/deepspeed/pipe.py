@@ -31,15 +31,18 @@ from itertools import accumulate
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.models.gpt import Block, GPTConfig, initial_value
+from parallelkit.models.gpt import GPT, Block, GPTConfig, initial_value
 from parallelkit.strategies.base import Options
+from parallelkit.strategies.deepspeed import ckpt as deepspeed_ckpt
 from parallelkit.strategies.deepspeed.config import build_config, settings
 from parallelkit.strategies.deepspeed.zero import SHARDED, DeepSpeedStrategy
+from parallelkit.strategies.shared.by_name import ADAM_KEYS, check_names, load_by_name, state_by_name
 from parallelkit.strategies.shared.comm_model import (
     activation,
     busiest,
@@ -57,6 +60,7 @@ from parallelkit.strategies.shared.memory_model import (
 )
 from parallelkit.strategies.shared.optim import param_groups
 from parallelkit.strategies.shared.pipeline import bubble, stage_balance
+from parallelkit.strategies.shared.tensor_parallel import tp_slice, tp_unslice
 from parallelkit.util.tensors import storages
 
 
@@ -191,7 +195,6 @@ def gpt_named_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 class DeepSpeedPipeStrategy(DeepSpeedStrategy):
     families = ("gpt",)  # cuts the GPT into stages / shards by its layout
-    portable = False  # DeepSpeed's per-layer engine checkpoints only (checkpoint.format=native); see README
     Options = PipeOptions
 
     @classmethod
@@ -351,6 +354,72 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
 
     def global_loss(self, local: torch.Tensor) -> float:
         return float(local)  # train_batch already returns the global batch's loss on every rank
+
+    # ---- checkpoints. Portable: each stage's parameters by GPT name, the fp32 master copy and AdamW's moments
+    # gathered over the stage's data-parallel ranks (DeepSpeed's consolidation API, as under ZeRO), tensor-parallel
+    # slices joined (neox_3d), sent to rank 0 by the first replica's tensor rank 0 of every stage. The tied
+    # embedding's copy on the last stage equals the first's and is written once.
+    def _named(self) -> list[tuple[str, nn.Parameter]]:
+        return gpt_named_parameters(self.engine.module)
+
+    def _tp_group(self):
+        return getattr(getattr(self, "tp", None), "group", None)
+
+    def export_state(self):
+        opt, named = self.engine.optimizer, self._named()
+        if deepspeed_ckpt.mapped(self.engine):
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+            step = deepspeed_ckpt.read_step(opt)
+            deepspeed_ckpt.relink(opt)
+            model = {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in named}
+            optim = {} if step is None else {n: {**{k: safe_get_full_optimizer_state(p, k).detach().float().cpu()
+                                                     for k in ADAM_KEYS}, "step": torch.tensor(step)} for n, p in named}
+        else:  # ZeRO-0 in fp32: the run's torch AdamW over the stage's parameters
+            model, optim = state_by_name(named, opt)
+        if self.ctx.layout.tp > 1:  # every rank's slice, joined (COLLECTIVE over the tensor-parallel group)
+            split = {n for n, p in named if getattr(p, "tp_split", False)}
+            model = {n: self._join(n, t) if n in split else t for n, t in model.items()}
+            optim = {n: {k: self._join(n, v) if n in split and v.dim() else v for k, v in st.items()}
+                     for n, st in optim.items()}
+        c = self.coords
+        parts = [None] * self.ctx.world_size if self.ctx.rank == 0 else None
+        dist.gather_object((model, optim) if c["dp"] == c["tp"] == 0 else None, parts, dst=0)
+        if self.ctx.rank != 0:
+            return None
+        return ({n: t for part in parts if part for n, t in part[0].items()},
+                {n: st for part in parts if part for n, st in part[1].items()})
+
+    def _join(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.ctx.layout.tp)]
+        dist.all_gather(parts, t.contiguous(), group=self._tp_group())
+        return tp_unslice(name, parts, False)
+
+    @torch.no_grad()
+    def import_state(self, model, optim) -> None:
+        with torch.device("meta"):
+            check_names([n for n, _ in GPT(self.ctx.model).named_parameters()], model)
+        named, tp, r = self._named(), self.ctx.layout.tp, self.tp_rank
+
+        def mine(n, p, t):
+            return tp_slice(n, t, r, tp, False) if getattr(p, "tp_split", False) else t
+
+        if not deepspeed_ckpt.mapped(self.engine):
+            load_by_name(named, self.engine.optimizer, {n: mine(n, p, model[n]) for n, p in named},
+                         {n: {k: mine(n, p, v) if v.dim() else v for k, v in optim[n].items()} for n, p in named if n in optim})
+            return
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        steps = {float(st["step"]) for st in optim.values()}
+        if steps:
+            deepspeed_ckpt.ensure_state(self.engine.optimizer, max(steps))
+        dev = self.ctx.device
+        for n, p in named:
+            full = mine(n, p, model[n]).to(dev)
+            safe_set_full_fp32_param(p, full)
+            p.data.copy_(full.to(p.dtype))
+            for k in ADAM_KEYS if n in optim else ():
+                safe_set_full_optimizer_state(p, mine(n, p, optim[n][k]).to(dev), k)
 
     def describe(self) -> dict:
         lay, m, c = self.ctx.layout, self.ctx.train.grad_accum, self.ctx.model

@@ -101,6 +101,7 @@ class _Stage(nn.Module):
 class TorchPipeStrategy(Strategy):
     families = ("gpt", "llama")  # cuts the model's layer list (embedding, blocks, head): ours, GPT or Llama
     Options = TorchPipeOptions
+    PP_KEY = "pp_size"  # the option's name in messages (torch_nd calls it pp)
     autocast_forward = False  # per stage (_Stage)
 
     # ---- before any worker starts ----
@@ -110,25 +111,25 @@ class TorchPipeStrategy(Strategy):
 
     @classmethod
     def check(cls, cfg, o) -> None:
-        n, p, v, m = cfg.model.n_layer + 2, o.pp_size, o.chunks, cfg.train.grad_accum
+        n, p, v, m, pk = cfg.model.n_layer + 2, o.pp_size, o.chunks, cfg.train.grad_accum, cls.PP_KEY
         if o.stages_per_rank not in (None, 1) and o.schedule != "interleaved_1f1b":
             raise ConfigError(f"strategy.stages_per_rank={o.stages_per_rank} needs strategy.schedule=interleaved_1f1b: "
                               f"{o.schedule} runs one stage per rank")
         if p * v > n:
-            raise ConfigError(f"strategy.pp_size x stages_per_rank = {p} x {v} = {p * v} stages is more than the model's "
+            raise ConfigError(f"strategy.{pk} x stages_per_rank = {p} x {v} = {p * v} stages is more than the model's "
                               f"{n} layers (embedding + {cfg.model.n_layer} blocks + head): lower them or raise model.n_layer")
         if o.schedule == "1f1b" and m < p:
-            raise ConfigError(f"strategy.schedule=1f1b needs at least strategy.pp_size={p} micro-batches per step, got "
+            raise ConfigError(f"strategy.schedule=1f1b needs at least strategy.{pk}={p} micro-batches per step, got "
                               f"train.grad_accum={m}: set train.grad_accum={p} (or a larger train.global_batch_size), "
                               f"or strategy.schedule=gpipe")
         if o.schedule == "interleaved_1f1b" and (m < p or m % (m // p)):
             fits = [k for k in range(p, 4 * p + 1) if k % (k // p) == 0][:4]
-            raise ConfigError(f"strategy.schedule=interleaved_1f1b runs micro-batches in rounds of strategy.pp_size={p}: "
+            raise ConfigError(f"strategy.schedule=interleaved_1f1b runs micro-batches in rounds of strategy.{pk}={p}: "
                               f"train.grad_accum={m} must be >= {p} and a multiple of the number of rounds "
                               f"(grad_accum // pp_size); use train.grad_accum={' or '.join(map(str, fits))}")
         if cfg.train.precision == "fp16":
-            raise ConfigError("strategy=torch_pipe runs train.precision=fp32 or bf16: the schedule runs backward itself, "
-                              "so there is no place for fp16's loss scaler")
+            raise ConfigError(f"strategy={o.name} runs train.precision=fp32 or bf16: the schedule runs backward itself, "
+                              f"so there is no place for fp16's loss scaler")
 
     @classmethod
     def label(cls, cfg, o) -> str:
@@ -289,7 +290,7 @@ class TorchPipeStrategy(Strategy):
             g.mul_(coef)
 
     def global_loss(self, local: torch.Tensor) -> float:
-        """The last stages' losses summed over the world, divided by dp: the global batch's mean on every
+        """The last stages' losses summed over the world, divided by the ranks of a stage (dp, and under torch_nd cp x tp): the global batch's mean on every
         rank. After the probe step the same all-reduce carries each rank's idle share."""
         world = self.ctx.world_size
         t = torch.zeros(1 + (world if self._idle is not None else 0), device=self.ctx.device, dtype=torch.float64)
@@ -299,7 +300,8 @@ class TorchPipeStrategy(Strategy):
         dist.all_reduce(t)
         if self._idle is not None:
             self.idle_by_rank, self._idle = [round(float(x), 4) for x in t[1:]], None
-        return float(t[0]) / self.ctx.layout.dp
+        lay = self.ctx.layout
+        return float(t[0]) / (lay.world // lay.pp)  # every last-stage rank holds its replica's (or sequence part's) loss
 
     def probe_comm(self):
         out: dict[str, tuple[int, int]] = {}
@@ -359,8 +361,9 @@ class TorchPipeStrategy(Strategy):
         }
         if self.idle_by_rank is not None:  # measured on the probe step
             facts["idle_share_by_rank"] = self.idle_by_rank
-            facts["stage_idle_share"] = [round(sum(self.idle_by_rank[r] for r in lay.groups("dp")[s]) / lay.dp, 4)
-                                         for s in range(p)]
+            per = lay.world // p
+            facts["stage_idle_share"] = [round(sum(self.idle_by_rank[r] for r in range(lay.world)
+                                                   if lay.coords(r)["pp"] == s) / per, 4) for s in range(p)]
         return facts
 
 
