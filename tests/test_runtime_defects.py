@@ -1,4 +1,4 @@
-"""The run's processes and the records kept about them: a killed torchrun agent takes its workers with it, a SIGKILL
+"""The run's processes and the records kept about them: a killed launcher takes its workers with it, a SIGKILL
 is called an OOM kill only on evidence about the run's own processes, and the worker-footprint cache survives
 concurrent writers and remembers why a measurement failed."""
 from __future__ import annotations
@@ -18,10 +18,10 @@ from conftest import FAST, ROOT, summary
 
 from parallelkit.runtime.launch import diagnose
 
-# ---- 1. a torchrun agent killed mid-run ----
+# ---- 1. a launcher killed mid-run ----
 
 def _run_procs(run_dir: Path) -> list[psutil.Process]:
-    """Live (not zombie) processes whose command line names the run's folder: the workers, the agent, the launcher."""
+    """Live (not zombie) processes whose command line names the run's folder: the workers and the launcher."""
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         try:
@@ -32,9 +32,9 @@ def _run_procs(run_dir: Path) -> list[psutil.Process]:
     return out
 
 
-def test_a_killed_torchrun_agent_takes_its_workers_with_it(tmp_path):
-    """SIGKILL to torch's elastic agent mid-run: the launcher stops every worker, exits within a minute, and the
-    summary says in one line that the agent was killed (not "workers exited with code -9")."""
+def test_a_killed_launcher_takes_its_workers_with_it(tmp_path):
+    """SIGKILL to the launcher mid-run (no handler of it runs): the kernel kills every worker it started
+    (procs.die_with_parent), so nothing goes on training orphaned."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "parallelkit.run", *FAST, "train.steps=100000", "strategy=ddp", "preflight=false",
                              f"hydra.run.dir={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -45,25 +45,15 @@ def test_a_killed_torchrun_agent_takes_its_workers_with_it(tmp_path):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no step logged in 240 s"
             time.sleep(0.2)
-        agents = [c for c in psutil.Process(proc.pid).children()
-                  if "torch.distributed.run" in " ".join(c.cmdline())]
-        assert len(agents) == 1, agents
-        workers = [p for p in _run_procs(out) if "parallelkit.runtime.loop" in " ".join(p.cmdline())
-                   and "torch.distributed.run" not in " ".join(p.cmdline())]
-        assert len(workers) == 2, workers
-        agents[0].send_signal(signal.SIGKILL)
+        workers = [p for p in _run_procs(out) if "parallelkit.runtime.loop" in " ".join(p.cmdline())]
+        assert len(workers) == 2 and all(w.ppid() == proc.pid for w in workers), workers  # started by the launcher
+        proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 5  # a process signalled just before the launcher exited may take a moment
+        deadline = time.monotonic() + 10
         while _run_procs(out) and time.monotonic() < deadline:
             time.sleep(0.1)
         left = [(p.pid, " ".join(p.cmdline())[-120:]) for p in _run_procs(out)]
-        assert not left, f"left running after the launcher exited: {left}"
-        _, err = proc.communicate(timeout=30)  # a worker left alive would hold these pipes open
-        assert proc.returncode == 1, err[-3000:]
-        s = summary(out)
-        assert s["status"] == "killed", (s["status"], s["error"])
-        assert "agent" in s["error"] and "SIGKILL" in s["error"] and "\n" not in s["error"], s["error"]
-        assert "exited with code" not in s["error"] and len(s["losses"]) >= 1
+        assert not left, f"left running after the launcher was killed: {left}"
     finally:  # whatever happened: nothing of this run goes on training on a shared machine
         if proc.poll() is None:
             proc.kill()

@@ -34,7 +34,7 @@ def wait_for_steps(metrics: Path, n: int, proc: subprocess.Popen, timeout: float
 
 def stop_and_check(proc: subprocess.Popen, sig: int, tree: Tree) -> str:
     workers = tree.workers()
-    assert len(workers) >= 3, workers  # the torch agent and two workers
+    assert len(workers) >= 2, workers  # the two workers
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err[-3000:]
@@ -74,7 +74,7 @@ def test_a_worker_killed_by_hand_is_killed_not_oom(tmp_path):
     proc = start(tmp_path, "strategy=ddp", "train.steps=100000")
     wait_for_steps(tmp_path / "metrics.jsonl", 2, proc)
     tree = Tree(proc.pid)
-    worker = max(tree.workers())  # the agent starts first: the highest pids are workers
+    worker = max(tree.workers())  # rank 1
     os.kill(worker, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     s = summary(tmp_path)
@@ -83,7 +83,8 @@ def test_a_worker_killed_by_hand_is_killed_not_oom(tmp_path):
 
 
 def test_sigkill_is_oom_only_when_an_oom_kill_was_counted(tmp_path):
-    """The agent's report of a worker ended by SIGKILL, judged against the OOM-kill counter before the run."""
+    """A worker ended by SIGKILL (as torchrun's agent reports it, for runs under torchrun), judged against the OOM-kill
+    counter before the run."""
     count, where = oom_kill_count()
     if count is None:
         pytest.skip("no OOM-kill counter readable here")

@@ -1,9 +1,13 @@
-"""Start a run's worker processes under torch's elastic agent and turn their fate into a status.
+"""Start a run's worker processes and turn their fate into a status.
 
-Each run gets fresh processes and a fresh process group (``torch.distributed.run
---standalone`` picks a free rendezvous port, so back-to-back runs do not collide), a
-wall-clock limit, and a summary.json whatever happens to the workers. However ``launch()``
-ends (the agent's exit, its death, an exception), no process of the run outlives it.
+The launcher starts one process per rank itself (no agent in between: torch's elastic agent cost
+every run a second interpreter importing torch before any worker started). Each run gets fresh
+processes that meet through a file store in a folder of their own (no port is picked, so no other
+process can take it first), a wall-clock limit, and a summary.json whatever happens to the workers.
+As torchrun does, the first worker that fails ends the others. However ``launch()`` ends (the
+workers' exit, a death, an exception), no process of the run outlives it; and a worker whose
+launcher dies is killed by the kernel (``procs.die_with_parent``). Multi-node runs start the same
+worker module under torchrun (README).
 """
 from __future__ import annotations
 
@@ -12,16 +16,21 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
 from parallelkit.data.datasets import prepare_data
 from parallelkit.measure.metrics import cpu_threads
+from parallelkit.runtime.processes import INIT_METHOD
 from parallelkit.runtime.procs import (
+    LAUNCHER_PID,
     Tree,
     become_subreaper,
     oom_kill_count,
@@ -30,9 +39,14 @@ from parallelkit.runtime.procs import (
 from parallelkit.util.jsonio import read_json, write_json
 
 
-def worker_command(run_dir: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "parallelkit.runtime.loop", str(run_dir)]
+def worker_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "parallelkit.runtime.loop", str(run_dir)]
+
+
+def rank_env(env: dict, rank: int, nproc: int, store: str) -> dict:
+    """A worker's environment: its rank as torchrun would give it (one node), the store, its launcher."""
+    return {**env, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_RANK": "0", INIT_METHOD: store, LAUNCHER_PID: str(os.getpid())}
 
 
 def with_package_path(env: dict) -> dict:
@@ -69,65 +83,92 @@ def raise_on_signals() -> None:
 def launch(plan, run_dir: Path, base: dict) -> dict:
     """Run the plan's workers; return the final summary (also written to run_dir/summary.json). On ``Interrupted``
     every process of the run is stopped, the summary says ``interrupted``, and the exception goes on up. However it
-    ends, every process of the run is stopped before it returns (a torchrun agent killed mid-run leaves workers that
-    would otherwise go on training)."""
+    ends, every process of the run is stopped before it returns."""
     cfg, nproc = plan.cfg, plan.layout.processes
     plan.save(run_dir)  # what each worker loads (config.yaml, plan.json)
     prepare_data(cfg.data)  # e.g. a corpus tokenized once, here rather than in every worker
     for stale in [run_dir / "summary.json", run_dir / "metrics.jsonl", *run_dir.glob("errors/rank*.txt")]:
         stale.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_NUM_THREADS", str(cpu_threads(nproc)))  # also keeps torchrun from printing its banner
+    env.setdefault("OMP_NUM_THREADS", str(cpu_threads(nproc)))
     env = with_package_path(env)
     env[RUN_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
     ooms_before = oom_kill_count()
-    become_subreaper()  # a worker whose agent dies is re-parented to this process, not to init
-    proc = subprocess.Popen(worker_command(run_dir, nproc), stderr=subprocess.PIPE, text=True, errors="replace",
-                            env=env, start_new_session=True)
-    tree = Tree(proc.pid, mark=(RUN_MARK, env[RUN_MARK]))
+    become_subreaper()  # a worker's own children, orphaned, are re-parented to this process, not to init
+    store = tempfile.mkdtemp(prefix="parallelkit-store-")
+    procs: list[subprocess.Popen] = []
     tail: collections.deque[str] = collections.deque(maxlen=400)
-    pump = threading.Thread(target=_pump, args=(proc.stderr, tail), daemon=True)
-    pump.start()
+    pumps: list[threading.Thread] = []
+    tree = None
     timeout = cfg.train.get("timeout_s")
-    timed_out = False
+    timed_out, codes = False, []
     try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        tree.stop()
-        rc = proc.wait()
+        for rank in range(nproc):  # each in a session of its own: a terminal's Ctrl-C reaches the launcher only
+            procs.append(subprocess.Popen(worker_command(run_dir), stderr=subprocess.PIPE, text=True, errors="replace",
+                                          env=rank_env(env, rank, nproc, f"file://{store}/store"),
+                                          start_new_session=True))
+            if tree is None:
+                tree = Tree(procs[0].pid, mark=(RUN_MARK, env[RUN_MARK]))
+            pumps.append(threading.Thread(target=_pump, args=(procs[-1].stderr, tail), daemon=True))
+            pumps[-1].start()
+        codes, timed_out = _wait(procs, timeout)
     except (Interrupted, KeyboardInterrupt) as e:  # KeyboardInterrupt: a caller that did not call raise_on_signals
-        tree.stop()
-        proc.wait()
-        pump.join(timeout=5)
+        _stop(tree, procs)
+        for t in pumps:
+            t.join(timeout=5)
         summary = _summary(run_dir, base)
         summary.update(status="interrupted", error=f"stopped by {getattr(e, 'name', 'SIGINT')} after {len(summary['losses'])} of "
                                                    f"{cfg.train.steps} steps; every process of the run was ended")
         write_json(run_dir / "summary.json", summary)
         raise
     finally:  # whatever ended the wait: nothing of the run outlives it (a no-op when nothing is alive)
-        tree.stop()
-        tree.close()
-        if proc.poll() is None:  # stopped above with the rest of the tree
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+        _stop(tree, procs)
+        shutil.rmtree(store, ignore_errors=True)
         with contextlib.suppress(Exception):  # what the backend leaves outside the run folder (NVMe swap)
             plan.cls.after_run(plan.cfg)
-    pump.join(timeout=5)
+    for t in pumps:
+        t.join(timeout=5)
+    rc = next((c for c in codes if c), 0)
+    deaths = [(r, -c) for r, c in enumerate(codes) if c is not None and c < 0]
     summary = _summary(run_dir, base)
     steps = f"after {len(summary['losses'])} of {cfg.train.steps} steps"
     if timed_out:
         summary.update(status="timeout", error=f"run exceeded train.timeout_s={timeout} s and was stopped {steps}")
-    elif rc < 0:  # the agent itself died of a signal (its workers were stopped above), unless the run had finished
-        if summary.get("status") != "ok":
-            status, error = agent_killed(-rc, tree.pids(), ooms_before, tree.started_s(), steps)
-            summary.update(status=status, error=error)
     elif rc != 0 or summary.get("status") != "ok":
-        status, error = diagnose(run_dir, list(tail), rc, tree.pids(), ooms_before, tree.started_s())
+        status, error = diagnose(run_dir, list(tail), rc, tree.pids() if tree else [], ooms_before,
+                                 tree.started_s() if tree else None, deaths)
         if summary.get("status") in (None, "ok") or not summary.get("error") or status in ("oom", "killed"):
             summary.update(status=status, error=error)
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float | None) -> tuple[list[int | None], bool]:
+    """Until every worker has exited, the first one fails (as torchrun, the others are then stopped) or ``timeout``
+    passes: (each worker's exit code then, None for one still running; whether the time ran out)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes) or any(codes):
+            if any(codes):  # a moment for a worker killed together with others to be seen as killed too
+                time.sleep(0.2)
+                codes = [p.poll() for p in procs]
+            return codes, False
+        if deadline is not None and time.monotonic() > deadline:
+            return codes, True
+        time.sleep(0.05)
+
+
+def _stop(tree: Tree | None, procs: list[subprocess.Popen]) -> None:
+    """Every process of the run ended and reaped (a no-op when none is alive)."""
+    if tree is not None:
+        tree.stop()
+        tree.close()
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=10)
 
 
 def _summary(run_dir: Path, base: dict) -> dict:
@@ -162,7 +203,7 @@ def _pump(stream, tail) -> None:
 
 
 def signal_deaths(tail: list[str]) -> list[tuple[int, int]]:
-    """(rank, signal number) of every worker the agent reports as ended by a signal."""
+    """(rank, signal number) of every worker torchrun's agent reports as ended by a signal (a run under torchrun)."""
     text = "\n".join(tail)
     return [(int(r), int(s)) for r, s in re.findall(r"rank\s*:\s*(\d+)[^\n]*\n(?:[^\n]*\n)?\s*exitcode\s*:\s*-(\d+)", text)]
 
@@ -193,20 +234,13 @@ def oom_evidence(pids: list[int], ooms_before: tuple[int | None, str], since_s: 
     return (False if in_log is False else None), f"{log}; no OOM-kill counter of the run's own: {ooms_before[1] or where}"
 
 
-def agent_killed(sig: int, pids: list[int], ooms_before: tuple[int | None, str], since_s: float | None,
-                 steps: str) -> tuple[str, str]:
-    """Status and one line for a torchrun agent that died of ``sig`` (its workers already stopped)."""
-    what = f"the torchrun agent was killed by {_signame(sig)}"
-    if sig == signal.SIGKILL and (found := oom_evidence(pids, ooms_before, since_s))[0]:
-        return "oom", f"{what}: {found[1]}; every worker of the run was stopped {steps}"
-    return "killed", f"{what}; every worker of the run was stopped {steps}"
-
-
 def diagnose(run_dir: Path, tail: list[str], rc: int, pids: list[int] | None = None,
-             ooms_before: tuple[int | None, str] = (None, ""), since_s: float | None = None) -> tuple[str, str]:
-    """Status and one-line cause: a worker killed by a signal (``oom`` only on evidence that the kernel OOM-killed one
-    of the run's processes, ``pids``: oom_evidence), else the workers' error files, else the agent's report."""
-    deaths = signal_deaths(tail)
+             ooms_before: tuple[int | None, str] = (None, ""), since_s: float | None = None,
+             deaths: list[tuple[int, int]] | None = None) -> tuple[str, str]:
+    """Status and one-line cause: a worker killed by a signal (``deaths``: (rank, signal); else as torchrun's agent
+    reports them in ``tail``; ``oom`` only on evidence that the kernel OOM-killed one of the run's processes,
+    ``pids``: oom_evidence), else the workers' error files, else the last words on their stderr."""
+    deaths = signal_deaths(tail) if deaths is None else deaths
     kills = [(r, s) for r, s in deaths if s not in CRASHES]
     errors = sorted((run_dir / "errors").glob("rank*.txt"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
     texts = [p.read_text().strip() for p in errors]

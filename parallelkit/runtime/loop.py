@@ -1,7 +1,7 @@
 """The one training loop, run by every worker process whatever the strategy.
 
-``python -m parallelkit.runtime.loop RUN_DIR`` is what the launcher starts under torch's elastic
-agent; ``run.py`` calls ``worker`` directly when the user's own torchrun started us.
+``python -m parallelkit.runtime.loop RUN_DIR`` is what the launcher starts, once per rank;
+``run.py`` calls ``worker`` directly when the user's own torchrun started us.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from parallelkit.measure.progress import Progress
 from parallelkit.measure.results import Summary, base_summary, one_line
 from parallelkit.models.gpt import GPTConfig, build_model
 from parallelkit.runtime.processes import INIT_METHOD
+from parallelkit.runtime.procs import die_with_parent
 from parallelkit.strategies.base import Context, Strategy
 from parallelkit.strategies.shared.optim import lr_at
 from parallelkit.util.jsonio import write_json
@@ -235,6 +236,7 @@ def worker(plan: RunPlan, run_dir: Path) -> int:
 
 
 def main() -> None:
+    die_with_parent()
     run_dir = Path(sys.argv[1])
     try:
         plan = RunPlan.load(run_dir)

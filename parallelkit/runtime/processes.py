@@ -2,7 +2,7 @@
 
 Each call gets fresh processes that meet through a file store in a folder of their own (no port is
 picked, so no other process can take it first), a deadline, and every process ended when the call
-ends, whatever happened. Runs start their workers through torch's elastic agent instead (launch.py).
+ends, whatever happened. Runs start their workers as ``python -m parallelkit.runtime.loop`` processes over the same kind of store (launch.py).
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """The launched process tree: who is in it, how to stop all of it, and whether the kernel OOM-killed any of it.
 
-torch's elastic agent starts each worker in a session of its own, so signalling the agent's
-process group does not reach the workers, and a worker whose agent died is re-parented and
-goes on training. So the launcher makes itself the reaper of its descendants' orphans
-(``become_subreaper``: a worker whose agent died is re-parented to the launcher, not to init),
-marks the run's processes through their environment, keeps a list of every process below the
-agent or carrying that mark (``Tree``, refreshed every second while the run lives) and stops
-them one by one.
+The launcher starts each worker in a session of its own (a terminal's Ctrl-C reaches the launcher
+only), so signalling a process group does not reach them all, and a process a worker starts (a
+DeepSpeed helper, a compiler) is re-parented when that worker dies and could go on running. So the
+launcher makes itself the reaper of its descendants' orphans (``become_subreaper``: re-parented to
+the launcher, not to init), marks the run's processes through their environment, keeps a list of
+every process below the first worker or carrying that mark (``Tree``, refreshed every second while
+the run lives) and stops them one by one; and each worker asks the kernel to kill it when its
+launcher dies (``die_with_parent``).
 
 An OOM kill is attributed to the run only on evidence about the run's own processes: the kernel
 log naming one of them, or the OOM-kill counter of a memory cgroup that holds nothing but the run
@@ -27,12 +28,30 @@ from collections.abc import Iterable
 from pathlib import Path
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+LAUNCHER_PID = "PARALLELKIT_LAUNCHER_PID"  # in a worker's environment: the process that started it
 _SUBREAPER: bool | None = None
+
+
+def die_with_parent() -> None:
+    """In a worker the launcher started: the kernel sends it SIGKILL when the launcher dies (even by SIGKILL, when
+    no handler of the launcher runs), so no worker trains on orphaned; it exits at once if that already happened."""
+    want = os.environ.get(LAUNCHER_PID)
+    if not want or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(want):  # the launcher died before the request was made
+        os._exit(1)
 
 
 def become_subreaper() -> bool:
     """Make this process the reaper of its descendants' orphans (Linux ``prctl(PR_SET_CHILD_SUBREAPER)``), so a
-    worker whose agent died stays below the launcher, where the ``Tree`` finds it and the launcher reaps it. Once per
+    process whose worker died stays below the launcher, where the ``Tree`` finds it and the launcher reaps it. Once per
     process (children do not inherit it); True when set."""
     global _SUBREAPER
     if _SUBREAPER is None:
@@ -144,7 +163,7 @@ class Tree:
         return None if start is None else start / os.sysconf("SC_CLK_TCK")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM to every live process of the tree (the agent first, so it does not restart anyone), then
+        """SIGTERM to every live process of the tree (the root first), then
         SIGKILL to what is left after ``grace_s``; then reap those that were re-parented to this process. A no-op
         when none is alive."""
         self.refresh()

@@ -222,7 +222,7 @@ class DeepSpeedStrategy(Strategy):
         self.nvme_dir = None
         zero = self.ds_config["zero_optimization"]
         if "nvme" in (self.offload_optimizer, self.offload_param):  # a folder of this run's own, removed at teardown
-            # named after the run and its launching process (the local ranks' parent: torchrun's agent), so
+            # named after the run and its launching process (the local ranks' parent: the launcher, or torchrun's agent), so
             # concurrent runs never share one; removed at teardown, on a signal or at exit, and by a later run
             # once every rank that claimed it is dead (sweep_stale_nvme)
             run = f"{Path(ctx.run_dir or 'run').name}_{os.getppid()}"
