@@ -75,8 +75,8 @@ def test_the_rank_map_is_megatron_order_and_backends_follow_it():
     from parallelkit.config.layout import Layout
 
     lay = Layout(world=8, dp=2, tp=2, pp=2, processes=8)
-    assert [tuple(lay.coords(r).values()) for r in range(8)] == [
-        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]  # (pp, dp, tp)
+    assert [tuple(lay.coords(r).values()) for r in range(8)] == [  # (pp, dp, cp, tp)
+        (0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (0, 1, 0, 1), (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0), (1, 1, 0, 1)]
     assert all(lay.rank_of(**lay.coords(r)) == r for r in range(8))
     assert lay.groups("tp") == [(0, 1), (2, 3), (4, 5), (6, 7)]
     assert lay.groups("dp") == [(0, 2), (1, 3), (4, 6), (5, 7)]
@@ -86,8 +86,13 @@ def test_the_rank_map_is_megatron_order_and_backends_follow_it():
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=2)
-    assert all((c.pipe, c.data, c.model) == tuple(lay.coords(r).values())
+    assert all((c.pipe, c.data, c.model) == tuple(lay.coords(r)[a] for a in ("pp", "dp", "tp"))
                for r, c in ((r, topo.get_coord(r)) for r in range(8)))
+    # torch_nd's DeviceMesh (pp, dp_replicate, dp_shard, cp, tp), row-major: the same map with dp split and cp in it
+    cp = Layout(world=16, dp=2, tp=2, pp=2, cp=2, processes=16)
+    assert [cp.rank_of(**cp.coords(r)) for r in range(16)] == list(range(16))
+    assert cp.groups("cp") == [(0, 2), (1, 3), (4, 6), (5, 7), (8, 10), (9, 11), (12, 14), (13, 15)]
+    assert cp.groups("dp")[0] == (0, 4) and cp.groups("pp")[0] == (0, 8)
 
 
 def test_planning_faces_import_without_deepspeed_or_fairscale():
