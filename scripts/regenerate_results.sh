@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-results}
 read -r -a extra <<< "${EXTRA:-}"
-if [ $# -gt 0 ]; then names=("$@"); else names=(compare_all zero_stages memory_vs_model dp_scaling pipelines_3d); fi
+if [ $# -gt 0 ]; then names=("$@"); else names=(compare_all zero_stages memory_vs_model dp_scaling pipelines_3d long_context); fi
 mkdir -p "$RESULTS"
 failed=()
 for name in "${names[@]}"; do

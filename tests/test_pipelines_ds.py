@@ -16,6 +16,7 @@ from conftest import (
     prepare_run,
     summary,
     train_ranks,
+    train_together,
 )
 
 pytest.importorskip("deepspeed")
@@ -38,12 +39,12 @@ def single(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, single):
     tmp = tmp_path_factory.mktemp("pipes")
+    four = train_together(tmp, {"pp2dp2": ["strategy=deepspeed_pipe", "world_size=4", *COMMON],
+                                "tp2pp2": ["strategy=neox_3d", "world_size=4", *COMMON]}, nproc=4)  # one start-up
     return {"single": single,
             "pp2": train_ranks(tmp, "pp2", "strategy=deepspeed_pipe", "strategy.zero_stage=0", *COMMON,
                                f"checkpoint.dir={tmp / 'ck'}", "checkpoint.every=3", "checkpoint.format=native"),
-            "pp2dp2": train_ranks(tmp, "pp2dp2", "strategy=deepspeed_pipe", "world_size=4", *COMMON),
-            "tp2pp2": train_ranks(tmp, "tp2pp2", "strategy=neox_3d", "world_size=4", *COMMON),
-            "tmp": tmp}
+            **four, "tmp": tmp}
 
 
 @pytest.mark.slow  # pays for the runs fixture: 1-3 minutes on 2 busy cores; CI runs it
@@ -101,13 +102,16 @@ def test_neox_3d_tp2_pp2_dp2_on_8_processes_matches_single_and_torch_nd_resumes_
     """8 processes on however few cores (one thread each), the same 6 steps (the lr schedule spans train.steps).
     Then torchtitan's composition, torch_nd pp2 x fsdp2 x tp2, on the same 8: its straight run matches single too,
     and it resumes neox_3d's portable checkpoint of step 3 and continues its own straight run."""
-    s = train_ranks(tmp_path, "3d", "strategy=neox_3d", "world_size=8", *COMMON, f"checkpoint.dir={tmp_path / 'ck'}",
-                    "checkpoint.every=3")
-    assert s["label"] == "neox 3d tp2 pp2 dp2" and (s["tp"], s["pp"], s["dp"], s["processes"]) == (2, 2, 2, 8)
-    assert_close_trajectory(s["losses"], single["losses"], rtol=RTOL)
+    neox = prepare_run(tmp_path / "3d", "strategy=neox_3d", "world_size=8", *COMMON, f"checkpoint.dir={tmp_path / 'ck'}",
+                       "checkpoint.every=3")
     nd = prepare_run(tmp_path / "nd", "strategy=torch_nd_3d", "world_size=8", *COMMON)
-    jobs_in_one_group(8, [("train", nd), ("resume", nd, [tmp_path / "ck" / "step_3"])])
+    jobs_in_one_group(8, [("train", neox), ("train", nd), ("resume", nd, [tmp_path / "ck" / "step_3"])])  # one start-up
+    s = summary(neox)
+    assert s["status"] == "ok" and s["label"] == "neox 3d tp2 pp2 dp2", s
+    assert (s["tp"], s["pp"], s["dp"], s["processes"]) == (2, 2, 2, 8)
+    assert_close_trajectory(s["losses"], single["losses"], rtol=RTOL)
     straight = summary(nd)
+    assert straight["status"] == "ok", straight
     assert straight["label"] == "torch nd pp2 fsdp2 tp2+sp" and straight["strategy_facts"]["mesh"] == {
         "pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}
     assert_close_trajectory(straight["losses"], single["losses"], rtol=1e-5)  # DTensor's partial sums: ~1e-6

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FAST, ROOT, summary
+from conftest import FAST, ROOT
 
 from parallelkit.runtime.launch import diagnose
 

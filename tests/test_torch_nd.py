@@ -4,10 +4,20 @@ processes; what its memory and communication models predict against what the run
 The 2 x 2 x 2 form on 8 processes, and its resume from a neox_3d checkpoint, are in test_pipelines_ds.py."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
-from conftest import assert_close_trajectory, compose_plan, compose_run, train_ranks, train_together
+from conftest import (
+    assert_close_trajectory,
+    compose_plan,
+    compose_run,
+    jobs_in_one_group,
+    prepare_run,
+    summary,
+    train_ranks,
+    train_together,
+)
 
 from parallelkit.config.errors import ConfigError
 
@@ -44,11 +54,20 @@ FOUR = {"fsdp2_tp2": ["strategy=torch_nd", "world_size=4"],
         "ring_cp2_tp2": ["strategy=torch_nd_ring", "world_size=4", "strategy.tp=2"]}
 
 
-def test_two_ranks_tp_ulysses_and_ring_match_single(single, tmp_path):
-    runs = train_together(tmp_path, {k: [*PARITY, *v] for k, v in TWO.items()}, nproc=2)
+def test_two_ranks_tp_ulysses_and_ring_match_single_and_resume_each_other(single, tmp_path):
+    """In one group of 2: each form trains straight; the tensor-parallel run writes a portable checkpoint at step 3
+    (its qkv rows back in single's order), which the ring run then resumes and continues its own straight run."""
+    ck = tmp_path / "ck"
+    dirs = {k: prepare_run(tmp_path / k, *PARITY, *v, *([f"checkpoint.dir={ck}", "checkpoint.every=3"]
+                                                        if k == "tp2_sp" else [])) for k, v in TWO.items()}
+    jobs_in_one_group(2, [*(("train", d) for d in dirs.values()), ("resume", dirs["ring_cp2"], [ck / "step_3"])])
+    runs = {k: summary(d) for k, d in dirs.items()}
     for name, s in runs.items():
+        assert s["status"] == "ok", (name, s)
         _check(name, s, single, TWO[name])
     assert runs["ring_cp2"]["label"] == "torch nd cp2 ring" and runs["tp2_sp"]["label"] == "torch nd tp2+sp"
+    resumed = json.loads((dirs["ring_cp2"] / "resumed.json").read_text())[str(ck / "step_3")]
+    assert_close_trajectory(resumed, runs["ring_cp2"]["losses"][3:], rtol=RTOL)
 
 
 @pytest.mark.slow

@@ -185,16 +185,20 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]:
-    """memory.png, throughput.png, loss.png in root; memory_vs_model.png and scaling.png where
-    the sweep varies the model or the world size."""
+    """memory.png, throughput.png, loss.png in root; memory_vs_model.png, scaling.png and long_context.png where
+    the sweep varies the model, the world size or the sequence length."""
     root = Path(root)
     out = [plot_memory(df, records, root / "memory.png"), plot_throughput(df, root / "throughput.png"),
            plot_loss(df, records, root / "loss.png"), plot_comm(df, root / "comm.png"),
            plot_by(df, "params", [("peak_mem_bytes", "peak memory per rank (max)"),
                                   ("model_state_bytes", "model state per rank (max)")], root / "memory_vs_model.png", logx=True),
            plot_by(df, "world", [("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory per rank (max)")],
-                   root / "scaling.png")]
-    for stale in ("memory_vs_model.png", "scaling.png", "comm.png"):  # from an earlier report of a different sweep
+                   root / "scaling.png"),
+           plot_by(df, "seq_len", [("peak_mem_bytes", "peak memory per rank (max), measured"),
+                                   ("predicted_peak_mem_bytes", "peak memory per rank, predicted"),
+                                   ("tokens_per_s", "tokens/s")], root / "long_context.png", logx=True)
+           if "predicted_peak_mem_bytes" in df and df["predicted_peak_mem_bytes"].notna().any() else None]
+    for stale in ("memory_vs_model.png", "scaling.png", "comm.png", "long_context.png"):  # from an earlier report of a different sweep
         if root / stale not in out:
             (root / stale).unlink(missing_ok=True)
     return [p for p in out if p is not None]
