@@ -106,11 +106,11 @@ def hf_model_values(cfg: DictConfig) -> dict:
 
 
 def check_family(cfg: DictConfig, cls) -> None:
-    """A strategy that cuts the model (pipeline stages, tensor-parallel shards) knows the GPT's layout only."""
+    """A strategy that cuts the model (pipeline stages, tensor-parallel shards) knows the layouts it names only."""
     arch = cfg.model.get("arch") or "gpt"
     if arch not in cls.families:
         fits = "single, ddp, zero0-3 (and offload), fairscale_oss, fairscale_oss_ddp, the fsdp (FSDP2) presets" + (
-            ", torch_pipe" if arch == "llama" else "")
+            ", torch_pipe" if arch in ("llama", "hf") else "")
         raise ConfigError(f"strategy={cfg.strategy.name} cuts the model and knows model.arch={' or '.join(cls.families)} "
                           f"only; model.arch={arch} runs under {fits}")
 

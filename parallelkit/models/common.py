@@ -48,6 +48,17 @@ class LayerListLM(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [self.embed, *self.blocks, self.head]
 
+    def keep_layers(self, mine: set[int]) -> None:
+        """Drop (replace by identities) every entry of ``layers()`` whose index is not in ``mine``: a pipeline
+        stage keeps its own layers, under their names."""
+        for i in range(len(self.blocks)):
+            if i + 1 not in mine:
+                self.blocks[i] = nn.Identity()
+        if 0 not in mine:
+            self.embed = nn.Identity()
+        if len(self.blocks) + 1 not in mine:
+            self.head = nn.Identity()
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = idx
         for layer in self.layers():

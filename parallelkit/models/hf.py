@@ -124,6 +124,83 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"no list of {n} decoder layers found in {type(model).__name__}")
 
 
+class CausalLMParts:
+    """The small description of a causal LM that pipelines cut by: where its embedding, decoder layers, final norm
+    and head are, and how a decoder layer is called on hidden states alone. Three layouts cover the families
+    transformers ships most: Llama and its relatives (Mistral, Qwen2: ``model.embed_tokens``, ``model.layers``,
+    ``model.norm``, ``lm_head``, rotary ``model.rotary_emb``), GPT-NeoX (``gpt_neox.embed_in``, ``layers``,
+    ``final_layer_norm``, ``lm_head``) and GPT-2 (``transformer.wte`` + ``wpe``, ``h``, ``ln_f``, ``lm_head``).
+    ``None`` for a model of another layout: it runs only under the strategies that do not cut it."""
+
+    def __init__(self, hf: nn.Module):
+        self.hf = hf
+        if hasattr(getattr(hf, "model", None), "embed_tokens"):
+            self.base, self.embed_names, self.norm_name, self.head_name = "model", ["embed_tokens"], "norm", "lm_head"
+        elif hasattr(hf, "gpt_neox"):
+            head = "embed_out" if hasattr(hf, "embed_out") else "lm_head"  # transformers 5 calls it lm_head
+            self.base, self.embed_names, self.norm_name, self.head_name = "gpt_neox", ["embed_in"], "final_layer_norm", head
+        elif hasattr(getattr(hf, "transformer", None), "wte"):
+            self.base, self.embed_names, self.norm_name, self.head_name = "transformer", ["wte", "wpe"], "ln_f", "lm_head"
+        else:
+            raise ValueError(f"{type(hf).__name__}: not a layout pipelines know (Llama, GPT-NeoX or GPT-2)")
+
+    @classmethod
+    def of(cls, hf: nn.Module) -> "CausalLMParts | None":
+        try:
+            return cls(hf)
+        except ValueError:
+            return None
+
+    @property
+    def body(self) -> nn.Module:
+        return getattr(self.hf, self.base)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        body = self.body
+        x = getattr(body, self.embed_names[0])(idx)
+        if len(self.embed_names) > 1:  # learned positions (GPT-2)
+            x = x + getattr(body, self.embed_names[1])(torch.arange(idx.size(1), device=idx.device))
+        return x
+
+    def block(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kw = {}
+        rotary = getattr(self.body, "rotary_emb", None)
+        if rotary is not None:
+            pos = torch.arange(x.size(1), device=x.device).unsqueeze(0)
+            kw = {"position_ids": pos, "position_embeddings": rotary(x, pos)}
+        out = layer(x, attention_mask=None, **kw)  # no mask: SDPA's causal attention over the whole sequence
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.hf, self.head_name)(getattr(self.body, self.norm_name)(x))
+
+    def drop(self, first: bool, last: bool) -> None:
+        """Replace the embedding (``first``) and the final norm and head (``last``) by identities."""
+        if first:
+            for n in self.embed_names:
+                setattr(self.body, n, nn.Identity())
+        if last:
+            setattr(self.body, self.norm_name, nn.Identity())
+            setattr(self.hf, self.head_name, nn.Identity())
+
+
+class _Piece(nn.Module):
+    """One entry of ``HFCausalLM.layers()``: the modules it runs registered (so a pipeline stage holds their
+    parameters), the description that says how to run them kept outside the module tree."""
+
+    def __init__(self, parts: CausalLMParts, kind: str, modules: list[nn.Module]):
+        super().__init__()
+        self.kind, self.held = kind, nn.ModuleList(modules)
+        object.__setattr__(self, "parts", parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "embed":
+            return self.parts.embed(x)
+        if self.kind == "head":
+            return self.parts.head(x)
+        return self.parts.block(self.held[0], x)
+
+
 class HFCausalLM(nn.Module):
     """A transformers causal LM behind the GPT's contract. Built on the CPU whatever device context it is built
     in (its buffers, e.g. RoPE's inverse frequencies, are computed in its constructor), so ``to_empty`` keeps
@@ -182,6 +259,22 @@ class HFCausalLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=idx, use_cache=False).logits
+
+    # ---- the layer list pipelines cut (CausalLMParts: Llama, GPT-NeoX and GPT-2 layouts) ----
+    def layers(self) -> list[nn.Module]:
+        parts = CausalLMParts(self.hf)
+        body = parts.body
+        embed = [getattr(body, n) for n in parts.embed_names]
+        head = [getattr(body, parts.norm_name), getattr(self.hf, parts.head_name)]
+        return [_Piece(parts, "embed", embed), *[_Piece(parts, "block", [b]) for b in self.blocks],
+                _Piece(parts, "head", head)]
+
+    def keep_layers(self, mine: set[int]) -> None:
+        """Drop (replace by identities) every entry of ``layers()`` whose index is not in ``mine``; names stay."""
+        for i in range(len(self.blocks)):
+            if i + 1 not in mine:
+                self.blocks[i] = nn.Identity()
+        CausalLMParts(self.hf).drop(first=0 not in mine, last=len(self.blocks) + 1 not in mine)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

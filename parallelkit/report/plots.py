@@ -194,7 +194,8 @@ def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]
                                   ("model_state_bytes", "model state per rank (max)")], root / "memory_vs_model.png", logx=True),
            plot_by(df, "world", [("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory per rank (max)")],
                    root / "scaling.png"),
-           plot_by(df, "seq_len", [("peak_mem_bytes", "peak memory per rank (max), measured"),
+           plot_by(df, "seq_len", [("peak_mem_bytes", "peak RSS per rank (max), measured"),
+                                   ("live_peak_mem_bytes", "live tensors' peak per rank (max), measured"),
                                    ("predicted_peak_mem_bytes", "peak memory per rank, predicted"),
                                    ("tokens_per_s", "tokens/s")], root / "long_context.png", logx=True)
            if "predicted_peak_mem_bytes" in df and df["predicted_peak_mem_bytes"].notna().any() else None]

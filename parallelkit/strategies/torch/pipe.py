@@ -43,7 +43,7 @@ from torch.distributed.pipelining import (
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
-from parallelkit.models.gpt import GPT, GPTConfig, assign_full, initial_value
+from parallelkit.models.gpt import GPTConfig, assign_full, initial_value
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names, full_state, load_full_state
 from parallelkit.strategies.shared.comm_model import (
@@ -99,7 +99,7 @@ class _Stage(nn.Module):
 
 
 class TorchPipeStrategy(Strategy):
-    families = ("gpt", "llama")  # cuts the model's layer list (embedding, blocks, head): ours, GPT or Llama
+    families = ("gpt", "llama", "hf")  # cuts the model's layer list: ours, or a Hugging Face Llama / GPT-NeoX / GPT-2
     Options = TorchPipeOptions
     PP_KEY = "pp_size"  # the option's name in messages (torch_nd calls it pp)
     autocast_forward = False  # per stage (_Stage)
@@ -127,6 +127,10 @@ class TorchPipeStrategy(Strategy):
             raise ConfigError(f"strategy.schedule=interleaved_1f1b runs micro-batches in rounds of strategy.{pk}={p}: "
                               f"train.grad_accum={m} must be >= {p} and a multiple of the number of rounds "
                               f"(grad_accum // pp_size); use train.grad_accum={' or '.join(map(str, fits))}")
+        if cfg.model.get("arch") == "hf" and cfg.model.tie_weights:
+            raise ConfigError(f"strategy={o.name} cuts a Hugging Face model with tied embeddings (tie_word_embeddings in "
+                              f"its config.json) into stages, which it cannot keep tied yet: use a config with "
+                              f"tie_word_embeddings false, or a strategy that does not cut the model (ddp, zero3, fsdp)")
         if cfg.train.precision == "fp16":
             raise ConfigError(f"strategy={o.name} runs train.precision=fp32 or bf16: the schedule runs backward itself, "
                               f"so there is no place for fp16's loss scaler")
@@ -178,16 +182,11 @@ class TorchPipeStrategy(Strategy):
         self.stage_layers = {s: range(starts[s], starts[s + 1]) for s in self.stage_ids}
         mine = {i for r in self.stage_layers.values() for i in r}
         gpt = build(device="meta", init=False)
-        last = len(gpt.layers()) - 1
+        self.full_names = [n for n, _ in gpt.named_parameters()]  # every stage's, for a checkpoint's names
+        last = ctx.model.n_layer + 1
         self.has_first, self.has_last = 0 in mine, last in mine
         self.tied = ctx.model.tie_weights  # pp >= 2: the first and last stage are on different ranks
-        for i in range(ctx.model.n_layer):
-            if i + 1 not in mine:
-                gpt.blocks[i] = nn.Identity()
-        if not self.has_first:
-            gpt.embed = nn.Identity()
-        if not self.has_last:
-            gpt.head = nn.Identity()
+        gpt.keep_layers(mine)
         return gpt
 
     def wrap(self, gpt):
@@ -325,8 +324,7 @@ class TorchPipeStrategy(Strategy):
                 {n: st for part in parts if part for n, st in part[1].items()})
 
     def import_state(self, model, optim) -> None:
-        with torch.device("meta"):
-            check_names([n for n, _ in GPT(self.ctx.model).named_parameters()], model)
+        check_names(self.full_names, model)
         load_full_state(self.module, self.optimizer, model, optim, {
             n: "embed.tok.weight" if self.tied and n == "head.out.weight" else n for n, _ in self.module.named_parameters()})
 
