@@ -37,10 +37,13 @@ def test_logits_match_transformers_llama(tied):
     assert (a - b).abs().max().item() < 1e-5, (a - b).abs().max().item()
 
 
-def test_non_cutting_strategies_train_it_like_single(tmp_path):
+def test_it_trains_like_single_whole_sharded_and_tensor_parallel(tmp_path):
+    """ddp, zero3 and fsdp hold it whole or sharded; torch_nd cuts every block over 2 tensor-parallel ranks (its
+    Llama plan: q, k, v, gate, up column-wise, o and down row-wise, RMSNorms sequence-parallel)."""
     common = ["model=llama_tiny", "train.steps=8", "train.global_batch_size=8", "train.grad_clip=0.1"]
     ref = train_ranks(tmp_path, "single", "strategy=single", *common)
-    runs = train_together(tmp_path, {s: [f"strategy={s}", *common] for s in ("ddp", "zero3", "fsdp")})
+    runs = train_together(tmp_path, {s: [f"strategy={s}", *common] for s in ("ddp", "zero3", "fsdp", "torch_nd")})
+    assert runs["torch_nd"]["label"] == "torch nd tp2+sp"
     for name, s in runs.items():
         assert s["params"] == ref["params"] == GPTConfig.from_cfg(compose_plan("model=llama_tiny").cfg.model).num_params()
         assert_close_trajectory(s["losses"], ref["losses"], rtol=1e-5)

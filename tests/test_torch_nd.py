@@ -89,7 +89,8 @@ def test_four_ranks_fsdp_x_tp_hsdp_and_sequence_splits_match_single(single, tmp_
     (["strategy=torch_nd", "strategy.cp_mode=stripes"], "strategy.cp_mode='stripes': choose one of ulysses, ring"),
     (["strategy=torch_nd_3d", "world_size=8", "train.micro_batch_size=4"], "strategy.schedule=1f1b needs at least "
                                                                           "strategy.pp=2 micro-batches"),
-    (["strategy=torch_nd", "model=llama_tiny"], "strategy=torch_nd"),
+    (["strategy=torch_nd_ring", "model=llama_tiny"], "strategy.cp=2 splits the sequence, and model.arch=llama's rotary"),
+    (["strategy=torch_nd", "model=llama_tiny", "model.n_kv_head=1"], "strategy.tp=2 does not divide model.n_kv_head=1"),
 ])
 def test_a_wrong_mesh_is_one_line_before_launch(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as e:

@@ -110,7 +110,7 @@ def check_family(cfg: DictConfig, cls) -> None:
     arch = cfg.model.get("arch") or "gpt"
     if arch not in cls.families:
         fits = "single, ddp, zero0-3 (and offload), fairscale_oss, fairscale_oss_ddp, the fsdp (FSDP2) presets" + (
-            ", torch_pipe" if arch in ("llama", "hf") else "")
+            ", torch_pipe" if arch in ("llama", "hf") else "") + (", torch_nd (tp, pp, FSDP2)" if arch == "llama" else "")
         raise ConfigError(f"strategy={cfg.strategy.name} cuts the model and knows model.arch={' or '.join(cls.families)} "
                           f"only; model.arch={arch} runs under {fits}")
 

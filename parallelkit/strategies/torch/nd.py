@@ -104,7 +104,7 @@ def dp_shard_of(layout: Layout, o: TorchNDOptions) -> int:
 
 class TorchNDStrategy(TorchPipeStrategy):
     PP_KEY = "pp"
-    families = ("gpt",)  # TP names the GPT's linears; cp replaces its attention; pp cuts its layer list
+    families = ("gpt", "llama")  # TP plans name our GPT's and Llama's linears (block_plan); cp: the GPT's attention
     Options = TorchNDOptions
 
     # ---- before any worker starts ----
@@ -120,6 +120,14 @@ class TorchNDStrategy(TorchPipeStrategy):
             fits = [d for d in divisors(m.n_head) if cfg.world_size % d == 0]
             raise ConfigError(f"strategy.tp={o.tp} does not divide model.n_head={m.n_head}: each tensor-parallel rank "
                               f"computes whole heads; use strategy.tp={' or '.join(map(str, fits))}")
+        llama = (m.get("arch") or "gpt") == "llama"
+        if llama and o.cp > 1:
+            raise ConfigError(f"strategy.cp={o.cp} splits the sequence, and model.arch=llama's rotary positions are "
+                              f"taken per rank: context parallelism runs model.arch=gpt; use strategy.cp=1 (tp, pp and "
+                              f"FSDP2 run Llama)")
+        if llama and m.n_kv_head % o.tp:
+            raise ConfigError(f"strategy.tp={o.tp} does not divide model.n_kv_head={m.n_kv_head}: each tensor-parallel "
+                              f"rank computes whole key/value heads; use a tp that divides it")
         sp = o.tp if o.sequence_parallel else 1
         if m.seq_len % (o.cp * sp):
             what = f"strategy.cp x tp = {o.cp} x {o.tp}" if o.cp > 1 and sp > 1 else \
@@ -184,7 +192,7 @@ class TorchNDStrategy(TorchPipeStrategy):
                 b.attn.attend = attend
         if lay.tp > 1:
             for b in blocks:
-                parallelize_module(b, tp_mesh, block_plan(self.sp))
+                parallelize_module(b, tp_mesh, block_plan(self.sp, llama=not hasattr(b.attn, "qkv")))
         parts = []
         if self.pipelined:  # the layers of this rank's stages, each stage run by the schedule
             layers = gpt.layers()
@@ -203,7 +211,8 @@ class TorchNDStrategy(TorchPipeStrategy):
         gpt.to_empty(device=ctx.device)
         if not self.pipelined:
             gpt.tie()  # one tensor again (the move from meta splits them)
-        qkv = {i for b in blocks for i in (id(b.attn.qkv.weight), id(b.attn.qkv.bias))} if lay.tp > 1 else set()
+        qkv = {i for b in blocks if hasattr(b.attn, "qkv") for i in (id(b.attn.qkv.weight), id(b.attn.qkv.bias))} \
+            if lay.tp > 1 else set()  # the GPT's fused q, k, v (Llama's are three linears: a plain split)
         gpt.init_weights(ctx.seed, assign=lambda p, full: assign_full(p, self._to_mesh(full) if id(p) in qkv else full))
         if self.tied and self.has_last:  # the head's copy starts as the embedding it stands for
             w = gpt.head.out.weight
@@ -351,16 +360,18 @@ class TorchNDStrategy(TorchPipeStrategy):
         return facts
 
 
-def block_plan(sequence_parallel: bool) -> dict:
-    """The GPT block's tensor-parallel plan (torchtitan's Llama plan on our names)."""
+def block_plan(sequence_parallel: bool, llama: bool = False) -> dict:
+    """A block's tensor-parallel plan (torchtitan's, on our names): the GPT's (fused qkv, fc, LayerNorms) or our
+    Llama's (q, k, v, gate and up column-wise; o and down row-wise; RMSNorms)."""
+    cols, rows = (["attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"],
+                  ["attn.o_proj", "mlp.down_proj"]) if llama else (["attn.qkv", "mlp.fc"], ["attn.proj", "mlp.proj"])
+    norms = ["attn_norm", "mlp_norm"] if llama else ["ln1", "ln2"]
+    plan = {**{n: ColwiseParallel() for n in cols}, **{n: RowwiseParallel() for n in rows}}
     if not sequence_parallel:
-        return {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
-                "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()}
+        return plan
     gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-    return {"ln1": SequenceParallel(), "attn": gather, "attn.qkv": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
-            "ln2": SequenceParallel(), "mlp": gather, "mlp.fc": ColwiseParallel(),
-            "mlp.proj": RowwiseParallel(output_layouts=Shard(1))}
+    return {**plan, **{n: SequenceParallel() for n in norms}, "attn": gather, "mlp": gather,
+            **{n: RowwiseParallel(output_layouts=Shard(1)) for n in rows}}
 
 
 @contextlib.contextmanager
