@@ -115,6 +115,11 @@ def test_neox_3d_tp2_pp2_dp2_on_8_processes_matches_single_and_torch_nd_resumes_
     assert straight["label"] == "torch nd pp2 fsdp2 tp2+sp" and straight["strategy_facts"]["mesh"] == {
         "pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}
     assert_close_trajectory(straight["losses"], single["losses"], rtol=1e-5)  # DTensor's partial sums: ~1e-6
+    p = compose_plan("strategy=torch_nd_3d", "world_size=8", *COMMON)  # its stages' state and traffic, as predicted
+    stages = [r["params"] + r["grads"] + r["optimizer"] for r in p.cls.memory(p.cfg, p.opts, p.layout, None)["stages"]]
+    assert straight["model_state_bytes"] == pytest.approx([stages[0]] * 4 + [stages[1]] * 4, rel=1e-3)
+    comm = p.cls.comm(p.cfg, p.opts, p.layout)
+    assert max(r["all_gather"]["bytes"] for r in straight["comm_by_kind"]) == comm["all_gather"]
     resumed = json.loads((nd / "resumed.json").read_text())[str(tmp_path / "ck" / "step_3")]
     assert_close_trajectory(resumed, straight["losses"][3:], rtol=1e-5)
 

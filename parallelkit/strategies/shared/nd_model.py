@@ -25,6 +25,12 @@ def tp_params(c: GPTConfig, tp: int) -> tuple[float, float]:
     return c.num_params() - c.n_layer * c.block_params(), block
 
 
+def _tp_costs(c: GPTConfig, tp: int) -> list[float]:
+    """Parameters a tensor-parallel rank holds of each pipeline layer (embedding, blocks, head with its own copy)."""
+    block = tp_params(c, tp)[1]
+    return [x if i in (0, c.n_layer + 1) else block for i, x in enumerate(c.layer_params(own_head=True))]
+
+
 def nd_activations(cfg, layers: int, cp: int, tp: int, sp: bool, head: bool = True) -> float:
     c, t = GPTConfig.from_cfg(cfg.model), cfg.train
     b, w = t.micro_batch_size, (4 if t.precision == "fp32" else 2)
@@ -42,11 +48,19 @@ def nd_memory(cfg, o, layout) -> dict:
     rep, shard, cp, tp, sp = _degrees(o, layout)
     root, block = tp_params(c, tp)
     n = shard * cp  # FSDP2's shard group
-    if layout.pp > 1:  # torch_pipe's stage model, then what tp, sp and cp take off it
-        r = pipeline_memory(cfg, layout, o.schedule, o.chunks, n > 1, _balance(c, layout, o))
-        scale = block / c.block_params()
-        rows = [{**row, **{k: row[k] * scale for k in ("params", "grads", "optimizer")},
-                 "activations": row["activations"] / cp / (tp if sp else 1)} for row in r["stages"]]
+    if layout.pp > 1:  # torch_pipe's stage model (its activations in flight), with this rank's tp share of the state
+        balance = _balance(c, layout, o)
+        r = pipeline_memory(cfg, layout, o.schedule, o.chunks, n > 1, balance)
+        full, tp_costs = c.layer_params(own_head=True), _tp_costs(c, tp)
+        starts = [sum(balance[:s]) for s in range(len(balance) + 1)]
+        rows = []
+        for i, row in enumerate(r["stages"]):
+            layers = [j for s in range(i, len(balance), layout.pp) for j in range(starts[s], starts[s + 1])]
+            psi, whole = sum(tp_costs[j] for j in layers), sum(full[j] for j in layers)
+            state = {k: v / (n if n > 1 else 1) for k, v in replica_state(cfg, psi).items()
+                     if k in ("params", "grads", "optimizer")}
+            rows.append({**row, **state, "buffers": row["buffers"] * psi / whole,
+                         "activations": row["activations"] / cp / (tp if sp else 1)})
         top = max(rows, key=lambda x: sum(x[k] for k in ("params", "grads", "optimizer", "buffers", "activations")))
         return {**top, "stages": rows}
     psi = root + c.n_layer * block
@@ -106,9 +120,7 @@ def _pipeline_comm(cfg, o, layout) -> dict[str, float]:
     c = GPTConfig.from_cfg(cfg.model)
     rep, shard, cp, tp, sp = _degrees(o, layout)
     p, v, n = layout.pp, o.chunks, shard * cp
-    scale = tp_params(c, tp)[1] / c.block_params()
-    costs = [x * (scale if 0 < i <= c.n_layer else 1) for i, x in enumerate(c.layer_params(own_head=True))]
-    params = stage_params(costs, _balance(c, layout, o))
+    params = stage_params(_tp_costs(c, tp), _balance(c, layout, o))
     stages = [[r + k * p for k in range(v)] for r in range(p)]
     message = FP32 * cfg.train.micro_batch_size * c.seq_len // cp // (tp if sp else 1) * c.d_model
     rows = []
