@@ -3,6 +3,8 @@ shared by PyTorch FSDP2 (torch/fsdp.py), FSDP1 (torch/fsdp1.py) and FairScale's 
 ``o`` is the backend's options: ``reshard_after_forward``, ``cpu_offload`` and, where it has one, ``reduce_dtype``."""
 from __future__ import annotations
 
+import contextlib
+
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.strategies.shared.comm_model import (
     FP32,
@@ -61,3 +63,17 @@ def fsdp_comm(cfg, o, layout, regather_root: bool = False, regather_blocks: bool
 
 def stage_label(o, prefix: str) -> str:
     return f"{prefix} {'zero3' if o.reshard_after_forward else 'zero2'}" + (" offload" if o.cpu_offload else "")
+
+
+@contextlib.contextmanager
+def fsdp2_no_sync(model):
+    """FSDP2 while accumulating: unsharded gradients kept locally and parameters kept gathered between
+    micro-batches, so the last micro-batch reduce-scatters the accumulated gradient once (as DDP's no_sync);
+    the price is a full-size gradient (and gathered parameters) per rank while accumulating."""
+    model.set_requires_gradient_sync(False)
+    model.set_reshard_after_backward(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+        model.set_reshard_after_backward(True)

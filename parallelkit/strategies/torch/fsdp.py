@@ -18,7 +18,6 @@ keep softmax/LayerNorm in fp32 as autocast does for DDP). The loss is always fp3
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -46,7 +45,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from parallelkit.config.errors import ConfigError
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names
-from parallelkit.strategies.shared.fsdp import fsdp_comm, fsdp_memory, stage_label
+from parallelkit.strategies.shared.fsdp import fsdp2_no_sync, fsdp_comm, fsdp_memory, stage_label
 from parallelkit.util.dtypes import DTYPES
 
 
@@ -114,21 +113,8 @@ class FSDPStrategy(Strategy):
         model.init_weights(ctx.seed)  # each rank fills its shards with its slice of the full initial values
         return model
 
-    @contextlib.contextmanager
     def no_sync(self):
-        """Accumulate unsharded gradients locally and keep parameters gathered between micro-batches.
-
-        The last micro-batch then reduce-scatters the accumulated gradient once, as DDP's
-        no_sync does; the price is a full-size gradient (and gathered parameters) per rank
-        while accumulating.
-        """
-        self.model.set_requires_gradient_sync(False)
-        self.model.set_reshard_after_backward(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
-            self.model.set_reshard_after_backward(True)
+        return fsdp2_no_sync(self.model)  # accumulate unsharded; one reduce-scatter on the last micro-batch
 
     # clip: the base's clip_grad_norm_ over DTensor gradient shards reduces the partial norms over the mesh,
     # so the norm (and the clipping coefficient) is the global one on every rank.

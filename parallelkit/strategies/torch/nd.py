@@ -47,6 +47,7 @@ from parallelkit.config.layout import Layout, divisors
 from parallelkit.models.gpt import GPT, assign_full, causal_attention, initial_value
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names, full_state, load_full_state
+from parallelkit.strategies.shared.fsdp import fsdp2_no_sync
 from parallelkit.strategies.shared.nd_model import nd_comm, nd_memory
 from parallelkit.strategies.shared.tensor_parallel import tp_slice, tp_unslice
 from parallelkit.strategies.torch.pipe import SCHEDULES, TorchPipeOptions, TorchPipeStrategy, _Stage
@@ -277,7 +278,7 @@ class TorchNDStrategy(TorchPipeStrategy):
     def no_sync(self):
         if self.pipelined or not self.fsdp:
             return contextlib.nullcontext()
-        return _fsdp_no_sync(self.model)
+        return fsdp2_no_sync(self.model)
 
     def clip(self, max_norm: float) -> None:
         """The global norm from every rank's local gradient parts: each part's square counted once over the ranks
@@ -372,17 +373,6 @@ def block_plan(sequence_parallel: bool, llama: bool = False) -> dict:
     gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     return {**plan, **{n: SequenceParallel() for n in norms}, "attn": gather, "mlp": gather,
             **{n: RowwiseParallel(output_layouts=Shard(1)) for n in rows}}
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model):
-    model.set_requires_gradient_sync(False)
-    model.set_reshard_after_backward(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-        model.set_reshard_after_backward(True)
 
 
 # ---- context parallelism ----
