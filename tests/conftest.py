@@ -24,7 +24,8 @@ os.environ.pop("PARALLELKIT_RECALIBRATE", None)
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 # Small and fast: tiny model, few steps. Tests add or override keys.
-FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1"]
+FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1",
+        "train.breakdown=false"]  # the step-time breakdown is tested where it is asserted (test_report.py)
 
 
 def run_cli(out: Path, *overrides: str, module: str = "parallelkit.run", timeout: int = 600,

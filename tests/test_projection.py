@@ -113,8 +113,41 @@ def test_estimate_cli_prints_projection(capsys):
     flops = c.flops_per_token() * rep["micro_batch_size"] * 1 * 2 * c.seq_len / 2
     assert ddp["projection"]["compute_s"] == pytest.approx(flops / (66.9e12 * 0.5))
     assert ddp["comm_bytes"] == sum(ddp["comm_by_kind"].values())
-    assert ddp["step_s"] == pytest.approx(ddp["projection"]["compute_s"] + ddp["projection"]["comm_s"])
+    proj = ddp["projection"]
+    # by part, as the breakdown measures them: on a GPU DDP's all-reduce hides under backward up to its length,
+    # the optimizer is not projected without projection.memory_GBps, and the parts add up to the step
+    parts = proj["parts_s"]
+    assert parts["forward"] + parts["backward"] == pytest.approx(proj["compute_s"])
+    assert parts["backward"] == pytest.approx(2 * parts["forward"])
+    assert parts["exposed_comm"] == pytest.approx(proj["comm_s"] - min(proj["comm_s"], parts["backward"]))
+    assert parts["optimizer"] is None and parts["pipeline_idle"] == 0
+    assert ddp["step_s"] == pytest.approx(sum(v or 0 for v in parts.values()))
+    fsdp = next(r for r in rep["rows"] if r["strategy"] == "fsdp")  # the prefetch hides under forward and backward
+    f = fsdp["projection"]
+    assert f["exposed_s_by_kind"]["all_gather"] == pytest.approx(
+        f["comm_s_by_kind"]["all_gather"] - min(f["comm_s_by_kind"]["all_gather"], f["compute_s"]))
+    zero0 = next(r for r in rep["rows"] if r["strategy"] == "zero0")  # no overlap rule: it waits for all of it
+    assert zero0["projection"]["parts_s"]["exposed_comm"] == pytest.approx(zero0["projection"]["comm_s"])
     assert all(r["step_s"] is not None and math.isfinite(r["step_s"]) for r in rep["rows"])
+
+
+def test_projected_parts_on_cpu_pipeline_bubble_and_optimizer():
+    """On CPU nothing hides (gloo shares the cores); a pipeline of one stage per process idles (pp-1)/m of its
+    compute plus its p2p; the optimizer is the elements a rank updates at this machine's AdamW rate."""
+    from conftest import compose_plan
+
+    from parallelkit.advisor.projection import optimizer_rate, project_plan
+    from parallelkit.measure.metrics import cpu_threads
+
+    plan = compose_plan("model=tiny", "world_size=2", "strategy=torch_pipe", "train.grad_accum=4", *LINK)
+    p = project_plan(plan, {"send_recv": 1e6, "all_reduce": 1e6}, {"optimizer": 8 * 1000})
+    parts = p["parts_s"]
+    assert p["bubble_s"] == pytest.approx(p["compute_s"] * (2 - 1) / 4)
+    assert parts["pipeline_idle"] == pytest.approx(p["bubble_s"] + p["comm_s_by_kind"]["send_recv"])
+    assert parts["exposed_comm"] == pytest.approx(p["comm_s_by_kind"]["all_reduce"])
+    rate = optimizer_rate(cpu_threads(plan.layout.processes), measure=False)  # cached by the projection
+    assert parts["optimizer"] == pytest.approx(1000 * rate["s_per_element"], rel=1e-6)
+    assert p["step_s"] == pytest.approx(sum(parts.values()))
 
 
 def test_a_gpu_projection_never_benchmarks_gloo_and_only_rank_0_predicts(monkeypatch):

@@ -314,7 +314,8 @@ def test_sweep_of_three_strategies_reports_one_row_per_job(tmp_path):
     # through a canned experiment, its strategies narrowed on the command line; its corpus narrowed to this package's
     # sources (600 kB: the standard library's 13 MB take most of a minute to tokenize on a cold cache)
     out, p = sweep(tmp_path, "experiment=compare_all", "model=tiny", "strategy=ddp,single,fsdp",
-                   f"data.path={ROOT / 'parallelkit'}", predict=True)
+                   f"data.path={ROOT / 'parallelkit'}", "train.untimed_steps=3", "train.breakdown=true",
+                   predict=True)
     table, body = check_report_files(out, 3)
     assert [r["strategy"] for r in table] == ["ddp", "single", "fsdp"]
     assert all(r["status"] == "ok" for r in table), table
@@ -323,10 +324,42 @@ def test_sweep_of_three_strategies_reports_one_row_per_job(tmp_path):
     assert "3 run(s)" in p.stdout and "fsdp2 zero3" in p.stdout and "tok/s" in p.stdout
     report = p.stdout[p.stdout.index("3 run(s)"):p.stdout.index("report: ")].splitlines()  # then where it is
     assert report[1].startswith("fastest:") and max(map(len, report)) <= TERMINAL_WIDTH, p.stdout  # answers first
-    assert "vs ref" in report[4] and "fastest:" in (out / "comparison.md").read_text()
+    head = next(i for i, line in enumerate(report) if line.startswith("# "))  # winners, why-lines, then the table
+    assert "vs ref" in report[head] and report[head - 1].startswith(("why: ", " ")) and head >= 4
+    assert "fastest:" in (out / "comparison.md").read_text()
     for job in ("0_ddp", "1_single", "2_fsdp"):  # tensorboard --logdir <sweep>: one run per job, step by step
         board = board_scalars(out / job)
         assert len(board["train/loss"]) == 6 and len(board["speed/tokens_per_s"]) == 6, (job, board.keys())
+    check_step_breakdown(out, p.stdout)
+
+
+def check_step_breakdown(out: Path, stdout: str) -> None:
+    """Where each step goes: every rank's profiled untimed step cut into parts that add up to its wall time, the
+    collectives each backend runs found in the profile by kind, the projection by the same parts, and the report's
+    why-lines and stacked bars."""
+    from parallelkit.measure.breakdown import parts_ms
+
+    summaries = {job: json.loads((out / job / "summary.json").read_text()) for job in ("0_ddp", "1_single", "2_fsdp")}
+    for job, s in summaries.items():
+        assert len(s["step_breakdown"]) == s["world_size"], job
+        for b in s["step_breakdown"]:
+            parts = b["parts_s"]
+            assert b["step"] == 1 and min(parts.values()) >= 0, (job, b)  # untimed: 3 untimed steps, 2 the probe
+            assert sum(parts.values()) == pytest.approx(b["wall_s"], rel=1e-6)
+            assert b["wall_s"] == pytest.approx(b["profiled_wall_s"], rel=0.05)  # the profile covers the step
+            assert all(parts[k] > 0 for k in ("forward", "backward", "optimizer")), (job, parts)
+        assert sum(parts_ms(s).values()) == pytest.approx(s["step_time_s"] * 1e3)
+        proj = s["prediction"]["projection"]
+        assert proj["step_s"] == pytest.approx(sum(v or 0 for v in proj["parts_s"].values()))
+        assert s["step_why"].startswith("step ")
+    kinds = {job: {k for b in s["step_breakdown"] for k in b["comm_s_by_kind"]} for job, s in summaries.items()}
+    assert "all_reduce" in kinds["0_ddp"] and {"all_gather", "reduce_scatter"} <= kinds["2_fsdp"], kinds
+    assert kinds["1_single"] == set()
+    why = json.loads((out / "comparison.json").read_text())["why"]
+    assert {(w["run"], w["against"]) for w in why} >= {("ddp", "single"), ("fsdp2 zero3", "single")}, why
+    assert all(" ms per step" in w["line"] for w in why)
+    assert "why: " in stdout and (out / "step_parts.png").stat().st_size > 0
+    assert "Where the step goes" in (out / "comparison.md").read_text()
 
 
 def test_sweep_with_failing_jobs_still_reports_every_row(tmp_path):

@@ -45,7 +45,7 @@ def estimate(plan: RunPlan, mem: int | None = None, overhead: int = OVERHEAD) ->
     """Per-rank bytes for the plan's strategy on devices of ``mem`` bytes: the strategy's own memory model
     (``Strategy.memory``) over the plan's layout; its communication per step (``Strategy.comm``) and the
     projected step time (projection.py)."""
-    from parallelkit.advisor.projection import project
+    from parallelkit.advisor.projection import project_plan
 
     cfg, cls, opts, lay = plan.cfg, plan.cls, plan.opts, plan.layout
     m = cls.memory(cfg, opts, lay, mem)
@@ -65,7 +65,7 @@ def estimate(plan: RunPlan, mem: int | None = None, overhead: int = OVERHEAD) ->
     try:  # cached calibrations; a missing one is measured once (a line on stderr says so)
         if comm is None:
             raise ValueError("its backend does not predict its communication")
-        row["projection"] = project(cfg, comm, lay)
+        row["projection"] = project_plan(plan, comm, r)
         row["step_s"] = row["projection"]["step_s"]
     except Exception as e:  # noqa: BLE001 - the memory estimate stands without a projection
         row["projection"] = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:200]}
@@ -151,7 +151,7 @@ def _projection_note(rows: list[dict]) -> str:
     if "error" in p:
         return f"step (proj.): not projected: {p['error']}"
     why = "" if r["step_s"] is not None else " (no step projected: see the sources)"
-    return (f"step (proj.) = compute + comm/step{why}; {p.get('assumptions')}; sources ({r['strategy']}): "
+    return (f"step (proj.) = forward + backward + optimizer + exposed comm + pipeline idle{why}; {p.get('assumptions')}; sources ({r['strategy']}): "
             f"{p.get('source')}")
 
 

@@ -278,18 +278,18 @@ def predict(plan: RunPlan, baseline: bool = True, projection: bool = True, measu
     if stages:
         out["stage_peaks"] = [int(sum(st.get(k, 0) for k in PARTS) + base) for st in stages]
     if projection:
-        out.update(project_fields(plan, comm))
+        out.update(project_fields(plan, comm, parts))
     return out
 
 
-def project_fields(plan: RunPlan, comm: dict | None) -> dict:
+def project_fields(plan: RunPlan, comm: dict | None, parts: dict | None = None) -> dict:
     """``step_time_s`` and ``projection`` (projection.py), or the error that stopped the projection."""
-    from parallelkit.advisor.projection import project
+    from parallelkit.advisor.projection import project_plan
 
     try:
         if comm is None:
             raise ValueError("its backend does not predict its communication (not predicted)")
-        proj = project(plan.cfg, comm, plan.layout)
+        proj = project_plan(plan, comm, parts)
         return {"step_time_s": proj["step_s"], "projection": proj}
     except Exception as e:  # noqa: BLE001 - a projection that cannot be made leaves the memory prediction
         return {"step_time_s": None, "projection": {"error": " ".join(str(e).split())[:200]}}
@@ -304,7 +304,7 @@ def summary_fields(plan: RunPlan, p: dict | None = None) -> dict:
         if p is None:
             p = predict(plan)
         elif not p.get("projection"):  # the pre-flight's memory prediction: add the projection only
-            p = {**p, **project_fields(plan, p["comm_by_kind"])}
+            p = {**p, **project_fields(plan, p["comm_by_kind"], p.get("parts"))}
     except Exception as e:  # noqa: BLE001
         return {"prediction": {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}}
     return {"predicted_model_state_bytes": p["model_state_bytes"], "predicted_peak_mem_bytes": p["peak_mem_bytes"],

@@ -1,7 +1,9 @@
 """A projected step time: a model of the step, shown beside what runs measure, never passed off as one.
 
-``project(cfg, comm_by_kind, layout)`` = compute + communication, with no overlap between them
-(so an upper bound, where the parts are right; a pipeline's bubble is not counted):
+``project(cfg, comm_by_kind, layout, ...)``: the step by the parts measure/breakdown.py measures (``parts_s``): forward
+and backward (the compute below, 1/3 and 2/3), the optimizer (``optimizer_seconds``), communication by kind less what
+the backend's overlap rule hides (``exposed``; on CPU nothing), and a pipeline's idle time (its bubble, (pp-1)/m of
+the compute, plus its p2p). Framework time between operators is not projected (docs/step_time.md).
 
 - compute_s = FLOPs per device per step / (peak x efficiency). FLOPs: ``GPTConfig.flops_per_token``
   (6N + 12·L·d·T, the figure behind a run's ``tflops``) x the global batch's tokens / devices: a
@@ -173,6 +175,59 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
                                           f"({r['measured_at']})")
 
 
+# ---- the optimizer: memory traffic, per parameter it updates ----
+OPT_PROBE_ELEMENTS = 2**22  # 4M fp32 elements: ~112 MB of AdamW traffic, well past the caches
+OPT_TRIALS = 6  # the best of 6 two-step trials: one trial varies by up to 1.6x on a shared machine
+
+
+def optimizer_rate(threads: int, measure: bool = True) -> dict | None:
+    """Seconds per parameter element of a clipped AdamW step (clip_grad_norm_, then AdamW's foreach update: it
+    reads parameter, gradient and both moments and writes three of them back, about 28 bytes per fp32 element)
+    with ``threads`` threads: cached, or measured now (a fraction of a second)."""
+    key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), "adamw_elements": OPT_PROBE_ELEMENTS,
+           "trials": OPT_TRIALS}
+    if (entry := calibrate.read_cache(key, "optimizer")) is not None or not measure:
+        return entry
+    with calibrate._threads(threads):
+        params = [torch.nn.Parameter(torch.randn(OPT_PROBE_ELEMENTS // 8)) for _ in range(8)]
+        for q in params:
+            q.grad = torch.randn_like(q)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def steps(n: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            return (time.perf_counter() - t0) / n
+
+        steps(1)
+        best = min(steps(2) for _ in range(OPT_TRIALS))
+    entry = {"s_per_element": best / OPT_PROBE_ELEMENTS, "bytes_per_s": 28 * OPT_PROBE_ELEMENTS / best,
+             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    calibrate.write_cache(key, entry, "optimizer")
+    return entry
+
+
+def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = True) -> tuple[float | None, str]:
+    """The optimizer step of a rank that updates ``updated`` parameter elements: on CPU at this machine's measured
+    AdamW rate; on a GPU as 28 bytes of HBM traffic per element at ``projection.memory_GBps`` (else not
+    projected)."""
+    if not updated:
+        return None, "not projected (the parameters each rank updates are not known)"
+    if projection_setting(cfg, "device") or torch.cuda.is_available():
+        bw = projection_setting(cfg, "memory_GBps")
+        if bw is None:
+            return None, "not projected on a GPU without projection.memory_GBps"
+        return 28 * updated / (bw * 1e9), f"28 B per element at config: projection.memory_GBps={bw}"
+    threads = cpu_threads(layout.processes)
+    r = optimizer_rate(threads, measure)
+    if r is None:
+        return None, "no AdamW rate cached (not measured: measure=False)"
+    return updated * r["s_per_element"], (f"measured: clipped AdamW over {OPT_PROBE_ELEMENTS >> 20}M elements, "
+                                          f"{r['bytes_per_s'] / 1e9:.2g} GB/s, {threads} thread(s) ({r['measured_at']})")
+
+
 # ---- communication ----
 def comm_benchmark(cfg, n: int, cuda: bool, gpus: int = 0) -> tuple[str | None, int, str]:
     """Which collective benchmark a projection of ``n`` ranks may use: (backend or None, ranks, why). On a GPU
@@ -224,9 +279,31 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
     return out
 
 
-def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool = True) -> dict:
+OVERLAP_ON_CPU = 0.0  # gloo's threads reduce on the cores the compute runs on: nothing is hidden (measured: see docs)
+
+
+def exposed(by_kind: dict[str, float], overlap: dict[str, str] | None, fwd: float, bwd: float,
+            cpu: bool) -> dict[str, float]:
+    """Seconds of each kind the rank waits for: a kind the backend overlaps (``Strategy.overlap``: kind -> the
+    compute it runs under, "backward" or "forward+backward") hides up to that compute's time, on a GPU; on CPU
+    ``OVERLAP_ON_CPU`` of it."""
+    out = {}
+    for kind, sec in by_kind.items():
+        window = (overlap or {}).get(kind)
+        room = {"backward": bwd, "forward+backward": fwd + bwd}.get(window, 0.0)
+        hidden = min(sec, room) * (OVERLAP_ON_CPU if cpu else 1.0)
+        out[kind] = sec - hidden
+    return out
+
+
+def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool = True,
+            updated_params: int | None = None, overlap: dict[str, str] | None = None,
+            micro_batches: int | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
-    per step (see the module doc). ``measure=False``: only cached calibrations; a missing one leaves step_s None."""
+    per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
+    (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
+    backend's rule), and the pipeline's idle time (its bubble at ``micro_batches`` per step, and its p2p).
+    ``measure=False``: only cached calibrations; a missing one leaves step_s None."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
@@ -241,16 +318,38 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"]) if linked else {}
         comm = sum(by_kind.values()) if linked else None
+    fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
+    fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
+    opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure)
+    pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
+    m = micro_batches or cfg.train.grad_accum
+    bubble = compute * (layout.pp - 1) / m if pipelined and compute is not None else 0.0
+    exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
+                  fwd or 0.0, bwd or 0.0, on_cpu)
+    idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
+    parts = {"forward": fwd, "backward": bwd, "optimizer": opt,
+             "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle}
+    step = None if compute is None or comm is None else sum(v or 0.0 for v in parts.values())
     assumptions = (f"a model, not a measurement: {device} at {_g(peak)} TFLOP/s x efficiency {_g(eff)}; "
                    f"alpha {_g(ln['alpha_s'], 1e6)} us, B {_g(ln['bandwidth_Bps'], 1e-9)} GB/s"
                    f"{' (per-kind fits)' if ln['per_kind'] else ''}, ring/tree costs on {n} ranks, a latency per "
-                   f"{BUCKET // 2**20} MiB message; no overlap of compute and communication (an upper bound); "
-                   f"no pipeline bubble")
-    return {"compute_s": compute, "comm_s": comm, "step_s": None if compute is None or comm is None else compute + comm,
+                   f"{BUCKET // 2**20} MiB message; "
+                   f"{'no overlap on CPU (gloo shares the cores)' if on_cpu else 'no overlap' if not overlap else 'overlap: ' + ', '.join(f'{k} under {v}' for k, v in overlap.items())}; "
+                   f"{'bubble (pp-1)/m of the compute; ' if pipelined else ''}optimizer: {opt_src}; "
+                   f"framework time between operators not projected")
+    return {"compute_s": compute, "comm_s": comm, "step_s": step, "parts_s": parts, "exposed_s_by_kind": exp,
+            "bubble_s": bubble, "optimizer_s": opt,
             "device": device, "peak_tflops": peak, "efficiency": eff, "alpha_s": ln["alpha_s"],
             "bandwidth_Bps": ln["bandwidth_Bps"], "flops_per_device": flops, "group_size": n,
             "comm_s_by_kind": by_kind, "source": f"peak: {peak_src}; efficiency: {eff_src}; comm: {ln['source']}",
             "assumptions": assumptions}
+
+
+def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None, measure: bool = True) -> dict:
+    """``project`` with what the plan knows: the backend's overlap rule and the elements each rank updates."""
+    updated = plan.cls.optimizer_elements(plan.cfg, plan.opts, parts) if parts else None
+    return project(plan.cfg, comm_by_kind, plan.layout, measure, updated,
+                   plan.cls.overlap(plan.cfg, plan.opts))
 
 
 def _g(v: float | None, scale: float = 1.0) -> str:

@@ -67,6 +67,8 @@ class Summary:
     peak_raised_from: float | None = None  # (older summaries) the peak was raised to the achieved rate
     mfu_error: str | None = None  # MFU above 1: the peak (or the FLOP count) is wrong, said in one line
     first_step: int = 0  # the step ``losses`` starts at (a resumed run: the checkpoint's step)
+    step_breakdown: list[dict | None] | None = None  # per rank: the profiled untimed step's parts (measure/breakdown.py)
+    step_why: str | None = None  # the largest parts of the step, on the timed median's scale
     live_peak_mem_bytes: list[int] | None = None  # CPU, per rank: malloc's bytes in use at the probe step's high point
     save_peak_mem_bytes: list[int] | None = None  # per rank: the peak while a checkpoint was saved (apart from training)
     precision_warning: str | None = None
@@ -77,7 +79,7 @@ class Summary:
     predicted_peak_mem_bytes: int | None = None  # the busiest rank, in the unit peak_mem_bytes measures
     predicted_comm_bytes_per_step: int | None = None  # payload per rank, as comm_bytes_per_step counts it
     predicted_comm_by_kind: dict | None = None  # {kind: bytes per step}
-    predicted_step_time_s: float | None = None  # projection.py: compute + communication
+    predicted_step_time_s: float | None = None  # projection.py: the sum of its parts (parts_s)
     prediction: dict | None = None  # how: the parts, the assumptions, the calibration used
     versions: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)

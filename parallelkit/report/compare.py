@@ -26,8 +26,17 @@ from parallelkit.report.aggregate import (
     host_labels,
     merge_repeats,
 )
-from parallelkit.report.tables import TERMINAL_WIDTH, display, html_page, markdown_page, winners
-from parallelkit.util.jsonio import read_json
+from parallelkit.report.tables import (
+    TERMINAL_WIDTH,
+    display,
+    html_page,
+    leaders,
+    markdown_page,
+    time_parts,
+    winners,
+)
+from parallelkit.report.why import why_lines
+from parallelkit.util.jsonio import read_json, write_json
 from parallelkit.util.units import blank
 
 
@@ -283,7 +292,10 @@ def write_report(root: Path, echo: bool = True) -> Path | None:
         print(f"parallelkit.report: no summary.json below {root}", file=sys.stderr)
         return None
     df = build(records)
+    df.attrs["why"] = why_lines(records, list(df["name"]), *leaders(df))
     df.drop(columns=["_notes", "comm_kinds"], errors="ignore").to_csv(root / "comparison.csv", index=False)
+    write_json(root / "comparison.json", {"winners": winners(df), "why": df.attrs["why"],
+                                          "step_parts_ms": time_parts(df, records)})
     images = write_plots(df, records, root)
     command = sweep_command(root)
     (root / "comparison.md").write_text(markdown_page(root, df, records, images, command))
@@ -299,7 +311,10 @@ def terminal_report(df: pd.DataFrame) -> str:
     it), then the notes and errors, wrapped. The md, csv and html have every column."""
     t, notes, common = display(df, terminal=True)
     head = f"{len(df)} run(s)" + (f"; all: {', '.join(common)}" if common else "")
-    lines = textwrap.wrap(head, TERMINAL_WIDTH, subsequent_indent="  ") + winners(df) + [t.to_string(index=False)]
+    lines = textwrap.wrap(head, TERMINAL_WIDTH, subsequent_indent="  ") + winners(df)
+    for w in df.attrs.get("why", []):
+        lines += textwrap.wrap(w["line"], TERMINAL_WIDTH, initial_indent="why: ", subsequent_indent="       ")
+    lines += [t.to_string(index=False)]
     for i, n in enumerate(notes, 1):
         lines += textwrap.wrap(f"[{i}] {n}", TERMINAL_WIDTH, initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)

@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from parallelkit.measure.breakdown import label as part_label  # noqa: E402
+from parallelkit.measure.breakdown import parts_ms  # noqa: E402
 from parallelkit.report.aggregate import aligned_losses  # noqa: E402
 from parallelkit.util.units import byte_unit  # noqa: E402
 
@@ -143,6 +145,39 @@ def plot_comm(df: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+STEP_COLORS = {"forward": "#4c72b0", "backward": "#55a868", "optimizer": "#dd8452", "pipeline_idle": "#8172b3",
+               "other": "#bbbbbb"}
+COMM_COLORS = ("#c44e52", "#da8bc3", "#937860", "#ccb974", "#64b5cd", "#8c8c8c")
+
+
+def plot_step_parts(df: pd.DataFrame, records: list[dict], path: Path) -> Path | None:
+    """One stacked bar per run: where its median step goes (measure/breakdown.py), exposed communication by kind;
+    a black tick at the projected step time. None when no run has a breakdown."""
+    parts = [parts_ms(s) for s in records]
+    if not any(parts):
+        return None
+    kinds = sorted({k for p in parts if p for k in p if k.startswith("exposed ")})
+    order = ["forward", "backward", "optimizer", *kinds, "pipeline_idle", "other"]
+    colors = {**STEP_COLORS, **{k: COMM_COLORS[i % len(COMM_COLORS)] for i, k in enumerate(kinds)}}
+    fig, ax = plt.subplots(figsize=(_width(len(df)), 4.8))
+    bottom = [0.0] * len(df)
+    for part in order:
+        h = [(p or {}).get(part, 0.0) for p in parts]
+        if any(h):
+            ax.bar(range(len(df)), h, bottom=bottom, color=colors[part], label=part_label(part))
+            bottom = [b + x for b, x in zip(bottom, h)]
+    for i, s in enumerate(records):
+        proj = ((s.get("prediction") or {}).get("projection") or {}).get("step_s")
+        if proj and parts[i]:
+            ax.plot([i - 0.4, i + 0.4], [proj * 1e3] * 2, color="black", lw=2,
+                    label="projected step" if i == next(j for j, p in enumerate(parts) if p) else None)
+    ax.set_title("where the step goes (measured on a profiled untimed step, on the timed median's scale)")
+    ax.set_ylabel("ms per step")
+    ax.legend(fontsize=7, ncol=2)
+    _xaxis(ax, df)
+    return _save(fig, path)
+
+
 def plot_by(df: pd.DataFrame, x: str, ys: list[tuple[str, str]], path: Path, logx: bool = False) -> Path | None:
     """One line per label across the values of x (model size, world size); None when x does not vary."""
     ok = df[(df["status"] == "ok") & df[x].notna()]
@@ -190,6 +225,7 @@ def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]
     root = Path(root)
     out = [plot_memory(df, records, root / "memory.png"), plot_throughput(df, root / "throughput.png"),
            plot_loss(df, records, root / "loss.png"), plot_comm(df, root / "comm.png"),
+           plot_step_parts(df, records, root / "step_parts.png"),
            plot_by(df, "params", [("peak_mem_bytes", "peak memory per rank (max)"),
                                   ("model_state_bytes", "model state per rank (max)")], root / "memory_vs_model.png", logx=True),
            plot_by(df, "world", [("tokens_per_s", "tokens/s"), ("peak_mem_bytes", "peak memory per rank (max)")],
@@ -199,7 +235,7 @@ def write_plots(df: pd.DataFrame, records: list[dict], root: Path) -> list[Path]
                                    ("predicted_peak_mem_bytes", "peak memory per rank, predicted"),
                                    ("tokens_per_s", "tokens/s")], root / "long_context.png", logx=True)
            if "predicted_peak_mem_bytes" in df and df["predicted_peak_mem_bytes"].notna().any() else None]
-    for stale in ("memory_vs_model.png", "scaling.png", "comm.png", "long_context.png"):  # from an earlier report of a different sweep
+    for stale in ("memory_vs_model.png", "scaling.png", "comm.png", "long_context.png", "step_parts.png"):  # from an earlier report of a different sweep
         if root / stale not in out:
             (root / stale).unlink(missing_ok=True)
     return [p for p in out if p is not None]

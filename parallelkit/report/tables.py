@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from parallelkit.measure.breakdown import parts_ms, profiled_ratio, skew_ms
 from parallelkit.measure.noise import DRIFT_LIMIT, SPREAD_LIMIT
 from parallelkit.util.units import blank, hbytes, hcount, htime
 
@@ -163,6 +164,66 @@ def winners(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def leaders(df: pd.DataFrame) -> tuple[str | None, str | None]:
+    """(the fastest run that compares like for like, the reference run), by name."""
+    ok = df[(df["status"] == "ok") & df["like_for_like"].astype(bool)]
+    vals = ok["tokens_per_s"].dropna()
+    fastest = ok.loc[vals.idxmax(), "name"] if len(ok) > 1 and not vals.empty else None
+    ref = next((r for r in ok["reference"] if isinstance(r, str)), None)
+    return fastest, ref
+
+
+TIME_NOTE = ("Where each run's step goes: measured on one untimed step under torch.profiler, on the rank that "
+             "computed longest (the others wait for it in their collectives: 'rank skew' is how much longer it "
+             "computed than the quickest rank, in ms of the profiled step), each part's share of that step times "
+             "the timed median, so the parts add up to the median step "
+             "(measure/breakdown.py; docs/step_time.md). 'profiled/median': the profiled step's time without data "
+             "loading and the profiler's estimated cost, over the timed median. Each cell: measured / projected "
+             "(advisor/projection.py); the projection has no term for 'other' (framework and Python between "
+             "operators).")
+
+
+def time_parts(df: pd.DataFrame, records: list[dict]) -> list[dict]:
+    """Per run with a breakdown: measured ms by part (timed-median scale) and the projection's, for the json."""
+    out = []
+    for name, s in zip(df["name"], records):
+        if (m := parts_ms(s)) is None:
+            continue
+        proj = ((s.get("prediction") or {}).get("projection") or {})
+        p = {k: (None if v is None else v * 1e3) for k, v in (proj.get("parts_s") or {}).items()}
+        for kind, v in (proj.get("exposed_s_by_kind") or {}).items():
+            p[f"exposed {kind}"] = v * 1e3
+        out.append({"run": name, "step_ms": s["step_time_s"] * 1e3, "profiled_over_median": profiled_ratio(s),
+                    "rank_skew_ms": skew_ms(s),
+                    "measured_ms": m, "projected_ms": p,
+                    "projected_step_ms": None if blank(proj.get("step_s")) else proj["step_s"] * 1e3})
+    return out
+
+
+def time_table(df: pd.DataFrame, records: list[dict]) -> pd.DataFrame | None:
+    rows = []
+    for r in time_parts(df, records):
+        m, p = r["measured_ms"], r["projected_ms"]
+
+        def cell(key: str, keys: tuple = ()) -> str:
+            keys = keys or (key,)
+            mv = sum(m.get(k, 0.0) for k in keys)
+            pv = p.get(key)
+            return f"{mv:.1f} / {'-' if pv is None else f'{pv:.1f}'}"
+
+        exposed = [k for k in m if k.startswith("exposed ")]
+        kinds = ", ".join(f"{k[8:]} {m[k]:.1f}" for k in sorted(exposed, key=lambda k: -m[k]) if m[k] >= 0.05)
+        err = None if r["projected_step_ms"] is None else r["projected_step_ms"] / r["step_ms"] - 1
+        rows.append({"run": r["run"], "step (median)": f"{r['step_ms']:.1f} ms",
+                     "profiled/median": "" if r["profiled_over_median"] is None else f"{r['profiled_over_median']:.2f}",
+                     "forward": cell("forward"), "backward": cell("backward"), "optimizer": cell("optimizer"),
+                     "exposed comm": cell("exposed_comm", tuple(exposed)), "exposed by kind": kinds,
+                     "pipeline idle": cell("pipeline_idle"), "other": f"{m.get('other', 0.0):.1f}",
+                     "rank skew": "" if r["rank_skew_ms"] is None else f"{r['rank_skew_ms']:.1f}",
+                     "step: projected": "" if err is None else f"{r['projected_step_ms']:.1f} ms ({err:+.0%})"})
+    return pd.DataFrame(rows) if rows else None
+
+
 def _pct(v) -> str:
     return "" if blank(v) else f"{v:+.1%}"
 
@@ -252,11 +313,17 @@ def markdown_page(root: Path, df: pd.DataFrame, records: list[dict], images: lis
         out += ["", f"Command: {command}"]
     if first := winners(df):
         out += ["", *[f"- {line}" for line in first]]
+    if why := df.attrs.get("why"):
+        out += ["", *[f"- why: {x['line']}" for x in why]]
     out += ["", _markdown(t), "", _legend(t), ""]
     if notes:
         out += ["Notes:", ""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] + [""]
     if (p := prediction_table(df)) is not None:
         out += ["## Predicted vs measured", "", _markdown(p), "", PREDICTION_NOTE, ""]
+    if (w := time_table(df, records)) is not None:
+        out += ["## Where the step goes (ms: measured / projected)", ""]
+        out += [f"- {x['line']}" for x in df.attrs.get("why", [])] + ([""] if df.attrs.get("why") else [])
+        out += [_markdown(w), "", TIME_NOTE, ""]
     if (k := comm_kind_table(df)) is not None:
         out += ["## Communication by kind (per step, the rank that sent most: calls x bytes, and the prediction)", "",
                 _markdown(k), ""]
@@ -276,6 +343,10 @@ def html_page(root: Path, df: pd.DataFrame, records: list[dict], images: list[Pa
     if (p := prediction_table(df)) is not None:
         extra += f"<h2>Predicted vs measured</h2>\n{p.to_html(index=False, escape=True, border=0)}\n" \
                  f"<p class=\"meta\">{html.escape(PREDICTION_NOTE)}</p>\n"
+    if (w := time_table(df, records)) is not None:
+        lines = "".join(f"<li>{html.escape(x['line'])}</li>" for x in df.attrs.get("why", []))
+        extra += f"<h2>Where the step goes (ms: measured / projected)</h2>\n<ul>{lines}</ul>\n" \
+                 f"{w.to_html(index=False, escape=True, border=0)}\n<p class=\"meta\">{html.escape(TIME_NOTE)}</p>\n"
     if (k := comm_kind_table(df)) is not None:
         extra += f"<h2>Communication by kind</h2>\n{k.to_html(index=False, escape=True, border=0)}\n"
     return f"""<!DOCTYPE html>

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import parallelkit.checkpoint.format as checkpoint
+import parallelkit.measure.breakdown as breakdown
 import parallelkit.measure.metrics as metrics
 from parallelkit.config.layout import Layout
 from parallelkit.config.plan import RunPlan
@@ -74,6 +75,7 @@ class Steps:
     peak: dict  # this rank's memory peak over the timed steps, checkpoint saves left out
     save_peak: dict  # this rank's peak while saving checkpoints in that window ({} when none was saved)
     live_peak: int | None = None  # CPU: the live heap's peak on the probe step (malloc's bytes in use)
+    breakdown: dict | None = None  # measure/breakdown.py: the profiled untimed step's parts
 
 
 def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | None, label: str = "") -> Steps:
@@ -87,6 +89,10 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
     steps = t.steps
     untimed = min(t.untimed_steps, max(0, steps - start - 1))  # at least one timed step (config.py says so first)
     probe = start + untimed - 1 if untimed else start  # the last untimed step counts communication
+    # the step whose time is broken down (torch.profiler): untimed, not the first (warm-up), and not the probe (its
+    # counter and heap sampler) when there are three or more untimed steps; none with fewer than two
+    profiled = (probe - 1 if untimed >= 3 else probe) if untimed >= 2 and t.get("breakdown", True) else None
+    bd = None
     tokens_per_step = t.micro_batch_size * t.grad_accum * layout.data_ranks * cfg.model.seq_len
     rank0 = ctx.rank == 0
     mfile = open(run_dir / "metrics.jsonl", "a" if start else "w") if rank0 and run_dir else None
@@ -102,17 +108,25 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
             window.start()
         counting = timed if ctx.instrument else step == probe
         strategy.measuring = counting
-        micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
+        prof = breakdown.Profiled(ctx.device) if step == profiled else contextlib.nullcontext()
+        prof.__enter__()
+        with breakdown.marker(breakdown.DATA):
+            micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
         strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
         if counting:
             counter.install()
         live = metrics.LivePeak() if step == probe and ctx.device.type == "cpu" else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with live:  # the probe step only: the live heap's peak, sampled (the timed steps run untouched)
+        with live, breakdown.marker(breakdown.STEP):  # live: the probe step's heap peak, sampled
             loss = strategy.train_step(micro, t.grad_clip)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         dt = time.perf_counter() - t0
+        prof.__exit__(None, None, None)
+        if step == profiled:
+            bd = prof.result(pipeline=layout.pp > 1 and layout.processes > 1)
+            if bd and "error" not in bd:
+                bd.update(step=step, step_s=dt)
         if step == probe:
             live_peak = getattr(live, "peak", None)
         counter.uninstall()
@@ -157,7 +171,7 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
         measured_on = f"step {probe + 1} ({'untimed probe step' if untimed else 'the first step, also timed: train.untimed_steps=0'})"
     if layout.processes == 1:  # one process: collectives move nothing
         kinds = {}
-    return Steps(losses, times, kinds, measured_on, peak, save_peak, live_peak)
+    return Steps(losses, times, kinds, measured_on, peak, save_peak, live_peak, bd)
 
 
 def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
@@ -175,7 +189,7 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
     mine = {"breakdown": {k: tensor_bytes(v) for k, v in state.items()},
             "state": tensor_bytes(x for v in state.values() for x in v),
             "comm": sum(v["bytes"] for v in kinds.values()), "kinds": kinds, "peak": peak,
-            "mem": done.peak, "save_mem": done.save_peak, "live": done.live_peak}
+            "mem": done.peak, "save_mem": done.save_peak, "live": done.live_peak, "time_parts": done.breakdown}
     ranks = gather_named(mine)
     step_time = statistics.median(times)
     tps = tokens_per_step / step_time
@@ -194,8 +208,10 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
         comm_bytes_per_step=[int(r["comm"]) for r in ranks], comm_by_kind=[r["kinds"] for r in ranks],
         save_peak_mem_bytes=[int(next(iter(r["save_mem"].values()))) for r in ranks] if ranks[0]["save_mem"] else None,
         live_peak_mem_bytes=[r["live"] for r in ranks] if all(r["live"] for r in ranks) else None,
+        step_breakdown=[r["time_parts"] for r in ranks] if any(r["time_parts"] for r in ranks) else None,
         measured_on=done.measured_on, losses=losses, final_loss=losses[-1], first_step=start,
         strategy_facts=strategy.describe())
+    summary.step_why = breakdown.top_parts({"step_breakdown": summary.step_breakdown, "step_time_s": step_time})
     summary.update(**run_probe.finish(times, tflops, peak_dev))  # step-time spread, drift, host; MFU and its check
     if ctx.device.type == "cuda":
         summary.peak_reserved_bytes = [int(r["mem"]["reserved"]) for r in ranks]

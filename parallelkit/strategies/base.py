@@ -38,6 +38,7 @@ from parallelkit.models.gpt import GPTConfig, lm_loss
 from parallelkit.strategies.shared.by_name import load_by_name, state_by_name
 from parallelkit.strategies.shared.optim import build_optimizer, param_groups
 from parallelkit.strategies.shared.precision import Precision
+from parallelkit.util.markers import OPTIMIZER, marker
 
 
 @dataclass
@@ -165,6 +166,20 @@ class Strategy:
         return None
 
     # ---- in the worker: the template ----
+    @classmethod
+    def optimizer_elements(cls, cfg, o: Options, parts: dict) -> int | None:
+        """Parameter elements one rank's optimizer updates, from its predicted state (``memory()``'s parts): AdamW's
+        two moments, 8 bytes per element in fp32 (12 with the fp32 master copy of 16-bit training), offloaded
+        state included."""
+        per = 8 if cfg.train.precision == "fp32" else 12
+        return int((parts.get("optimizer", 0) + parts.get("offloaded", 0)) // per) or None
+
+    @classmethod
+    def overlap(cls, cfg, o: Options) -> dict[str, str]:
+        """The communication this backend runs under compute, for the projection: kind -> the compute it can
+        hide under ("backward", or "forward+backward" for a prefetch). {}: it waits for all of it."""
+        return {}
+
     def setup(self, ctx: Context, build: ModelBuilder) -> None:
         self.ctx = ctx
         self.precision = Precision(ctx.precision, ctx.device, self.scaler_class)
@@ -239,10 +254,11 @@ class Strategy:
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def optimizer_step(self, grad_clip: float) -> None:
-        if grad_clip:
-            self.precision.unscale(self.optimizer)
-            self.clip(grad_clip)
-        self.precision.step(self.optimizer)
+        with marker(OPTIMIZER):
+            if grad_clip:
+                self.precision.unscale(self.optimizer)
+                self.clip(grad_clip)
+            self.precision.step(self.optimizer)
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float) -> torch.Tensor:
         """One optimizer step over this process's micro-batches; returns their mean loss (this rank's view)."""

@@ -50,6 +50,7 @@ from parallelkit.strategies.shared.optim import (
     build_optimizer,
     param_groups,
 )
+from parallelkit.util.markers import OPTIMIZER, marker
 from parallelkit.util.tensors import storages, tensor_bytes
 
 SHARDED = ("nothing (replicated; gradients all-reduced)", "optimizer state", "optimizer state, gradients",
@@ -177,6 +178,25 @@ class DeepSpeedStrategy(Strategy):
         return {**r, "activations": activations(cfg)}
 
     @classmethod
+    def optimizer_elements(cls, cfg, o, parts):
+        """Stages 1-3 keep an fp32 master copy beside the moments, in fp32 training too: 12 bytes per element."""
+        stage = build_config(cfg)[0]["zero_optimization"].get("stage", o.zero_stage)
+        per = 12 if stage > 0 or cfg.train.precision != "fp32" else 8
+        return int((parts.get("optimizer", 0) + parts.get("offloaded", 0)) // per) or None
+
+    @classmethod
+    def overlap(cls, cfg, o):
+        """Stage 3 prefetches parameters under forward and backward; with overlap_comm the gradient reduction runs
+        on its own stream under backward; stage 0's reduction is at the boundary."""
+        zero = build_config(cfg)[0]["zero_optimization"]
+        stage, out = zero.get("stage", o.zero_stage), {}
+        if stage == 3:
+            out["all_gather"] = "forward+backward"
+        if stage > 0 and zero.get("overlap_comm", False):
+            out["reduce_scatter" if stage == 3 else "all_reduce"] = "backward"
+        return out
+
+    @classmethod
     def comm(cls, cfg, o, layout):
         """ZeRO as DeepSpeed 0.19 runs it, with the sizes of the generated config (deepspeed_config.json). Gradients
         and parameters move in the training precision (DeepSpeed casts the model itself, so bf16 keeps 16-bit
@@ -295,7 +315,8 @@ class DeepSpeedStrategy(Strategy):
                 grads = storages(self.held()["grads"])  # numbers only: the tensors are not kept alive
                 if (b := tensor_bytes(grads)) > self._grad_bytes:
                     self._grads, self._grad_bytes = grads, b
-            self.engine.step()
+            with marker(OPTIMIZER):  # a step only at the accumulation boundary (DeepSpeed counts micro-steps)
+                self.engine.step()
             total += loss.detach().float()
         return total / len(micro_batches)
 

@@ -31,6 +31,10 @@ class DDPStrategy(Strategy):
         clipping is local (every rank holds every gradient)."""
         return {} if one_process(layout) else {"all_reduce": FP32 * gpt(cfg).num_params()}
 
+    @classmethod
+    def overlap(cls, cfg, o):
+        return {"all_reduce": "backward"}  # each bucket is reduced as backward fills it
+
     def wrap(self, module):
         o = self.opts
         return ddp_wrap(module, self.ctx, bucket_cap_mb=o.bucket_cap_mb, gradient_as_bucket_view=o.gradient_as_bucket_view,

@@ -82,6 +82,10 @@ class FSDPStrategy(Strategy):
         """See ``fsdp_comm``: measured on tiny (2 ranks, grad_accum 1 and 2) to the byte; cpu_offload moves the same."""
         return fsdp_comm(cfg, o, layout)
 
+    @classmethod
+    def overlap(cls, cfg, o):
+        return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # prefetch; per-block reduce
+
     @property
     def autocast_forward(self) -> bool:
         return self.opts.autocast

@@ -163,6 +163,10 @@ class TorchNDStrategy(TorchPipeStrategy):
     def comm(cls, cfg, o, layout):
         return nd_comm(cfg, o, layout)
 
+    @classmethod
+    def overlap(cls, cfg, o):
+        return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # FSDP2's prefetch and reduce
+
     # ---- in the worker ----
     @property
     def pipelined(self) -> bool:
