@@ -359,6 +359,11 @@ def check_step_breakdown(out: Path, stdout: str) -> None:
     assert {(w["run"], w["against"]) for w in why} >= {("ddp", "single"), ("fsdp2 zero3", "single")}, why
     assert all(" ms per step" in w["line"] for w in why)
     assert "why: " in stdout and (out / "step_parts.png").stat().st_size > 0
+    # the largest GPT preset each setup is predicted to fit: fsdp shards what ddp replicates
+    from parallelkit.advisor.predict import FIT_LADDER
+
+    fit = {job: FIT_LADDER.index(s["predicted_largest_model"]["model"]) for job, s in summaries.items()}
+    assert fit["2_fsdp"] >= fit["0_ddp"] and "largest model:" in stdout, fit
     assert "Where the step goes" in (out / "comparison.md").read_text()
 
 

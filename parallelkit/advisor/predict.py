@@ -307,7 +307,12 @@ def summary_fields(plan: RunPlan, p: dict | None = None) -> dict:
             p = {**p, **project_fields(plan, p["comm_by_kind"], p.get("parts"))}
     except Exception as e:  # noqa: BLE001
         return {"prediction": {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}}
-    return {"predicted_model_state_bytes": p["model_state_bytes"], "predicted_peak_mem_bytes": p["peak_mem_bytes"],
+    try:
+        largest = largest_fitting(plan)
+    except Exception as e:  # noqa: BLE001
+        largest = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+    return {"predicted_largest_model": largest,
+            "predicted_model_state_bytes": p["model_state_bytes"], "predicted_peak_mem_bytes": p["peak_mem_bytes"],
             "predicted_comm_bytes_per_step": p["comm_bytes_per_step"], "predicted_comm_by_kind": p["comm_by_kind"],
             "predicted_step_time_s": p["step_time_s"],
             "prediction": {k: p[k] for k in ("parts", "process_baseline_bytes", "offloaded_bytes", "peak_kind",
@@ -381,6 +386,37 @@ def alternatives(plan: RunPlan, available: int, limit: int = 5) -> list[tuple[st
                 found.append((name + how, available - peak))
                 break
     return sorted(found, key=lambda x: -x[1])[:limit]
+
+
+FIT_LADDER = ("tiny", "small", "gpt_125m", "gpt_350m", "gpt_760m", "gpt_1b")  # conf/model, smallest first
+
+
+def largest_fitting(plan: RunPlan) -> dict | None:
+    """The largest GPT preset of ``FIT_LADDER`` this run's strategy, layout, batch, precision, sequence length and
+    vocabulary are predicted to fit on what a rank has (as the pre-flight judges it): {model, params, predicted,
+    available, source}; None when not even the smallest is predicted to fit; {error} when none could be planned."""
+    from parallelkit.config.compose import CONF_DIR
+    from parallelkit.models.gpt import GPTConfig
+
+    best, planned, why = None, 0, ""
+    for name in FIT_LADDER:
+        pc = copy.deepcopy(plan.cfg)
+        OmegaConf.set_readonly(pc, False)
+        shape = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
+        for k in ("name", "n_layer", "d_model", "n_head"):
+            pc.model[k] = shape[k]
+        try:
+            alt = build_plan(pc, quiet=True)
+            used, avail, source = judged(alt, predict(alt, projection=False, measure=False))
+        except Exception as e:  # noqa: BLE001 - a shape this strategy cannot plan (a pipeline's balance): not a fit
+            why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            continue
+        planned += 1
+        if not fits(used, avail):
+            break
+        best = {"model": name, "params": GPTConfig.from_cfg(pc.model).num_params(), "predicted_bytes": int(used),
+                "available_bytes": int(avail), "source": source}
+    return best if planned else {"error": why}
 
 
 def preflight(plan: RunPlan) -> dict | None:

@@ -80,6 +80,7 @@ class Summary:
     predicted_comm_bytes_per_step: int | None = None  # payload per rank, as comm_bytes_per_step counts it
     predicted_comm_by_kind: dict | None = None  # {kind: bytes per step}
     predicted_step_time_s: float | None = None  # projection.py: the sum of its parts (parts_s)
+    predicted_largest_model: dict | None = None  # the largest GPT preset this setup is predicted to fit (estimator)
     prediction: dict | None = None  # how: the parts, the assumptions, the calibration used
     versions: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)

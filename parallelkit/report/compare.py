@@ -195,6 +195,8 @@ def build(records: list[dict]) -> pd.DataFrame:
             "live_peak_mem_bytes": _max(s.get("live_peak_mem_bytes")),
             "model_state_bytes": _max(state), "params_bytes": top.get("params"), "grads_bytes": top.get("grads"),
             "optimizer_bytes": top.get("optimizer"), "comm_bytes_per_step": _max(s.get("comm_bytes_per_step")),
+            "largest_model": (s.get("predicted_largest_model") or {}).get("model"),
+            "largest_model_params": (s.get("predicted_largest_model") or {}).get("params"),
             "final_loss": s.get("final_loss"), "loss_dev": dev, "reference": ref, **pipeline_columns(s),
             **prediction_columns(s),
             "status": s.get("status"), "error": s.get("error"), "like_for_like": fair, "note": "; ".join(notes),
@@ -311,7 +313,9 @@ def terminal_report(df: pd.DataFrame) -> str:
     it), then the notes and errors, wrapped. The md, csv and html have every column."""
     t, notes, common = display(df, terminal=True)
     head = f"{len(df)} run(s)" + (f"; all: {', '.join(common)}" if common else "")
-    lines = textwrap.wrap(head, TERMINAL_WIDTH, subsequent_indent="  ") + winners(df)
+    lines = textwrap.wrap(head, TERMINAL_WIDTH, subsequent_indent="  ")
+    for w in winners(df):
+        lines += textwrap.wrap(w, TERMINAL_WIDTH, subsequent_indent=" " * 19)
     for w in df.attrs.get("why", []):
         lines += textwrap.wrap(w["line"], TERMINAL_WIDTH, initial_indent="why: ", subsequent_indent="       ")
     lines += [t.to_string(index=False)]

@@ -159,7 +159,7 @@ def plot_step_parts(df: pd.DataFrame, records: list[dict], path: Path) -> Path |
     kinds = sorted({k for p in parts if p for k in p if k.startswith("exposed ")})
     order = ["forward", "backward", "optimizer", *kinds, "pipeline_idle", "other"]
     colors = {**STEP_COLORS, **{k: COMM_COLORS[i % len(COMM_COLORS)] for i, k in enumerate(kinds)}}
-    fig, ax = plt.subplots(figsize=(_width(len(df)), 4.8))
+    fig, ax = plt.subplots(figsize=(_width(len(df)) + 3, 4.8))
     bottom = [0.0] * len(df)
     for part in order:
         h = [(p or {}).get(part, 0.0) for p in parts]
@@ -171,9 +171,9 @@ def plot_step_parts(df: pd.DataFrame, records: list[dict], path: Path) -> Path |
         if proj and parts[i]:
             ax.plot([i - 0.4, i + 0.4], [proj * 1e3] * 2, color="black", lw=2,
                     label="projected step" if i == next(j for j, p in enumerate(parts) if p) else None)
-    ax.set_title("where the step goes (measured on a profiled untimed step, on the timed median's scale)")
+    ax.set_title("where the step goes (a profiled untimed step, on the timed median's scale)", fontsize=10)
     ax.set_ylabel("ms per step")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     _xaxis(ax, df)
     return _save(fig, path)
 

@@ -141,7 +141,8 @@ def display(df: pd.DataFrame, terminal: bool = False) -> tuple[pd.DataFrame, lis
 
 def winners(df: pd.DataFrame) -> list[str]:
     """Who wins, first: the fastest, the least memory per rank and the least communication per step among the
-    runs that finished and compare like for like, with their ratio to the reference run (single, else ddp)."""
+    runs that finished and compare like for like, with their ratio to the reference run (single, else ddp); and
+    the largest GPT preset each setup is predicted to fit (the estimator's, ``predicted_largest_model``)."""
     ok = df[(df["status"] == "ok") & df["like_for_like"].astype(bool)]
     if len(ok) < 2:
         return []
@@ -161,6 +162,14 @@ def winners(df: pd.DataFrame) -> list[str]:
             ratio = f"  {row[col] / base[col]:.2f}x {ref}"
         where = " (of the runs on 2 or more ranks)" if pool is many and len(many) < len(ok) else ""
         lines.append(f"{what + ':':<19}{row['name'][:40]}: {fmt(row[col])}{ratio}{where}")
+    if "largest_model_params" in ok and not (sizes := ok["largest_model_params"].dropna()).empty:
+        top = ok.loc[sizes[sizes == sizes.max()].index]
+        names = ", ".join(n[:30] for n in top["name"][:3]) + (f" and {len(top) - 3} more" if len(top) > 3 else "")
+        vs = ""
+        if base is not None and not blank(base["largest_model_params"]) and ref not in list(top["name"]):
+            vs = f"  ({ref}: {base['largest_model']})"
+        lines.append(f"{'largest model:':<19}{top.iloc[0]['largest_model']} ({hcount(sizes.max())} params, "
+                     f"predicted to fit): {names}{vs}")
     return lines
 
 
