@@ -405,8 +405,9 @@ def largest_fitting(plan: RunPlan) -> dict | None:
         shape = OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml")
         for k in ("name", "n_layer", "d_model", "n_head"):
             pc.model[k] = shape[k]
-        try:
-            alt = build_plan(pc, quiet=True)
+        try:  # a what-if of the run's own plan (its checks on the new shape; not a plan of this run: not counted)
+            alt = RunPlan.of(pc)
+            alt.cls.check(pc, alt.opts)
             used, avail, source = judged(alt, predict(alt, projection=False, measure=False))
         except Exception as e:  # noqa: BLE001 - a shape this strategy cannot plan (a pipeline's balance): not a fit
             why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
