@@ -5,7 +5,8 @@ or more untimed steps, else the probe step itself; never a timed step. ``analyze
 timeline once, instant by instant, and gives each instant to exactly one part, so the parts add up to the
 profiled wall time by construction:
 
-- ``forward``, ``backward``, ``optimizer``: the main thread runs an operator (the outermost ``aten::``-style op).
+- ``forward``, ``backward``, ``optimizer``: an operator runs (the outermost ``aten::``-style op) on the main thread
+  or another thread that is not a communication library's (FairScale's Pipe runs its stages on threads).
   Which of the three: its enclosing markers, i.e. the autograd engine's ``evaluate_function`` (backward), torch's
   ``Optimizer.step#`` / ``zero_grad#`` or parallelkit's ``parallelkit.optimizer`` (optimizer); else forward (the
   loss included).
@@ -201,6 +202,7 @@ def analyze(events, pipeline: bool, cuda: bool = False, per_event: float = 0.0) 
     called = sorted((e.time_range.start, k) for e in events
                     if e.thread == main and e.name.startswith("c10d::") and (k := _comm_of(e.name)))
     starts = [c[0] for c in called]
+    comm_threads = {e.thread for e in events if e.name.lower().startswith(("gloo:", "nccl:"))}
     for e in events:
         s, t = max(e.time_range.start, t0), min(e.time_range.end, t1)
         if t <= s:
@@ -220,8 +222,8 @@ def analyze(events, pipeline: bool, cuda: bool = False, per_event: float = 0.0) 
             if e.thread != main and j >= 0 and e.time_range.start - starts[j] <= ENQUEUE_US:
                 kind = called[j][1]
             spans.append((s, t, "comm", kind))
-        elif e.thread == main and _is_op(e.name) and not _under_op(e):
-            spans.append((s, t, "compute", _context(e)))
+        elif e.thread not in comm_threads and _is_op(e.name) and not _under_op(e):
+            spans.append((s, t, "compute", _context(e)))  # any thread but gloo's: FairScale's Pipe runs stages on its own
         elif e.name == DATA:
             spans.append((s, t, "data", ""))
     parts = dict.fromkeys(PARTS, 0.0)

@@ -316,8 +316,10 @@ def terminal_report(df: pd.DataFrame) -> str:
     lines = textwrap.wrap(head, TERMINAL_WIDTH, subsequent_indent="  ")
     for w in winners(df):
         lines += textwrap.wrap(w, TERMINAL_WIDTH, subsequent_indent=" " * 19)
-    for w in df.attrs.get("why", []):
-        lines += textwrap.wrap(w["line"], TERMINAL_WIDTH, initial_indent="why: ", subsequent_indent="       ")
+    fastest = leaders(df)[0]
+    for w in df.attrs.get("why", []):  # one line a run here (against the fastest); the md, html and json have both
+        if w["against"] == fastest or w["run"] == fastest:
+            lines += textwrap.wrap(w["line"], TERMINAL_WIDTH, initial_indent="why: ", subsequent_indent="       ")
     lines += [t.to_string(index=False)]
     for i, n in enumerate(notes, 1):
         lines += textwrap.wrap(f"[{i}] {n}", TERMINAL_WIDTH, initial_indent="  ", subsequent_indent="      ")

@@ -28,11 +28,14 @@ def why_lines(records: list[dict], names: list[str], fastest: str | None, refere
     """For each run with a breakdown: against the fastest run and against the reference (each where it is not
     that run itself). [{run, against, line}]."""
     by_name = dict(zip(names, records))
-    out = []
+    out, said = [], set()
     for name, s in by_name.items():
         if s.get("status") != "ok":
             continue
         for other in dict.fromkeys(x for x in (fastest, reference) if x and x != name and x in by_name):
+            if (other, name) in said:  # the fastest against the reference: the mirror of a line already there
+                continue
             if line := why(s, by_name[other], name, other):
                 out.append({"run": name, "against": other, "line": line})
+                said.add((name, other))
     return out
