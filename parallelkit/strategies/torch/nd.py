@@ -299,7 +299,7 @@ class TorchNDStrategy(TorchPipeStrategy):
             shards = 1
             if isinstance(g, DTensor):
                 for size, pl in zip(g.device_mesh.shape, g.placements):
-                    shards *= size if pl.is_shard() else 1
+                    shards *= size if _splits(pl) else 1
                 g = g.to_local()
             sq += g.double().square().sum() * shards / (lay.world // lay.pp)
         dist.all_reduce(sq)
@@ -414,6 +414,12 @@ def _shift(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _splits(placement) -> bool:
+    """Whether a DTensor placement splits the tensor over its mesh dimension: Shard, and FSDP2's _StridedShard
+    (its dp shard of a tensor-parallel shard), which torch 2.13 no longer makes a Shard."""
+    return placement.is_shard() or type(placement).__name__ == "_StridedShard"
 
 
 class _RingAttention(torch.autograd.Function):
