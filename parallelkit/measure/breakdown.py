@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from parallelkit.measure.metrics import patch_distributed, restore
 from parallelkit.util.markers import DATA, OPTIMIZER, STEP, WAIT, marker  # noqa: F401 - marker: the loop's spans
 from parallelkit.util.units import blank
 
@@ -112,20 +113,11 @@ class P2PWaits:
         return waited
 
     def install(self) -> "P2PWaits":
-        import torch.distributed as dist
-
-        done: dict[int, object] = {}  # one wrapper per function (P2POp checks ``op is isend``)
-        for mod in (dist, dist.distributed_c10d):
-            for name in self.NAMES:
-                if (fn := getattr(mod, name, None)) is not None:
-                    self._saved.append((mod, name, fn))
-                    setattr(mod, name, done.setdefault(id(fn), self._wrap(fn, name)))
+        self._saved += patch_distributed(self.NAMES, self._wrap)
         return self
 
     def uninstall(self) -> None:
-        for mod, name, fn in reversed(self._saved):
-            setattr(mod, name, fn)
-        self._saved.clear()
+        restore(self._saved)
 
 
 def _context(e) -> str:
@@ -202,7 +194,9 @@ def analyze(events, pipeline: bool, cuda: bool = False, per_event: float = 0.0) 
     called = sorted((e.time_range.start, k) for e in events
                     if e.thread == main and e.name.startswith("c10d::") and (k := _comm_of(e.name)))
     starts = [c[0] for c in called]
-    comm_threads = {e.thread for e in events if e.name.lower().startswith(("gloo:", "nccl:"))}
+    # threads that run a communication library's work items; never the main one (gloo records its send and recv
+    # work items on the thread that calls them)
+    comm_threads = {e.thread for e in events if e.name.lower().startswith(("gloo:", "nccl:"))} - {main}
     for e in events:
         s, t = max(e.time_range.start, t0), min(e.time_range.end, t1)
         if t <= s:

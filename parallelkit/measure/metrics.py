@@ -185,20 +185,12 @@ class CommCounter:
         return counted
 
     def install(self) -> "CommCounter":
-        c10d = dist.distributed_c10d
-        wrapped: dict[int, object] = {}  # one wrapper per function: batch_isend_irecv tells sends by `op is isend`
-        for mod in (dist, c10d):
-            for name, idx in self.OPS.items():
-                fn = getattr(mod, name, None)
-                if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
-                    self._saved.append((mod, name, fn))
-                    setattr(mod, name, wrapped.setdefault(id(fn), self._wrap(fn, name, idx)))
+        self._saved += patch_distributed(self.OPS, lambda fn, name: self._wrap(fn, name, self.OPS[name]),
+                                         skip=lambda fn: hasattr(fn, "__parallelkit_wrapped__"))
         return self
 
     def uninstall(self) -> None:
-        for mod, name, fn in reversed(self._saved):
-            setattr(mod, name, fn)
-        self._saved.clear()
+        restore(self._saved)
 
     @contextlib.contextmanager
     def counting(self):
@@ -211,6 +203,27 @@ class CommCounter:
 
     def by_kind(self) -> dict[str, dict[str, int]]:
         return {k: {"calls": c, "bytes": b} for k, (c, b) in sorted(self.kinds.items())}
+
+
+def patch_distributed(names, wrap, skip=lambda fn: False) -> list:
+    """Replace torch.distributed's functions ``names`` (in ``torch.distributed`` and its ``distributed_c10d``) by
+    ``wrap(fn, name)``, one wrapper per function (``batch_isend_irecv`` and ``P2POp`` tell sends by ``op is
+    isend``); returns what ``restore`` puts back."""
+    saved, wrapped = [], {}
+    for mod in (dist, dist.distributed_c10d):
+        for name in names:
+            fn = getattr(mod, name, None)
+            if fn is not None and not skip(fn):
+                saved.append((mod, name, fn))
+                setattr(mod, name, wrapped.setdefault(id(fn), wrap(fn, name)))
+    return saved
+
+
+def restore(saved: list) -> None:
+    """Put back what ``patch_distributed`` replaced, last first; empties ``saved``."""
+    for mod, name, fn in reversed(saved):
+        setattr(mod, name, fn)
+    saved.clear()
 
 
 def _payload(x) -> int:

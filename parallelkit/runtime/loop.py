@@ -109,20 +109,19 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
         counting = timed if ctx.instrument else step == probe
         strategy.measuring = counting
         prof = breakdown.Profiled(ctx.device) if step == profiled else contextlib.nullcontext()
-        prof.__enter__()
-        with breakdown.marker(breakdown.DATA):
-            micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
-        strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
-        if counting:
-            counter.install()
-        live = metrics.LivePeak() if step == probe and ctx.device.type == "cpu" else contextlib.nullcontext()
-        t0 = time.perf_counter()
-        with live, breakdown.marker(breakdown.STEP):  # live: the probe step's heap peak, sampled
-            loss = strategy.train_step(micro, t.grad_clip)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-        dt = time.perf_counter() - t0
-        prof.__exit__(None, None, None)
+        with prof:  # the profiled step only: the batch fetch and the step, for its breakdown
+            with breakdown.marker(breakdown.DATA):
+                micro = [b.micro_batch(step, m) for m in range(t.grad_accum) for b in batches]
+            strategy.set_lr(lr := lr_at(step, cfg.optim, steps))
+            if counting:
+                counter.install()
+            live = metrics.LivePeak() if step == probe and ctx.device.type == "cpu" else contextlib.nullcontext()
+            t0 = time.perf_counter()
+            with live, breakdown.marker(breakdown.STEP):  # live: the probe step's heap peak, sampled
+                loss = strategy.train_step(micro, t.grad_clip)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            dt = time.perf_counter() - t0
         if step == profiled:
             bd = prof.result(pipeline=layout.pp > 1 and layout.processes > 1)
             if bd and "error" not in bd:
