@@ -18,17 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from parallelkit.checkpoint.format import (
-    COMPLETE,
-    INCOMPLETE,
-    NATIVE,
-    PORTABLE,
-    read_meta,
-    recover,
-    write_portable,
-)
-from parallelkit.checkpoint.resume import resolve_resume
+from parallelkit.checkpoint.format import read_meta, write_portable
 from parallelkit.config.errors import ConfigError
+from parallelkit.config.resume import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, recover, resolve_resume
 from parallelkit.runtime.processes import spawn
 from parallelkit.util.jsonio import write_json
 

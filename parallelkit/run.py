@@ -16,7 +16,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from parallelkit.advisor.predict import preflight, summary_fields
-from parallelkit.checkpoint.resume import lock_checkpoint_dir
 from parallelkit.config.compose import (
     CONF_DIR,
     check_group_choices,
@@ -28,21 +27,13 @@ from parallelkit.config.env import adopt_slurm_env, under_torchrun
 from parallelkit.config.env import rank as env_rank
 from parallelkit.config.errors import ConfigError, DoesNotFit
 from parallelkit.config.plan import RunPlan
-from parallelkit.measure.results import base_summary, failed_summary
+from parallelkit.config.resume import lock_checkpoint_dir
+from parallelkit.measure.results import failed_summary, result_line
 from parallelkit.runtime.launch import Interrupted, raise_on_signals
 from parallelkit.runtime.plan import build_plan
 from parallelkit.util.jsonio import read_json, write_json
 
 CURRENT: dict = {"out": None, "sweep": None}  # the run (and sweep) in progress, for the interrupt path in main()
-
-
-def result_line(s: dict, where: Path) -> str:
-    if s["status"] != "ok":
-        return f"{s.get('label')}: {s['status']}: {s.get('error')}  ({where})"
-    mem = max(s["peak_mem_bytes"]) / 2**20
-    mfu = f", MFU {s['mfu']:.1%}" if s.get("mfu") else ""
-    return (f"{s['label']}: ok, {s['tokens_per_s']:,.0f} tokens/s{mfu}, step {s['step_time_s'] * 1e3:.1f} ms, "
-            f"peak mem {mem:,.0f} MiB/rank, final loss {s['final_loss']:.4f}  ({where})")
 
 
 def task(cfg: DictConfig) -> str:
@@ -57,6 +48,7 @@ def task(cfg: DictConfig) -> str:
         plan = build_plan(cfg, explicit=explicit_keys(hc.overrides.task, hc.runtime.choices.get("strategy")))
         if env_rank() == 0:  # a checkpoint.dir in use by another live run is refused
             lock = lock_checkpoint_dir(plan.cfg, out)
+            plan.save(out)  # config.yaml and plan.json: what each worker loads, kept with the run
         prediction = preflight(plan)  # DoesNotFit when the predicted memory per rank clearly exceeds a rank's
     except ConfigError as e:  # DoesNotFit included
         if lock is not None:
@@ -93,8 +85,6 @@ def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = Non
     if under_torchrun():  # we are one worker of the user's torchrun job
         from parallelkit.runtime.loop import worker
 
-        if env_rank() == 0:
-            plan.save(out)
         code = worker(plan, out)
         if env_rank() == 0:
             with contextlib.suppress(Exception):  # what a dead worker's backend left behind (NVMe swap)
@@ -108,10 +98,9 @@ def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = Non
 
     from parallelkit.runtime.launch import launch
 
-    base = base_summary(plan)
-    print(f"parallelkit: {base.label} on {plan.layout.processes} process(es), model {plan.cfg.model.name} "
-          f"({base.params:,} params), {plan.cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
-    summary = launch(plan, out, {**base.to_dict(), **predicted})
+    print(f"parallelkit: {plan.label} on {plan.layout.processes} process(es), model {plan.cfg.model.name} "
+          f"({plan.model.num_params():,} params), {plan.cfg.train.steps} steps -> {out}", file=sys.stderr, flush=True)
+    summary = launch(plan, out, predicted)
     print(result_line(summary, out), flush=True)
     if summary["status"] != "ok" and not multirun:
         print(f"parallelkit: {summary['status']}: {summary['error']}", file=sys.stderr)

@@ -13,7 +13,8 @@ import torch
 from conftest import FAST, compose_plan, run_cli
 
 from parallelkit.checkpoint import format as checkpoint
-from parallelkit.checkpoint.resume import resolve_resume
+from parallelkit.config import resume
+from parallelkit.config.resume import resolve_resume
 from parallelkit.models.gpt import GPT, GPTConfig
 
 
@@ -31,7 +32,7 @@ def test_step_renamed_aside_by_a_crashed_replace_is_recovered(tmp_path):
     _complete_step(ck / "step_2", 2)
     _complete_step(ck / ".step_4.replaced", 4)  # the old step_4, renamed aside; the crash came before the new one
     (ck / "step_4.incomplete").mkdir()  # the new one, never renamed into place
-    assert [s for s, _ in checkpoint.complete_steps(ck)] == [2, 4]
+    assert [s for s, _ in resume.complete_steps(ck)] == [2, 4]
     assert (ck / "step_4" / checkpoint.COMPLETE).is_file() and not (ck / ".step_4.replaced").exists()
     assert resolve_resume("latest", str(ck)) == ck / "step_4"
 
@@ -44,13 +45,13 @@ def test_resume_of_the_checkpoint_dir_and_export_of_the_step_find_the_vanished_s
         _complete_step(ck / ".step_6.replaced", 6)
     assert resolve_resume(str(a), None) == a / "step_6"  # checkpoint.resume=<checkpoint.dir>
     assert find_checkpoint(b / "step_6") == b / "step_6"  # python -m parallelkit.export <checkpoint.dir>/step_6
-    assert "step_6" in checkpoint.last_complete(c) and (c / "step_6" / checkpoint.COMPLETE).is_file()
+    assert "step_6" in resume.last_complete(c) and (c / "step_6" / checkpoint.COMPLETE).is_file()
 
 
 def test_a_replaced_folder_without_its_marker_is_not_recovered(tmp_path):
     ck = tmp_path / "ck"
     (ck / ".step_4.replaced").mkdir(parents=True)  # half removed: no marker
-    assert checkpoint.complete_steps(ck) == [] and not (ck / "step_4").exists()
+    assert resume.complete_steps(ck) == [] and not (ck / "step_4").exists()
 
 
 def test_replaced_folder_beside_a_complete_step_is_left_out(tmp_path):
@@ -59,7 +60,7 @@ def test_replaced_folder_beside_a_complete_step_is_left_out(tmp_path):
     _complete_step(ck / "step_4", 4)
     (ck / "step_4" / "new").write_text("")
     _complete_step(ck / ".step_4.replaced", 4)
-    assert checkpoint.complete_steps(ck) == [(4, ck / "step_4")] and (ck / "step_4" / "new").exists()
+    assert resume.complete_steps(ck) == [(4, ck / "step_4")] and (ck / "step_4" / "new").exists()
 
 
 def test_save_syncs_the_data_before_the_marker_and_the_folder_after_the_renames(tmp_path, monkeypatch):

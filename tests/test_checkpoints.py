@@ -17,8 +17,8 @@ from conftest import (
     train_ranks,
 )
 
-from parallelkit.checkpoint.resume import DirLock
 from parallelkit.config.errors import ConfigError
+from parallelkit.config.resume import DirLock
 
 DDP = ["strategy=ddp", "train.steps=6"]
 

@@ -105,7 +105,7 @@ def test_ctrl_c_stops_the_trial_and_keeps_the_table(tmp_path):
                              "tune.micro_batch_sizes=2", "tune.activation_checkpointing=false",
                              f"hydra.run.dir={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    started = lambda: next(out.glob("01_*/config.yaml"), None)  # noqa: E731 - the launcher writes it as it starts the workers
+    started = lambda: next(out.glob("01_*/config.yaml"), None)  # noqa: E731 - the run writes it once its plan is built
     deadline = time.monotonic() + 120
     while started() is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

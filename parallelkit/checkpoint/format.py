@@ -24,8 +24,6 @@ the same strategy and layout resume from it; ``python -m parallelkit.export`` co
 from __future__ import annotations
 
 import base64
-import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -33,17 +31,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from parallelkit.config.resume import COMPLETE, INCOMPLETE, NATIVE, PORTABLE, REPLACED, sync_path  # the folders' names
 from parallelkit.measure.collective import barrier, gather_named
 from parallelkit.measure.host import versions
 from parallelkit.util.jsonio import read_json, write_json
-
-PORTABLE, NATIVE = "portable", "native"
-FORMATS = (PORTABLE, NATIVE)
-COMPLETE = "complete"  # the marker: present only once every rank's part and meta.json are written
-STEP = re.compile(r"step_(\d+)$")
-INCOMPLETE = ".incomplete"
-REPLACED = ".replaced"  # .step_N.replaced: an earlier step_N while save() puts the new one in its place
-ASIDE = re.compile(r"\.step_(\d+)\.replaced$")
 
 
 # ---- the portable files ----
@@ -118,8 +109,8 @@ def save(strategy, cfg, step: int) -> Path:
         _sync(tmp)  # the data on disk first: the marker must never reach the disk before what it vouches for
         marker = tmp / COMPLETE
         marker.write_text(f"step {step} written by every rank\n")
-        _fsync(marker)
-        _fsync(tmp)
+        sync_path(marker)
+        sync_path(tmp)
         _replace(tmp, final)
     barrier()
     return final
@@ -134,14 +125,14 @@ def _replace(tmp: Path, final: Path) -> None:
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
-            _fsync(root)
+            sync_path(root)
         try:
             tmp.rename(final)
             break
         except OSError:  # a reader renamed the old one back in between: aside again
             if attempt == 2 or not final.exists():
                 raise
-    _fsync(root)
+    sync_path(root)
     (old / COMPLETE).unlink(missing_ok=True)  # the old one never counts again, even half removed
     shutil.rmtree(old, ignore_errors=True)
 
@@ -150,24 +141,11 @@ def _aside(final: Path) -> Path:
     return final.with_name(f".{final.name}{REPLACED}")
 
 
-def _fsync(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sync(folder: Path) -> None:
     """Flush the files below ``folder`` and the folders that hold them."""
     for p in sorted(folder.rglob("*"), key=lambda q: q.is_dir()):  # files, then their folders
-        _fsync(p)
-    _fsync(folder)
+        sync_path(p)
+    sync_path(folder)
 
 
 def load(strategy, path: Path) -> int:
@@ -191,46 +169,3 @@ def read_meta(path: Path) -> dict:
 
 
 # ---- finding checkpoints ----
-def recover(root: Path) -> list[Path]:
-    """Rename back every complete ``.step_N.replaced`` whose ``step_N`` is missing: what a save killed between its
-    two renames leaves (the earlier step_N aside, the new one still ``.incomplete``). Returns the steps put back."""
-    root, back = Path(root), []
-    if not root.is_dir():
-        return back
-    for p in root.iterdir():
-        m = ASIDE.match(p.name)
-        if m and (p / COMPLETE).is_file() and not (final := root / f"step_{m.group(1)}").exists():
-            try:
-                p.rename(final)
-            except OSError:  # a read-only checkpoint.dir, or another reader was first: complete_steps reads it aside
-                continue
-            _fsync(root)
-            back.append(final)
-    return back
-
-
-def complete_steps(root: Path) -> list[tuple[int, Path]]:
-    """The complete ``step_N`` folders under ``root``, oldest first (a step_N left aside by a killed save is put
-    back first, or listed under its aside name where it cannot be)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    recover(root)
-    found = {int(m.group(1)): p for p in root.iterdir() if (m := STEP.match(p.name)) and (p / COMPLETE).is_file()}
-    for p in root.iterdir():
-        if (m := ASIDE.match(p.name)) and (p / COMPLETE).is_file():
-            found.setdefault(int(m.group(1)), p)
-    return sorted(found.items())
-
-
-def incomplete_steps(root: Path) -> list[Path]:
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and
-                  (p.name.endswith(INCOMPLETE) or (STEP.match(p.name) and not (p / COMPLETE).exists())))
-
-
-def last_complete(root: Path) -> str:
-    steps = complete_steps(root)
-    return f"the last complete one is {steps[-1][1]}" if steps else f"{root} holds no complete checkpoint"

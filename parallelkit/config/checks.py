@@ -15,7 +15,7 @@ from parallelkit.config.env import cuda_available, under_torchrun
 from parallelkit.config.errors import ConfigError
 from parallelkit.data import corpus, tokens
 from parallelkit.models.hf import hf_fields
-from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
+from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_with_peak
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's cap on M_MMAP_THRESHOLD (64-bit); its dynamic threshold rises to it
@@ -178,24 +178,36 @@ def check_settings(cfg: DictConfig) -> None:
         if m.n_head % m.n_kv_head:
             raise ConfigError(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head}: each key/value "
                               f"head serves a whole group of query heads")
-    if cfg.data.name == "text":
-        check_text(cfg.data.get("path"), m.seq_len)
-    elif cfg.data.name == "corpus":
-        check_corpus(cfg.data, m.vocab_size)
-    elif cfg.data.name in tokens.FORMATS:
-        if not cfg.data.get("path"):
-            raise ConfigError(f"data={cfg.data.name} needs data.path=<its token file>")
+    gpu_mem = OmegaConf.select(cfg, "gpu_memory")
+    if gpu_mem is not None and not isinstance(gpu_mem, (int, float, str)):
+        raise ConfigError(f"gpu_memory={gpu_mem!r}: give bytes or a size such as 80GB")
+    if cfg.get("projection") is not None:
+        for key in PROJECTION:
+            projection_setting(cfg, key)
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """What the run reads or names outside its config: the data files (and the tokenizer), and the GPU that
+    ``projection.device`` names. Checked last, once the settings and the strategy's options are sound."""
+    m, data = cfg.model, cfg.data
+    if data.name == "text":
+        check_text(data.get("path"), m.seq_len)
+    elif data.name == "corpus":
+        check_corpus(data, m.vocab_size)
+    elif data.name in tokens.FORMATS:
+        if not data.get("path"):
+            raise ConfigError(f"data={data.name} needs data.path=<its token file>")
         try:
-            tokens.check(cfg.data.name, str(cfg.data.path), cfg.data.get("dtype"), m.vocab_size, m.seq_len)
+            tokens.check(data.name, str(data.path), data.get("dtype"), m.vocab_size, m.seq_len)
         except (tokens.TokenFileError, OSError) as e:
             text = " ".join(str(e).split())
             raise ConfigError(text if text.startswith("data.") else f"data.path={text}") from None
         if m.vocab_size < 256:
             raise ConfigError(f"model.vocab_size={m.vocab_size} < 256: byte-level text needs 256 tokens")
-    gpu_mem = OmegaConf.select(cfg, "gpu_memory")
-    if gpu_mem is not None and not isinstance(gpu_mem, (int, float, str)):
-        raise ConfigError(f"gpu_memory={gpu_mem!r}: give bytes or a size such as 80GB")
-    check_projection(cfg)
+    name, prec = OmegaConf.select(cfg, "projection.device"), cfg.train.precision
+    if name and device_with_peak(name, prec) is None:
+        known = ", ".join(k for k, v in CUDA_PEAK_TFLOPS.items() if v.get(prec))
+        raise ConfigError(f"projection.device={name!r}: no {prec} peak known for it; choose one of {known}")
 
 
 def grad_accum_of(cfg: DictConfig, data_ranks: int) -> int | None:
@@ -219,7 +231,8 @@ def check_world(cfg: DictConfig, processes: int, one_process: bool) -> None:
 
 # ---- projection.* (the step-time projection's settings) ----
 PROJECTION = {"efficiency": ("a number in (0, 1]", lambda v: 0 < v <= 1),
-              "latency_us": ("a number >= 0", lambda v: v >= 0), "bandwidth_GBps": ("a number > 0", lambda v: v > 0)}
+              "latency_us": ("a number >= 0", lambda v: v >= 0), "bandwidth_GBps": ("a number > 0", lambda v: v > 0),
+              "memory_GBps": ("a number > 0", lambda v: v > 0)}
 
 
 def projection_setting(cfg, key: str):
@@ -234,24 +247,9 @@ def projection_setting(cfg, key: str):
 
 
 def named_device(cfg) -> str | None:
-    """The data-sheet entry of ``projection.device`` (None when unset); one line naming the known ones else."""
+    """The data-sheet entry of ``projection.device`` (None when unset; ``check_inputs`` refused an unknown one)."""
     name = projection_setting(cfg, "device")
-    if not name:
-        return None
-    prec = cfg.train.precision
-    key = device_entry(name)
-    if key is None or not CUDA_PEAK_TFLOPS[key].get(prec):
-        known = ", ".join(k for k, v in CUDA_PEAK_TFLOPS.items() if v.get(prec))
-        raise ConfigError(f"projection.device={name!r}: no {prec} peak known for it; choose one of {known}")
-    return key
-
-
-def check_projection(cfg) -> None:
-    if cfg.get("projection") is None:
-        return
-    for key in PROJECTION:
-        projection_setting(cfg, key)
-    named_device(cfg)
+    return device_with_peak(name, cfg.train.precision) if name else None
 
 
 def note(text: str) -> None:

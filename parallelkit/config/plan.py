@@ -9,6 +9,7 @@ runs no check again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
+from parallelkit.models.gpt import GPTConfig
 
 MADE = {"plans": 0}  # plans built (runtime.plan.build_plan) or loaded (RunPlan.load) here: a test counts one a run
 
@@ -62,6 +64,11 @@ class RunPlan:
     @property
     def label(self) -> str:
         return self.cls.label(self.cfg, self.opts)
+
+    @functools.cached_property
+    def model(self):
+        """The model's shape (GPTConfig, LlamaConfig or HFShape): parameters by part, FLOPs per token."""
+        return GPTConfig.from_cfg(self.cfg.model)
 
     def save(self, run_dir: Path) -> None:
         """``config.yaml`` (the complete config the workers read) and ``plan.json`` (layout, rank map, notes)."""

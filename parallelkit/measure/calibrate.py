@@ -29,6 +29,7 @@ from parallelkit.measure.metrics import cpu_threads
 from parallelkit.util.cache import cache_dir  # noqa: F401 - importers name it here too
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS, device_entry
 from parallelkit.util.dtypes import DTYPES
+from parallelkit.util.jsonio import write_json
 
 SIZES = (128, 256, 512, 1024, 2048)  # CPU: the best is often a small one (caches; emulated bf16)
 CUDA_SIZES = (4096, 8192)
@@ -90,11 +91,8 @@ def read_cache(key: dict, kind: str = "peak") -> dict | None:
 
 
 def write_cache(key: dict, entry: dict, kind: str = "peak") -> None:
-    from parallelkit.util.jsonio import (
-        write_json,  # atomic: ranks calibrating at once never see half a file
-    )
-
-    write_json(cache_path(key, kind), {"key": key, **entry})
+    path = cache_path(key, kind)
+    write_json(path, {"key": key, **entry})  # atomic: ranks calibrating at once never see half a file
 
 
 def _read(key: dict) -> dict | None:

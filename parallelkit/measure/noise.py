@@ -91,9 +91,11 @@ class RunProbe:
         if given:
             self.peak, self.source = float(given), "config: peak_tflops"
         else:
+            # the rate the drift is measured from. CUDA: a short matmul check now (the data sheet is no measurement to
+            # drift from); CPU: the calibrated peak itself
+            self.before = calibrate.recheck(device, precision) if device.type == "cuda" else None
             self.peak, self.source = calibrate.device_peak(device, precision)
-            # CPU: the calibrated peak; CUDA: the data sheet is no measurement to drift from
-            self.before = self.peak if device.type == "cpu" else calibrate.recheck(device, precision)
+            self.before = self.before or self.peak
         self.warning = calibrate.precision_warning(device, precision)
         if self.warning and verbose:
             print(f"parallelkit: warning: {self.warning}", file=sys.stderr, flush=True)

@@ -103,14 +103,13 @@ class Summary:
 def base_summary(plan) -> Summary:
     """The fields a plan knows before training; a failed run's summary is this plus status and error."""
     from parallelkit.measure.calibrate import host_facts
-    from parallelkit.models.gpt import GPTConfig
 
     cfg, cls, opts, lay = plan.cfg, plan.cls, plan.opts, plan.layout
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum * lay.data_ranks
     return Summary(
         strategy=cfg.strategy.name, label=cls.label(cfg, opts), model=cfg.model.name,
-        params=GPTConfig.from_cfg(cfg.model).num_params(), world_size=lay.world, dp=lay.dp, tp=lay.tp, pp=lay.pp,
+        params=plan.model.num_params(), world_size=lay.world, dp=lay.dp, tp=lay.tp, pp=lay.pp,
         processes=lay.processes, precision=t.precision, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
         global_batch=global_batch, seq_len=cfg.model.seq_len, steps=t.steps, tokens_per_step=global_batch * cfg.model.seq_len,
         one_process=cls.one_process, reference=cls.reference, versions=versions(), machine=machine(), host=host_facts(), repeat=cfg.get("repeat"))
@@ -139,3 +138,13 @@ def one_line(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()
     return text[:400]
+
+
+def result_line(s: dict, where) -> str:
+    """The line a run prints when it ends (``where``: its folder)."""
+    if s["status"] != "ok":
+        return f"{s.get('label')}: {s['status']}: {s.get('error')}  ({where})"
+    mem = max(s["peak_mem_bytes"]) / 2**20
+    mfu = f", MFU {s['mfu']:.1%}" if s.get("mfu") else ""
+    return (f"{s['label']}: ok, {s['tokens_per_s']:,.0f} tokens/s{mfu}, step {s['step_time_s'] * 1e3:.1f} ms, "
+            f"peak mem {mem:,.0f} MiB/rank, final loss {s['final_loss']:.4f}  ({where})")

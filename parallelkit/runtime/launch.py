@@ -28,6 +28,7 @@ from pathlib import Path
 
 from parallelkit.data.datasets import prepare_data
 from parallelkit.measure.metrics import cpu_threads
+from parallelkit.measure.results import base_summary
 from parallelkit.runtime.processes import INIT_METHOD
 from parallelkit.runtime.procs import (
     LAUNCHER_PID,
@@ -80,12 +81,13 @@ def raise_on_signals() -> None:
         signal.signal(s, handler)
 
 
-def launch(plan, run_dir: Path, base: dict) -> dict:
-    """Run the plan's workers; return the final summary (also written to run_dir/summary.json). On ``Interrupted``
-    every process of the run is stopped, the summary says ``interrupted``, and the exception goes on up. However it
-    ends, every process of the run is stopped before it returns."""
+def launch(plan, run_dir: Path, predicted: dict) -> dict:
+    """Run the plan's workers (each loads the plan saved in ``run_dir``); return the final summary (also written to
+    run_dir/summary.json, with the ``predicted`` fields). On ``Interrupted`` every process of the run is stopped,
+    the summary says ``interrupted``, and the exception goes on up. However it ends, every process of the run is
+    stopped before it returns."""
     cfg, nproc = plan.cfg, plan.layout.processes
-    plan.save(run_dir)  # what each worker loads (config.yaml, plan.json)
+    base = {**base_summary(plan).to_dict(), **predicted}  # what the summary says if no worker writes one
     prepare_data(cfg.data)  # e.g. a corpus tokenized once, here rather than in every worker
     for stale in [run_dir / "summary.json", run_dir / "metrics.jsonl", *run_dir.glob("errors/rank*.txt")]:
         stale.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from parallelkit.measure.collective import gather_named, max_over_ranks
 from parallelkit.measure.noise import RunProbe
 from parallelkit.measure.progress import Progress
 from parallelkit.measure.results import Summary, base_summary, one_line
-from parallelkit.models.gpt import GPTConfig, build_model
+from parallelkit.models.gpt import build_model
 from parallelkit.runtime.processes import INIT_METHOD
 from parallelkit.runtime.procs import die_with_parent
 from parallelkit.strategies.base import Context, Strategy
@@ -55,10 +55,12 @@ def init_distributed(layout: Layout) -> Context:
 
 
 def make_strategy(plan: RunPlan, ctx: Context, run_dir: Path | None) -> Strategy:
-    """The planned strategy, set up on this rank: model built, wrapped, optimizer made."""
+    """The planned strategy, set up on this rank: model built, wrapped, optimizer made (glibc's mmap threshold is
+    set first, before the model is built)."""
     cfg, t = plan.cfg, plan.cfg.train
+    ctx.malloc = metrics.fix_mmap_threshold(t.get("cpu_mmap_threshold"))
     ctx.precision, ctx.seed, ctx.optim, ctx.train, ctx.cfg = t.precision, cfg.seed, cfg.optim, t, cfg
-    ctx.model, ctx.run_dir, ctx.instrument = GPTConfig.from_cfg(cfg.model), run_dir, bool(t.get("instrument", False))
+    ctx.model, ctx.run_dir, ctx.instrument = plan.model, run_dir, bool(t.get("instrument", False))
     strategy: Strategy = plan.cls(plan.opts)
     strategy.setup(ctx, functools.partial(build_model, cfg.model, cfg.seed, t.activation_checkpointing))
     return strategy
@@ -176,10 +178,10 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
 def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summary:
     cfg, layout = plan.cfg, plan.layout
     summary.device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    summary.cpu_malloc = metrics.fix_mmap_threshold(cfg.train.get("cpu_mmap_threshold"))  # before the model is built
+    strategy = make_strategy(plan, ctx, run_dir)
+    summary.cpu_malloc = ctx.malloc
     run_probe = RunProbe(cfg, ctx.device, cfg.train.precision, verbose=ctx.rank == 0)  # calibrated peak; precision warning
     peak = run_probe.peak
-    strategy = make_strategy(plan, ctx, run_dir)
     start = checkpoint.load(strategy, Path(cfg.checkpoint.resume)) if cfg.checkpoint.resume else 0
     done = run_steps(strategy, plan, start, run_dir, summary.label)
     times, losses, kinds, steps = done.times, done.losses, done.kinds, cfg.train.steps
@@ -223,14 +225,14 @@ def train(plan: RunPlan, ctx: Context, run_dir: Path, summary: Summary) -> Summa
 def worker(plan: RunPlan, run_dir: Path) -> int:
     """Run one rank of ``plan``. Returns the exit code; the summary is written by rank 0 in any case."""
     run_dir = Path(run_dir)
-    summary = base_summary(plan)
-    ctx = None
+    ctx, summary = None, None
     try:
         ctx = init_distributed(plan.layout)
-        summary = train(plan, ctx, run_dir, summary)
+        summary = train(plan, ctx, run_dir, summary := base_summary(plan))  # train fills in the base summary
         code = 0
     except BaseException as e:  # noqa: BLE001 - every failure becomes a status and one line
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        summary = summary or base_summary(plan)  # none yet when init_distributed failed
         summary.update(status="oom" if oom else "failed", error=one_line(e))
         rank = ctx.rank if ctx else int(os.environ.get("RANK", 0))
         (run_dir / "errors").mkdir(exist_ok=True)

@@ -13,9 +13,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from parallelkit.checkpoint.resume import checkpoint_plan
 from parallelkit.config.checks import (
     check_family,
+    check_inputs,
     check_settings,
     check_world,
     default_world_size,
@@ -26,6 +26,7 @@ from parallelkit.config.checks import (
 )
 from parallelkit.config.env import rank as env_rank
 from parallelkit.config.plan import MADE, RunPlan, options_dict, strategy_class
+from parallelkit.config.resume import checkpoint_plan
 
 
 def build_plan(cfg: DictConfig, explicit: set[str] | None = None, quiet: bool = False) -> RunPlan:
@@ -62,6 +63,7 @@ def build_plan(cfg: DictConfig, explicit: set[str] | None = None, quiet: bool = 
         check_world(cfg, layout.processes, cls.one_process)
         cfg.strategy.update(options_dict(opts))  # the saved config is complete: every option, defaults included
         cfg.strategy.name = opts.name
+        check_inputs(cfg)  # the data files, the device named: last, once the settings are sound
     OmegaConf.set_readonly(cfg, True)
     if not quiet:
         if adopted and env_rank() == 0:

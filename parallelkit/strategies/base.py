@@ -79,6 +79,7 @@ class Context:
     run_dir: Path | None = None
     instrument: bool = False  # count communication on every step (the slower, instrumented path)
     cfg: Any = None  # the whole run config, for backends whose own config mirrors the run's (DeepSpeed)
+    malloc: str | None = None  # glibc's mmap threshold in effect (measure/metrics.py fix_mmap_threshold)
 
 
 ModelBuilder = Callable[..., nn.Module]  # (device=..., init=...) -> GPT

@@ -32,3 +32,9 @@ def device_entry(name: str) -> str | None:
     if not found:  # a model number with a suffix: "V100S", "H100-SXM5" keep their entry's name as a prefix
         found = [k for k in CUDA_PEAK_TFLOPS if f" {k.lower()}" in words]
     return max(found, key=len) if found else None
+
+
+def device_with_peak(name: str, precision: str) -> str | None:
+    """The data-sheet entry of a device name that gives a peak for ``precision``, or None."""
+    key = device_entry(name)
+    return key if key is not None and CUDA_PEAK_TFLOPS[key].get(precision) else None

@@ -1,4 +1,5 @@
-"""Checkpoint options checked before any worker starts, and the lock on a checkpoint.dir in use.
+"""The checkpoint settings, checked before any worker starts: the step folders they name, the one a resume
+loads, and the lock on a checkpoint.dir in use (checkpoint/format.py writes and reads what is in the folders).
 
 ``checkpoint.resume`` takes a ``step_N`` folder, a ``checkpoint.dir`` (its newest complete
 checkpoint) or ``latest`` (the newest in this run's ``checkpoint.dir``); it is resolved here
@@ -10,26 +11,85 @@ import fcntl
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from parallelkit.checkpoint.format import (
-    COMPLETE,
-    FORMATS,
-    INCOMPLETE,
-    NATIVE,
-    STEP,
-    complete_steps,
-    incomplete_steps,
-    last_complete,
-    recover,
-)
 from parallelkit.config.checks import note
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.plan import options_dict, planned_strategy, strategy_class
 
+PORTABLE, NATIVE = "portable", "native"
+FORMATS = (PORTABLE, NATIVE)
+COMPLETE = "complete"  # the marker: present only once every rank's part and meta.json are written
+STEP = re.compile(r"step_(\d+)$")
+INCOMPLETE = ".incomplete"
+REPLACED = ".replaced"  # .step_N.replaced: an earlier step_N while save() puts the new one in its place
+ASIDE = re.compile(r"\.step_(\d+)\.replaced$")
+
+
+# ---- the step folders ----
+def sync_path(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover(root: Path) -> list[Path]:
+    """Rename back every complete ``.step_N.replaced`` whose ``step_N`` is missing: what a save killed between its
+    two renames leaves (the earlier step_N aside, the new one still ``.incomplete``). Returns the steps put back."""
+    root, back = Path(root), []
+    if not root.is_dir():
+        return back
+    for p in root.iterdir():
+        m = ASIDE.match(p.name)
+        if m and (p / COMPLETE).is_file() and not (final := root / f"step_{m.group(1)}").exists():
+            try:
+                p.rename(final)
+            except OSError:  # a read-only checkpoint.dir, or another reader was first: complete_steps reads it aside
+                continue
+            sync_path(root)
+            back.append(final)
+    return back
+
+
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
+    """The complete ``step_N`` folders under ``root``, oldest first (a step_N left aside by a killed save is put
+    back first, or listed under its aside name where it cannot be)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    recover(root)
+    found = {int(m.group(1)): p for p in root.iterdir() if (m := STEP.match(p.name)) and (p / COMPLETE).is_file()}
+    for p in root.iterdir():
+        if (m := ASIDE.match(p.name)) and (p / COMPLETE).is_file():
+            found.setdefault(int(m.group(1)), p)
+    return sorted(found.items())
+
+
+def incomplete_steps(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step_") and
+                  (p.name.endswith(INCOMPLETE) or (STEP.match(p.name) and not (p / COMPLETE).exists())))
+
+
+def last_complete(root: Path) -> str:
+    steps = complete_steps(root)
+    return f"the last complete one is {steps[-1][1]}" if steps else f"{root} holds no complete checkpoint"
+
+
+# ---- the plan of a resume ----
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "vocab_size", "seq_len", "tie_weights")
 
 
