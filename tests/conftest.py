@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -22,6 +23,12 @@ CACHE = Path(tempfile.mkdtemp(prefix="parallelkit-test-cache-"))
 os.environ["PARALLELKIT_CACHE"] = str(CACHE)
 os.environ.pop("PARALLELKIT_RECALIBRATE", None)
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+
+# The processes the tests spawn in-process (train_ranks, jobs_in_one_group) fork from one server process that
+# imported torch and the backends once (runtime.processes.spawn's forkserver), not each from a fresh interpreter:
+# a few seconds less per spawn, over ~80 of them. The CLI tests start fresh interpreters, as users' runs do.
+multiprocessing.set_forkserver_preload(["torch", "parallelkit.runtime.loop", "deepspeed", "fairscale"])
+START = "forkserver"
 
 # Small and fast: tiny model, few steps. Tests add or override keys.
 FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1",
@@ -120,7 +127,7 @@ def train_ranks(tmp_path: Path, name: str, *overrides: str) -> dict:
     plan = compose_plan(*overrides)
     out = tmp_path / name
     plan.save(out)
-    spawn(_rank_main, plan.layout.processes, str(out), timeout=600)
+    spawn(_rank_main, plan.layout.processes, str(out), timeout=600, start_method=START)
     s = summary(out)
     assert s["status"] == "ok", s
     return s
@@ -191,4 +198,5 @@ def jobs_in_one_group(nproc: int, jobs: list, timeout: float = 1200) -> None:
     losses after each to run_dir/resumed.json."""
     from parallelkit.runtime.processes import spawn
 
-    spawn(_jobs_main, nproc, [[str(x) if isinstance(x, Path) else x for x in j] for j in jobs], timeout=timeout)
+    spawn(_jobs_main, nproc, [[str(x) if isinstance(x, Path) else x for x in j] for j in jobs], timeout=timeout,
+          start_method=START)

@@ -10,6 +10,7 @@ import pytest
 import torch.multiprocessing as mp
 from conftest import (
     FAST,
+    START,
     assert_close_trajectory,
     compose_plan,
     compose_run,
@@ -62,7 +63,7 @@ def test_rank0_killed_mid_save_leaves_the_step_refused_and_the_previous_one_resu
     ck, run = tmp_path / "ck", tmp_path / "run"
     compose_plan(*DDP, f"checkpoint.dir={ck}", "checkpoint.every=2").save(run)
     with pytest.raises(mp.ProcessExitedException, match="signal SIGKILL"):
-        spawn(_dying_main, 2, str(run), 4, timeout=600)
+        spawn(_dying_main, 2, str(run), 4, timeout=600, start_method=START)
     partial = ck / "step_4.incomplete"
     assert (ck / "step_2" / "complete").is_file() and not (ck / "step_4").exists()
     assert (partial / "model.safetensors").is_file() and not (partial / "complete").exists()

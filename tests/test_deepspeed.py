@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    FAST,
     ROOT,
+    START,
     assert_close_trajectory,
     gpu,
-    run_cli,
-    summary,
     train_ranks,
     train_together,
 )
@@ -133,12 +131,11 @@ def test_conflicting_batch_size_fails_before_workers(tmp_path):
     train.grad_accum, accumulation would follow from the file: train_batch_size / (micro x dp))."""
     f = tmp_path / "ds.json"
     f.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
-    out = tmp_path / "bad"
-    p = run_cli(out, *FAST, "train.grad_accum=1", "strategy=deepspeed", f"strategy.config_file={f}")
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = [line for line in p.stderr.splitlines() if "train_batch_size" in line]
-    assert len(lines) == 1 and "train_batch_size=32" in lines[0] and "2 x 1 x 2 = 4" in lines[0], p.stderr[-2000:]
-    assert summary(out)["status"] == "failed" and not (out / "metrics.jsonl").exists() and not (out / "errors").exists()
+    with pytest.raises(ConfigError) as e:  # refused by the plan, before any worker
+        given = ["train.grad_accum=1", "train.micro_batch_size=2", "strategy=deepspeed", f"strategy.config_file={f}"]
+        build_plan(cfg_of(*given), explicit=explicit_keys(given, "deepspeed"))  # as the CLI plans it
+    err = str(e.value)
+    assert "train_batch_size=32" in err and "2 x 1 x 2 = 4" in err and "\n" not in err, err
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -231,6 +228,7 @@ def test_the_probe_step_keeps_no_gradient_alive_into_the_timed_steps(tmp_path, p
 
     run = tmp_path / "run"
     compose_plan(f"strategy={preset}", "train.grad_accum=2", "train.steps=4", "train.untimed_steps=2").save(run)
-    spawn(_probe_keeps_nothing_main, 2, str(run), str(tmp_path / "live.json"), timeout=300)
+    spawn(_probe_keeps_nothing_main, 2, str(run), str(tmp_path / "live.json"), timeout=300,
+          start_method=START)
     live = json.loads((tmp_path / "live.json").read_text())
     assert live["with"] == live["without"], live

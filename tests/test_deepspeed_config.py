@@ -253,11 +253,9 @@ def talk_run(tmp_path: Path, *overrides: str):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a CUDA GPU")
 def test_talk_json_fp16_on_cpu_fails_before_workers(tmp_path):
-    out, p = talk_run(tmp_path)
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = [line for line in p.stderr.splitlines() if "fp16" in line]
-    assert len(lines) == 1 and "train.precision=bf16" in lines[0], p.stderr[-2000:]
-    assert summary(out)["status"] == "failed" and not (out / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError) as e:  # refused by the plan, before any worker
+        adopt(tmp_path, "world_size=2", "train.steps=4", ds=TALK)
+    assert "fp16" in str(e.value) and "train.precision=bf16" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_talk_json_runs_as_written_with_bf16(tmp_path):

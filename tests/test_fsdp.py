@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close_trajectory, gpu, run_cli, summary, train_ranks, train_together
+from conftest import assert_close_trajectory, compose_plan, gpu, train_ranks, train_together
 from omegaconf import OmegaConf
+
+from parallelkit.config.errors import ConfigError
 
 # 10 steps, two micro-batches per step (no_sync path), clipping on: the parity configuration.
 PARITY = ["train.steps=10", "train.grad_accum=2", "train.grad_clip=0.5", "world_size=2"]
@@ -87,14 +89,13 @@ def test_activation_checkpointing_same_losses_less_memory(tmp_path):
     assert live < 0.88, (ac["live_peak_mem_bytes"], plain["live_peak_mem_bytes"])
 
 
-def test_fsdp1_refused_on_cpu_build(tmp_path):
+def test_fsdp1_refused_on_cpu_build():
     if torch.accelerator.current_accelerator(check_available=False) is not None:
         pytest.skip("this torch build has an accelerator: FSDP1 is allowed")
-    p = run_cli(tmp_path / "fsdp1", "strategy=fsdp1")
-    assert p.returncode != 0
-    assert "FSDP1 (FullyShardedDataParallel) needs a non-CPU accelerator" in p.stderr and "strategy=fsdp" in p.stderr
-    s = summary(tmp_path / "fsdp1")
-    assert s["status"] == "failed" and s["device"] is None  # refused before any worker started
+    with pytest.raises(ConfigError) as e:  # refused by the plan, before any worker starts
+        compose_plan("strategy=fsdp1")
+    assert "FSDP1 (FullyShardedDataParallel) needs a non-CPU accelerator" in str(e.value)
+    assert "strategy=fsdp" in str(e.value) and "\n" not in str(e.value)
 
 
 @gpu

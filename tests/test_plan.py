@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, compose_run, summary
+from conftest import FAST, ROOT, START, compose_run, summary
 from omegaconf import OmegaConf, open_dict
 
 from parallelkit.config.plan import planned_strategy
@@ -49,7 +49,7 @@ def test_the_plan_is_built_once_in_the_launcher_and_loaded_once_per_worker(tmp_p
     assert task(run_cfg) == "ok"
     assert MADE["plans"] == 1
     assert summary(out)["status"] == "ok" and json.loads((out / "plan.json").read_text())["layout"]["dp"] == 2
-    spawn(_count_main, 2, str(out), timeout=300)
+    spawn(_count_main, 2, str(out), timeout=300, start_method=START)
     for rank in (0, 1):
         assert json.loads((out / f"plans_rank{rank}.json").read_text()) == {"plans": 1, "code": 0}
 

@@ -13,22 +13,25 @@ import time
 INIT_METHOD = "PARALLELKIT_INIT_METHOD"  # read by runtime.loop.init_distributed
 
 
-def _entry(rank: int, fn, nprocs: int, init: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
+def _entry(rank: int, fn, nprocs: int, init: str, env: dict, args: tuple) -> None:
+    os.environ.clear()  # the caller's environment now (a forkserver's child starts with the server's)
+    os.environ.update(env, RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs),
                       **{INIT_METHOD: init})
     fn(rank, *args)
 
 
-def spawn(fn, nprocs: int, *args, timeout: float | None = 900) -> None:
-    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes that join one process group (RANK, WORLD_SIZE and
-    the store are in their environment: ``init_distributed`` reads them). Raises when one fails or the deadline
-    passes; every process is ended before it returns."""
+def spawn(fn, nprocs: int, *args, timeout: float | None = 900, start_method: str = "spawn") -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` new processes that join one process group (RANK, WORLD_SIZE and the
+    store are in their environment: ``init_distributed`` reads them). Raises when one fails or the deadline passes;
+    every process is ended before it returns. ``start_method``: ``spawn`` (a fresh interpreter each), or
+    ``forkserver`` (forked from a server process that imported what ``multiprocessing.set_forkserver_preload``
+    names, once: many short runs in one Python process, as the tests make, skip importing torch each time)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="parallelkit-store-") as folder:
         init = f"file://{folder}/store"
-        ctx = mp.start_processes(_entry, args=(fn, nprocs, init, args), nprocs=nprocs, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(fn, nprocs, init, dict(os.environ), args), nprocs=nprocs, join=False,
+                                 start_method=start_method)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not ctx.join(timeout=1):
