@@ -26,9 +26,10 @@ atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 # The processes the tests spawn in-process (train_ranks, jobs_in_one_group) fork from one server process that
 # imported torch and the backends once (runtime.processes.spawn's forkserver), not each from a fresh interpreter:
-# a few seconds less per spawn, over ~80 of them. The CLI tests start fresh interpreters, as users' runs do.
+# a few seconds less per spawn, over ~80 of them. The CLI tests start fresh interpreters, as users' runs do. With a
+# GPU they spawn: no CUDA state may be forked.
 multiprocessing.set_forkserver_preload(["torch", "parallelkit.runtime.loop", "deepspeed", "fairscale"])
-START = "forkserver"
+START = "spawn" if torch.cuda.is_available() else "forkserver"
 
 # Small and fast: tiny model, few steps. Tests add or override keys.
 FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1",
