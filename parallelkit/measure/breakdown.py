@@ -40,6 +40,14 @@ ENQUEUE_US = 5000  # a work item starting this soon after a c10d op on the main 
 OP_PREFIXES = ("aten::", "fsdp::", "c10d::", "_c10d_functional::", "deepspeed::", "profiler::_record")
 
 
+def _all_threads():
+    """The profiler's setting for every thread of the process (a torch without it: the calling thread's only)."""
+    try:
+        return torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except (AttributeError, TypeError):
+        return None
+
+
 class Profiled:
     """``with Profiled(device) as p:`` profiles what runs inside; ``p.result(pipeline)`` is the breakdown."""
 
@@ -52,7 +60,9 @@ class Profiled:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-        self.prof = torch.profiler.profile(activities=acts)
+        # every thread: FairScale's Pipe runs its stages on worker threads of its own, which the profiler does
+        # not follow otherwise (their forward landed in `other`)
+        self.prof = torch.profiler.profile(activities=acts, experimental_config=_all_threads())
         self.prof.__enter__()
         self._t0 = time.perf_counter()
         return self
