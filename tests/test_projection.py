@@ -183,3 +183,20 @@ def test_the_alpha_beta_fit_recovers_the_coefficients_it_was_made_from(n):
     assert fits["alpha_s"] == pytest.approx(alpha, rel=1e-6) and fits["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6)
     for kind, f in fits["kinds"].items():
         assert f["alpha_s"] == pytest.approx(alpha, rel=1e-6) and f["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6), kind
+
+
+def test_a_proxy_measured_on_a_busy_machine_is_scaled_to_the_calibrated_one(monkeypatch):
+    """The proxy's training rate is measured once and cached; a matmul re-check beside it says whether another load
+    slowed it. Below the calibration by more than the drift limit, the efficiency is scaled by their ratio, and
+    the source says so; a quiet re-check (or none) leaves it as measured."""
+    from parallelkit.advisor import projection
+
+    cfg = compose_run("train.micro_batch_size=1")
+    entry = {"tflops": 0.02, "measured_at": "then", "key": {"proxy": {"n_layer": 2, "seq_len": 64}, "batch": 1}}
+    for check, scale in ((None, 1.0), ({"matmul_tflops": 0.09, "calibrated_tflops": 0.1}, 1.0),
+                         ({"matmul_tflops": 0.05, "calibrated_tflops": 0.1}, 2.0)):
+        monkeypatch.setattr(projection, "proxy_rate", lambda *a, **k: {**entry, "load_check": check})
+        eff, source = projection.efficiency(cfg, Layout.data_parallel(2), 0.1)
+        if "measured" not in source:  # a GPU here: the efficiency is assumed, not measured
+            pytest.skip(source)
+        assert eff == pytest.approx(0.2 * scale) and (("busy" in source) == (scale > 1)), source

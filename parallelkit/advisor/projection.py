@@ -44,6 +44,7 @@ import parallelkit.measure.calibrate as calibrate
 from parallelkit.config.checks import named_device, projection_setting
 from parallelkit.config.layout import Layout
 from parallelkit.measure.metrics import cpu_threads
+from parallelkit.measure.noise import DRIFT_LIMIT
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS
 
@@ -147,11 +148,30 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True) -> d
 
         reps = max(1, math.ceil(PROXY_TRIAL_S / steps(1)))  # the first step also warms up
         best = min(steps(reps) for _ in range(3))
+        load = load_check(prec, threads)  # how busy the machine was while the proxy ran
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
-    entry = {"tflops": flops / best / 1e12, "step_s": best, "steps_per_trial": reps,
+    entry = {"tflops": flops / best / 1e12, "step_s": best, "steps_per_trial": reps, "load_check": load,
              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     calibrate.write_cache(key, entry, "efficiency")
     return {"key": key, **entry}
+
+
+def load_check(prec: str, threads: int) -> dict | None:
+    """The matmul rate now (a short re-check, as after a run) beside this machine's calibrated one, for ``threads``
+    threads: a proxy measured while another load ran is slow by about their ratio. None without a calibration."""
+    calibrated = calibrate.read_cache(calibrate.cache_key(prec, threads, torch.device("cpu")))
+    if calibrated is None:
+        return None
+    now = calibrate.recheck(torch.device("cpu"), prec)
+    return {"matmul_tflops": now, "calibrated_tflops": calibrated["tflops"]}
+
+
+def busy_scale(entry: dict) -> float:
+    """How much faster the proxy would have run on the calibrated machine: the calibrated / re-checked matmul rate
+    when the re-check beside the proxy fell more than DRIFT_LIMIT below the calibration (a busy machine), else 1."""
+    lc = entry.get("load_check") or {}
+    now, calibrated = lc.get("matmul_tflops"), lc.get("calibrated_tflops")
+    return calibrated / now if now and calibrated and now < calibrated * (1 - DRIFT_LIMIT) else 1.0
 
 
 def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) -> tuple[float | None, str]:
@@ -169,10 +189,11 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
     r = proxy_rate(cfg, threads, peak, measure)
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
-    p = r["key"]["proxy"]
-    return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, batch "
-                                          f"{r['key']['batch']} x seq {p['seq_len']}, {threads} thread(s) "
-                                          f"({r['measured_at']})")
+    p, scale = r["key"]["proxy"], busy_scale(r)
+    busy = f"; the machine was busy then (matmul at {1 / scale:.0%} of its calibration): x{scale:.2f}" if scale > 1 else ""
+    return min(1.0, r["tflops"] * scale / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
+                                                  f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
+                                                  f"thread(s) ({r['measured_at']}{busy})")
 
 
 # ---- the optimizer: memory traffic, per parameter it updates ----
