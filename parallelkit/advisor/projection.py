@@ -190,7 +190,7 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, scale = r["key"]["proxy"], busy_scale(r)
-    busy = f"; the machine was busy then (matmul at {1 / scale:.0%} of its calibration): x{scale:.2f}" if scale > 1 else ""
+    busy = f"; busy then (matmul at {1 / scale:.0%} of its calibration): x{scale:.2f}" if scale > 1 else ""
     return min(1.0, r["tflops"] * scale / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                                   f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
                                                   f"thread(s) ({r['measured_at']}{busy})")

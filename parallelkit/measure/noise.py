@@ -93,9 +93,9 @@ class RunProbe:
         else:
             # the rate the drift is measured from. CUDA: a short matmul check now (the data sheet is no measurement to
             # drift from); CPU: the calibrated peak itself
-            self.before = calibrate.recheck(device, precision) if device.type == "cuda" else None
+            check = calibrate.recheck(device, precision) if device.type == "cuda" else None
             self.peak, self.source = calibrate.device_peak(device, precision)
-            self.before = self.before or self.peak
+            self.before = check or self.peak
         self.warning = calibrate.precision_warning(device, precision)
         if self.warning and verbose:
             print(f"parallelkit: warning: {self.warning}", file=sys.stderr, flush=True)
