@@ -1,5 +1,15 @@
-"""``python -m parallelkit.calibrate``: the command; its work is in ``parallelkit/measure/calibrate.py``."""
-from parallelkit.measure.calibrate import main
+"""``python -m parallelkit.calibrate``: the command; its work is in ``parallelkit/measure/calibrate.py``.
+
+``python -m parallelkit.calibrate --framework [overrides]``: every preset's framework time for the projection,
+measured on narrow copies of the run the overrides describe (``parallelkit/advisor/framework.py``)."""
+import sys
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--framework"]:
+        from parallelkit.advisor.framework import main
+
+        main(sys.argv[2:])
+    else:
+        from parallelkit.measure.calibrate import main
+
+        main()

@@ -33,7 +33,8 @@ START = "spawn" if torch.cuda.is_available() else "forkserver"
 
 # Small and fast: tiny model, few steps. Tests add or override keys.
 FAST = ["model=tiny", "train.steps=6", "train.untimed_steps=1", "train.micro_batch_size=2", "peak_tflops=1",
-        "train.breakdown=false"]  # the step-time breakdown is tested where it is asserted (test_report.py)
+        "train.breakdown=false",  # the step-time breakdown is tested where it is asserted (test_report.py)
+        "projection.framework=false"]  # the narrow runs behind the framework time: tested in test_framework.py
 
 
 def run_cli(out: Path, *overrides: str, module: str = "parallelkit.run", timeout: int = 600,

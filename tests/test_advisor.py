@@ -13,7 +13,8 @@ def test_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
     """The headline command on a 1.3B model with 2 ranks of this machine: refused before any worker starts, with
     the predicted and available bytes and what would fit; the summary says skipped."""
     out = tmp_path / "oss_1b"
-    p = run_cli(out, "strategy=fairscale_oss", "model=gpt_1b", "gpu_memory=12GiB", predict=True)
+    p = run_cli(out, "strategy=fairscale_oss", "model=gpt_1b", "gpu_memory=12GiB", "projection.framework=false",
+                predict=True)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [line for line in p.stderr.splitlines() if "pre-flight" in line]
     assert len(lines) == 1 and lines[0].startswith("parallelkit: pre-flight: predicted") and "11.0 GiB available" in lines[0], lines

@@ -236,7 +236,8 @@ def test_estimate_adopts_the_json(tmp_path):
 
     f = tmp_path / "ds.json"
     f.write_text(json.dumps(TALK))
-    rep = estimate_all(["strategy=deepspeed", f"strategy.config_file={f}", "train.precision=bf16", "world_size=2"])
+    rep = estimate_all(["strategy=deepspeed", f"strategy.config_file={f}", "train.precision=bf16", "world_size=2",
+                        "projection.framework=false"])
     row = next(r for r in rep["rows"] if r["configured"])
     assert rep["micro_batch_size"] == 4 and rep["precision"] == "bf16" and row["offloaded"] > 0
 

@@ -19,8 +19,11 @@ from parallelkit.strategies.shared.memory_model import (
 PSI_1B = 1_313_722_368  # gpt_1b: 24 layers, d_model 2048, vocab 50304, seq 1024, tied
 
 
+NO_FRAMEWORK = "projection.framework=false"  # the narrow runs behind it: tests/test_framework.py
+
+
 def rows(*overrides: str) -> dict[str, dict]:
-    return {r["strategy"]: r for r in estimate_all(list(overrides))["rows"]}
+    return {r["strategy"]: r for r in estimate_all([*overrides, NO_FRAMEWORK])["rows"]}
 
 
 def test_parse_bytes_units():
@@ -130,13 +133,13 @@ def test_stage_split_balances_parameters():
 
 
 def test_cli_table_json_and_one_line_errors(tmp_path, capsys):
-    p = run_cli(tmp_path, "model=tiny", "--json", module="parallelkit.estimate", predict=True)
+    p = run_cli(tmp_path, "model=tiny", "--json", NO_FRAMEWORK, module="parallelkit.estimate", predict=True)
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)  # stdout is the JSON alone (backends' import chatter goes to stderr)
     assert rep["params"] == 136_960 and {"ddp", "fsdp", "single"} <= {r["strategy"] for r in rep["rows"]}
     if not torch.cuda.is_available():  # no gpu_memory, no GPU: nothing judged, no GPU allowance
         assert all(r["fits"] is None and r["overhead"] == 0 for r in rep["rows"])
-    main(["model=gpt_1b", "world_size=8", "gpu_memory=80GB"])
+    main(["model=gpt_1b", "world_size=8", "gpu_memory=80GB", NO_FRAMEWORK])
     out = capsys.readouterr().out
     assert "1,313,722,368 params" in out and "* ddp" in out and " yes" in out and "74.51 GiB" in out
     for bad, key in (["model=nope"], "model=nope"), (["gpu_memory=lots"], "gpu_memory"), \

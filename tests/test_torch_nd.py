@@ -46,7 +46,8 @@ def _check(name: str, s: dict, single: dict, overrides: list[str]) -> None:
 
 TWO = {"tp2_sp": ["strategy=torch_nd"],
        "ulysses_cp2": ["strategy=torch_nd_ulysses"],
-       "ring_cp2": ["strategy=torch_nd_ring"]}
+       "ring_cp2": ["strategy=torch_nd_ring"],
+       "rep2": ["strategy=torch_nd_hsdp"]}  # replicas of one shard: HSDP's 2-D mesh, all-reduced as predicted
 FOUR = {"fsdp2_tp2": ["strategy=torch_nd", "world_size=4"],
         "hsdp_2x2": ["strategy=torch_nd_hsdp", "world_size=4", "train.micro_batch_size=1"],
         "ulysses_cp4": ["strategy=torch_nd_ulysses", "world_size=4", "strategy.cp=4"],
@@ -66,6 +67,7 @@ def test_two_ranks_tp_ulysses_and_ring_match_single_and_resume_each_other(single
         assert s["status"] == "ok", (name, s)
         _check(name, s, single, TWO[name])
     assert runs["ring_cp2"]["label"] == "torch nd cp2 ring" and runs["tp2_sp"]["label"] == "torch nd tp2+sp"
+    assert set(runs["rep2"]["comm_by_kind"][0]) == {"all_reduce"}, runs["rep2"]["comm_by_kind"]
     resumed = json.loads((dirs["ring_cp2"] / "resumed.json").read_text())[str(ck / "step_3")]
     assert_close_trajectory(resumed, runs["ring_cp2"]["losses"][3:], rtol=RTOL)
 

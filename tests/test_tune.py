@@ -28,7 +28,8 @@ def test_tune_prunes_measures_and_names_the_fastest(tmp_path):
     out = tmp_path / "tune"
     t0 = time.monotonic()
     p = run_cli(out, *TINY, "tune.strategies=ddp,zero2,fsdp,deepspeed,neox_3d", "tune.micro_batch_sizes=[2]",
-                "tune.activation_checkpointing=[false]", "tune.budget_s=25", f"hydra.run.dir={out}",
+                "tune.activation_checkpointing=[false]", "tune.budget_s=25", "projection.framework=false",
+                f"hydra.run.dir={out}",
                 module="parallelkit.tune", timeout=300, predict=True)
     took = time.monotonic() - t0
     assert p.returncode == 0, p.stderr[-3000:]
@@ -76,7 +77,7 @@ def test_gpu_memory_plans_for_the_gpu(tmp_path, capsys):
     """With gpu_memory on a machine without CUDA, the device bytes are judged against it; budget 0: the plan only."""
     out = tmp_path / "plan"
     main(["model=gpt_1b", "world_size=2", "gpu_memory=24GB", "tune.budget_s=0", "tune.strategies=ddp,fsdp_zero3",
-          "tune.activation_checkpointing=false", f"hydra.run.dir={out}"])
+          "tune.activation_checkpointing=false", "projection.framework=false", f"hydra.run.dir={out}"])
     printed = capsys.readouterr().out
     by = {r["candidate"]: r for r in rows(out)}
     assert "planning for a GPU cluster" in printed, printed  # (the test skips on a CUDA machine, before running)

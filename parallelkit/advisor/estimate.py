@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
 
 from omegaconf import OmegaConf
 
+from parallelkit.advisor import framework
 from parallelkit.config.checks import parse_bytes
 from parallelkit.config.compose import (
     compose_config,
@@ -86,14 +88,18 @@ def estimate_all(overrides: list[str]) -> dict:
             limit, source = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
         else:
             source = "none (no CUDA device: no fit judged, no GPU allowance; set gpu_memory=80GB)"
-    rows, notes = [], []
+    rows, notes, configs = [], [], {}
     for name in strategy_presets():
+        configs[name] = pc = copy.deepcopy(cfg)  # the configured run's settings (adopted, derived), another preset
+        OmegaConf.set_readonly(pc, False)
+        if name != chosen:
+            pc.strategy = preset(name)
+    if not os.environ.get("PARALLELKIT_NO_PREDICTION"):  # every preset's framework time: one start-up
+        framework.prefetch(list(configs.values()))
+    for name, pc in configs.items():
         plan, note = configured, None
         try:
             if name != chosen:
-                pc = copy.deepcopy(cfg)  # the configured run's settings (adopted, derived), another preset
-                OmegaConf.set_readonly(pc, False)
-                pc.strategy = preset(name)
                 try:  # a check that fails here (no GPU, chunks vs batch) still leaves an estimate worth showing
                     plan = build_plan(pc, quiet=True)
                 except ConfigError as e:

@@ -3,7 +3,8 @@
 ``project(cfg, comm_by_kind, layout, ...)``: the step by the parts measure/breakdown.py measures (``parts_s``): forward
 and backward (the compute below, 1/3 and 2/3), the optimizer (``optimizer_seconds``), communication by kind less what
 the backend's overlap rule hides (``exposed``; on CPU nothing), and a pipeline's idle time (its bubble, (pp-1)/m of
-the compute, plus its p2p). Framework time between operators is not projected (docs/step_time.md).
+the compute, plus its p2p), and the backend's own framework time (hooks, dispatch, small calls: framework.py,
+measured on a narrow copy of the run). See docs/step_time.md.
 
 - compute_s = FLOPs per device per step / (peak x efficiency). FLOPs: ``GPTConfig.flops_per_token``
   (6N + 12·L·d·T, the figure behind a run's ``tflops``) x the global batch's tokens / devices: a
@@ -14,10 +15,11 @@ the compute, plus its p2p). Framework time between operators is not projected (d
   else ``peak_tflops``, or this machine's: on CPU calibrate.py's matmul peak at a worker's thread
   count (the cores shared by the local processes), on CUDA the data sheet.
   Efficiency: ``projection.efficiency``; on a GPU ``GPU_EFFICIENCY`` (an assumption); on CPU
-  measured here: the rate of a short single-process forward + backward (the run's precision, no
-  optimizer step) of a proxy of the configured model (its widths, vocabulary and micro-batch; at
-  most 2 blocks; the batch, then the sequence, cut while a step would take over ~1 s) over the
-  peak, cached. The CPU projection is then FLOPs / the proxy's rate (the peak cancels). A proxy of
+  measured here: the rate of a short forward + backward (the run's precision, no optimizer step) of a
+  proxy of the configured model (its widths, vocabulary and micro-batch; at most 2 blocks; the batch,
+  then the sequence, cut while a step would take over ~1 s) over the peak, cached; stepped in as many
+  processes at once as the run has here (up to the cores; the slowest counts), since processes that
+  compute at once share caches, memory bandwidth and clocks. The CPU projection is then FLOPs / the proxy's rate (the peak cancels). A proxy of
   over ``PROXY_MAX_PARAMS`` (gpt_125m and up) would take tens of seconds and gigabytes to measure:
   those get ``CPU_EFFICIENCY``, an assumption from the MFU measured in results/.
 - comm_s = sum over kinds of the alpha-beta time (bench_comm.coefficients: ring all-reduce,
@@ -38,6 +40,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from omegaconf import OmegaConf
 
 import parallelkit.advisor.bench_comm as bench_comm
 import parallelkit.measure.calibrate as calibrate
@@ -116,38 +119,92 @@ def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int] | None:
     return m, b
 
 
-def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True) -> dict | None:
-    """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads: cached, or measured now.
-    No optimizer step: its cost is per parameter, not per token, and would swamp a proxy cut to few tokens."""
+def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str):
+    """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times."""
     from parallelkit.models.gpt import build_model, lm_loss
     from parallelkit.strategies.shared.precision import Precision
 
+    model = build_model(m, seed=0, activation_checkpointing=ckpt)
+    autocast = Precision(prec, torch.device("cpu")).autocast
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
+
+    def steps(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with autocast():
+                loss = lm_loss(model(x), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return (time.perf_counter() - t0) / n
+    return steps
+
+
+def _proxy_alone(m: dict, b: int, ckpt: bool, prec: str, threads: int) -> tuple[float, int]:
+    """(best seconds per step, steps per trial) in this process, alone."""
+    with calibrate._threads(threads):
+        steps = _proxy_timer(m, b, ckpt, prec)
+        reps = max(1, math.ceil(PROXY_TRIAL_S / steps(1)))  # the first step also warms up
+        return min(steps(reps) for _ in range(3)), reps
+
+
+def _proxy_rank(rank: int, m: dict, b: int, ckpt: bool, prec: str, threads: int, out: str) -> None:
+    """One of the processes timing the proxy at once: trials start together (a barrier) and all take as many
+    steps; each writes its best."""
+    import json
+
+    import torch.distributed as dist
+
+    from parallelkit.runtime.processes import INIT_METHOD
+
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
+                            init_method=os.environ[INIT_METHOD])
+    torch.set_num_threads(threads)
+    steps = _proxy_timer(m, b, ckpt, prec)
+    reps = torch.tensor([max(1, math.ceil(PROXY_TRIAL_S / steps(1)))])
+    dist.all_reduce(reps, op=dist.ReduceOp.MAX)
+    best = []
+    for _ in range(3):
+        dist.barrier()
+        best.append(steps(int(reps)))
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump([min(best), int(reps)], f)
+    dist.destroy_process_group()
+
+
+def _proxy_together(m: dict, b: int, ckpt: bool, prec: str, threads: int, processes: int) -> tuple[float, int]:
+    """(best seconds per step of the slowest process, steps per trial) with ``processes`` processes stepping the
+    proxy at once, as the run's processes compute at once (they share caches, memory bandwidth and clocks: on a
+    2-core machine each ran about 10% slower than one alone)."""
+    import json
+    import tempfile
+
+    from parallelkit.runtime.processes import spawn
+
+    with tempfile.TemporaryDirectory(prefix="parallelkit-proxy-") as out:
+        spawn(_proxy_rank, processes, m, b, ckpt, prec, threads, out, timeout=300)
+        got = [json.loads(open(os.path.join(out, f"{r}.json")).read()) for r in range(processes)]
+    return max(g[0] for g in got), got[0][1]
+
+
+def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1) -> dict | None:
+    """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads in each of ``processes``
+    processes stepping it at once: cached, or measured now. No optimizer step: its cost is per parameter, not per
+    token, and would swamp a proxy cut to few tokens."""
     if (shape := proxy_shape(cfg, peak_tflops)) is None:
         return None
     m, b = shape
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
-    key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt}
+    key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
+           **({"processes": processes} if processes > 1 else {})}
     if (entry := calibrate.read_cache(key, "efficiency")) is not None or not measure:
         return entry
+    at_once = f", {processes} processes at once" if processes > 1 else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
-          f"({threads} thread(s), {prec}; cached for later)", file=sys.stderr, flush=True)
+          f"({threads} thread(s){at_once}, {prec}; cached for later)", file=sys.stderr, flush=True)
+    best, reps = (_proxy_together(m, b, ckpt, prec, threads, processes) if processes > 1
+                  else _proxy_alone(m, b, ckpt, prec, threads))
     with calibrate._threads(threads):
-        model = build_model(m, seed=0, activation_checkpointing=ckpt)
-        autocast = Precision(prec, torch.device("cpu")).autocast
-        g = torch.Generator().manual_seed(0)
-        x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
-
-        def steps(n: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                with autocast():
-                    loss = lm_loss(model(x), y)
-                loss.backward()
-                model.zero_grad(set_to_none=True)
-            return (time.perf_counter() - t0) / n
-
-        reps = max(1, math.ceil(PROXY_TRIAL_S / steps(1)))  # the first step also warms up
-        best = min(steps(reps) for _ in range(3))
         load = load_check(prec, threads)  # how busy the machine was while the proxy ran
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = {"tflops": flops / best / 1e12, "step_s": best, "steps_per_trial": reps, "load_check": load,
@@ -186,14 +243,16 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
                                 f"set projection.efficiency)")
-    r = proxy_rate(cfg, threads, peak, measure)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    r = proxy_rate(cfg, threads, peak, measure, min(layout.processes, cores))
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, scale = r["key"]["proxy"], busy_scale(r)
     busy = f"; busy then (matmul at {1 / scale:.0%} of its calibration): x{scale:.2f}" if scale > 1 else ""
+    at_once = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
     return min(1.0, r["tflops"] * scale / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                                   f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
-                                                  f"thread(s) ({r['measured_at']}{busy})")
+                                                  f"thread(s){at_once} ({r['measured_at']}{busy})")
 
 
 # ---- the optimizer: memory traffic, per parameter it updates ----
@@ -319,12 +378,16 @@ def exposed(by_kind: dict[str, float], overlap: dict[str, str] | None, fwd: floa
 
 def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool = True,
             updated_params: int | None = None, overlap: dict[str, str] | None = None,
-            micro_batches: int | None = None) -> dict:
+            micro_batches: int | None = None, framework: bool = True,
+            shares: tuple[list[float], int] | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
     backend's rule), and the pipeline's idle time (its bubble at ``micro_batches`` per step, and its p2p).
-    ``measure=False``: only cached calibrations; a missing one leaves step_s None."""
+    ``measure=False``: only cached calibrations; a missing one leaves step_s None. ``framework``: add the backend's
+    framework time measured on a narrow copy of the run (framework.py; ``projection.framework=false``: not).
+    ``shares``: a pipeline's FLOP share per pipeline rank and chunks per rank (``Strategy.pipeline_shares``): the
+    parts are then the slowest stage's, which paces the schedule."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
@@ -339,38 +402,61 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"]) if linked else {}
         comm = sum(by_kind.values()) if linked else None
+    pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
+    m, chunks = micro_batches or cfg.train.grad_accum, 1
+    if pipelined and shares and compute is not None:  # the slowest stage's rank: the others wait for it
+        compute *= layout.pp * max(shares[0])
+        chunks = shares[1]
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
     opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure)
-    pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
-    m = micro_batches or cfg.train.grad_accum
-    bubble = compute * (layout.pp - 1) / m if pipelined and compute is not None else 0.0
+    bubble = compute * (layout.pp - 1) / (chunks * m) if pipelined and compute is not None else 0.0
     exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
                   fwd or 0.0, bwd or 0.0, on_cpu)
     idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
+    fw, fw_src = framework_seconds(cfg, layout, measure) if framework else (None, "left out")
     parts = {"forward": fwd, "backward": bwd, "optimizer": opt,
-             "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle}
+             "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle, "framework": fw}
     step = None if compute is None or comm is None else sum(v or 0.0 for v in parts.values())
     assumptions = (f"a model, not a measurement: {device} at {_g(peak)} TFLOP/s x efficiency {_g(eff)}; "
                    f"alpha {_g(ln['alpha_s'], 1e6)} us, B {_g(ln['bandwidth_Bps'], 1e-9)} GB/s"
                    f"{' (per-kind fits)' if ln['per_kind'] else ''}, ring/tree costs on {n} ranks, a latency per "
                    f"{BUCKET // 2**20} MiB message; "
                    f"{'no overlap on CPU (gloo shares the cores)' if on_cpu else 'no overlap' if not overlap else 'overlap: ' + ', '.join(f'{k} under {v}' for k, v in overlap.items())}; "
-                   f"{'bubble (pp-1)/m of the compute; ' if pipelined else ''}optimizer: {opt_src}; "
-                   f"framework time between operators not projected")
+                   f"{'the slowest stage computes; bubble (pp-1)/(v·m) of its compute; ' if pipelined else ''}"
+                   f"optimizer: {opt_src}; "
+                   f"framework time: {fw_src}")
     return {"compute_s": compute, "comm_s": comm, "step_s": step, "parts_s": parts, "exposed_s_by_kind": exp,
-            "bubble_s": bubble, "optimizer_s": opt,
+            "bubble_s": bubble, "optimizer_s": opt, "framework_s": fw,
             "device": device, "peak_tflops": peak, "efficiency": eff, "alpha_s": ln["alpha_s"],
             "bandwidth_Bps": ln["bandwidth_Bps"], "flops_per_device": flops, "group_size": n,
             "comm_s_by_kind": by_kind, "source": f"peak: {peak_src}; efficiency: {eff_src}; comm: {ln['source']}",
             "assumptions": assumptions}
 
 
-def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None, measure: bool = True) -> dict:
-    """``project`` with what the plan knows: the backend's overlap rule and the elements each rank updates."""
+def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None, measure: bool = True,
+                 framework: bool = True) -> dict:
+    """``project`` with what the plan knows: the backend's overlap rule, the elements each rank updates, and the
+    collectives the communication counter cannot see (``Strategy.unseen_comm``)."""
     updated = plan.cls.optimizer_elements(plan.cfg, plan.opts, parts) if parts else None
+    unseen = plan.cls.unseen_comm(plan.cfg, plan.opts, plan.layout)
+    comm_by_kind = {k: comm_by_kind.get(k, 0) + unseen.get(k, 0) for k in {*comm_by_kind, *unseen}}
     return project(plan.cfg, comm_by_kind, plan.layout, measure, updated,
-                   plan.cls.overlap(plan.cfg, plan.opts))
+                   plan.cls.overlap(plan.cfg, plan.opts), framework=framework,
+                   shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout))
+
+
+def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:
+    """The backend's framework time per step (framework.py), unless ``projection.framework=false``."""
+    from parallelkit.advisor import framework
+
+    if OmegaConf.select(cfg, "projection.framework") is False:
+        return None, "not projected (projection.framework=false)"
+    if projection_setting(cfg, "device"):
+        return None, "not projected for a named device (it would be measured on this machine)"
+    if cfg.get("world_size") is None:
+        return None, "not projected (no world size yet)"
+    return framework.seconds(cfg, layout.processes, measure)
 
 
 def _g(v: float | None, scale: float = 1.0) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from parallelkit.advisor import framework
 from parallelkit.advisor.predict import (
     CUDA_CONTEXT,
     MARGIN,
@@ -168,7 +169,7 @@ def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
             "planning": planning, **s}
     # a named variant (zero2, fsdp_zero3) is kept over the base preset with the same options (deepspeed, fsdp)
     kept, same = distinct_presets(sorted(s["strategies"], key=lambda n: (not explicit_keys([], n), n)))
-    rows = [_row(a, why=f"same as {b}") for a, b in same.items()]
+    rows, judge = [_row(a, why=f"same as {b}") for a, b in same.items()], []
     for name in kept:
         base = copy.deepcopy(cfg)  # the configured run's settings (adopted, derived), another preset
         OmegaConf.set_readonly(base, False)
@@ -187,7 +188,10 @@ def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
             for mb in sizes:
                 pc = base.copy()
                 pc.train.micro_batch_size, pc.train.activation_checkpointing = mb, ckpt
-                rows.append(_judge(pc, name, dp, mb, ckpt, gpu if planning else None))
+                judge.append((pc, name, dp, mb, ckpt))
+    if not os.environ.get("PARALLELKIT_NO_PREDICTION"):  # every candidate's framework time: one start-up
+        framework.prefetch([j[0] for j in judge])
+    rows += [_judge(*j, gpu if planning else None) for j in judge]
     rows = _collapse(rows)
     todo = [r for r in rows if r["status"] == "todo"]
     by_time = bool(todo) and all(r["predicted_step_time_s"] is not None for r in todo)

@@ -184,6 +184,8 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.get("projection") is not None:
         for key in PROJECTION:
             projection_setting(cfg, key)
+        if not isinstance(fw := OmegaConf.select(cfg, "projection.framework", default=True), bool):
+            raise ConfigError(f"projection.framework={fw!r}: must be true or false")
 
 
 def check_inputs(cfg: DictConfig) -> None:

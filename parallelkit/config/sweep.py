@@ -106,3 +106,26 @@ def _preset_key(name: str) -> str:
     except Exception:  # noqa: BLE001 - a preset that cannot be read is kept as its own job (it fails as a row)
         return name
     return json.dumps([target, full], sort_keys=True, default=str)
+
+
+def sweep_jobs(argv: list[str]) -> list[list[str]]:
+    """The override list of each job a multirun command line makes, in Hydra's order (the experiment's
+    ``hydra.sweeper.params`` first, then the command line's; a key given on both: the command line's values).
+    [] when the command line does not compose (Hydra reports it as usual)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if _is_override(a)]
+    try:
+        parser = OverridesParser.create()
+        parsed = parser.parse_overrides(overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=fixed, return_hydra_config=True)
+        mine = {o.get_key_element(): o.input_line for o in parsed}
+        lines = [mine.pop(k, f"{k}={v}") for k, v in (cfg.hydra.sweeper.params or {}).items()] + list(mine.values())
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(lines), None)
+    except Exception:  # noqa: BLE001
+        return []
+    return [job for batch in batches for job in batch]

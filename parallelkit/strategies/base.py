@@ -166,6 +166,18 @@ class Strategy:
         hands to each call, not wire traffic. ``{}``: nothing is sent. None: not predicted."""
         return None
 
+    @classmethod
+    def unseen_comm(cls, cfg, o: Options, layout: Layout) -> dict[str, float]:
+        """Communication the backend runs that ``comm()`` leaves out because the counter cannot see it (DTensor's
+        functional collectives), by kind in the same units: the projection adds it. {}: none."""
+        return {}
+
+    @classmethod
+    def pipeline_shares(cls, cfg, o: Options, layout: Layout) -> tuple[list[float], int] | None:
+        """A pipeline's (share of the model's FLOPs on each pipeline rank, model chunks per rank), for the
+        projection's slowest stage and bubble. None: not a pipeline."""
+        return None
+
     # ---- in the worker: the template ----
     @classmethod
     def optimizer_elements(cls, cfg, o: Options, parts: dict) -> int | None:

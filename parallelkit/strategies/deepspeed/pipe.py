@@ -59,7 +59,7 @@ from parallelkit.strategies.shared.memory_model import (
     zero_state_bytes,
 )
 from parallelkit.strategies.shared.optim import param_groups
-from parallelkit.strategies.shared.pipeline import bubble, stage_balance
+from parallelkit.strategies.shared.pipeline import block_flops, bubble, rank_shares, stage_balance
 from parallelkit.strategies.shared.tensor_parallel import tp_slice, tp_unslice
 from parallelkit.util.tensors import storages
 
@@ -216,6 +216,12 @@ class DeepSpeedPipeStrategy(DeepSpeedStrategy):
     def label(cls, cfg, o) -> str:
         lay = cls.layout(cfg, o)
         return f"deepspeed pipe pp{lay.pp} dp{lay.dp} zero{o.zero_stage}"
+
+    @classmethod
+    def pipeline_shares(cls, cfg, o, layout):
+        c = GPTConfig.from_cfg(cfg.model)
+        flops = [0.0, 0.0, *[block_flops(c)] * c.n_layer, 0.0, 6.0 * c.vocab_size * c.d_model]  # as pipeline_layers
+        return rank_shares(flops, stage_balance(pipeline_layers(c), layout.pp, o.partition_method), layout.pp), 1
 
     @classmethod
     def stages(cls, cfg, o, layout: Layout) -> list[tuple[int, float]]:

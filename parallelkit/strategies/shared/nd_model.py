@@ -85,7 +85,7 @@ def nd_comm(cfg, o, layout) -> dict[str, float] | None:
     (s/cp)·b·h/tp fp32 values) or the ring's k and v passed cp - 1 times forward and, with their gradients, twice
     backward (each tensor counted by sender and receiver), the dk and dv accumulators home once more, and the clip
     norm (fp64). DTensor's tensor-parallel collectives run as functional collectives, which the
-    counter does not see: they are not in the prediction either (see describe())."""
+    counter does not see: they are left out here too, and the projection adds them (``nd_tp_comm``)."""
     if one_process(layout):
         return {}
     if layout.pp > 1:
@@ -109,6 +109,25 @@ def nd_comm(cfg, o, layout) -> dict[str, float] | None:
             per = (cp - 1) * 2 * w + (cp - 1) * (2 * w + 2 * FP32) + 2 * FP32
             parts.append({"send_recv": 2 * c.n_layer * m * values * per})
     return total(*parts)
+
+
+def nd_tp_comm(cfg, o, layout) -> dict[str, float]:
+    """DTensor's tensor-parallel collectives, which nd_comm leaves out (the counter does not see functional
+    collectives), per optimizer step on the busiest stage's layers: without sequence parallelism Megatron's
+    all-reduces (comm_model.tensor_parallel); with it, per block and micro-batch, the attention's and MLP's inputs
+    all-gathered and their outputs reduce-scattered in forward, and the reverse for their gradients in backward,
+    plus the sequence split after the embedding and joined before the head (an all-gather each way)."""
+    from parallelkit.strategies.shared.comm_model import activation, tensor_parallel
+
+    rep, shard, cp, tp, sp = _degrees(o, layout)
+    if tp == 1 or one_process(layout):
+        return {}
+    c, m = GPTConfig.from_cfg(cfg.model), cfg.train.grad_accum
+    layers, w = -(-c.n_layer // layout.pp), word(cfg.train.precision)
+    if not sp:
+        return {k: v / cp for k, v in tensor_parallel(cfg, layers, w, FP32).items()}
+    a = activation(cfg) / cp  # this rank's part of the sequence, whole hidden size
+    return {"all_gather": m * a * (2 * layers + 1) * (w + FP32), "reduce_scatter": m * a * 2 * layers * (w + FP32)}
 
 
 def _pipeline_comm(cfg, o, layout) -> dict[str, float]:

@@ -36,6 +36,23 @@ def bubble(m: int, p: int, v: int = 1) -> float:
     return (p - 1) / (v * m + p - 1)
 
 
+def block_flops(c) -> float:
+    """Training FLOPs per token of one block (6 x its parameters, plus attention's 12·d·T): ``flops_per_token``'s
+    share of it. The embedding lookup, positions and final norm count none; the head 6·V·d."""
+    return 6 * c.block_params() + 12 * c.d_model * c.seq_len
+
+
+def rank_shares(flops: list[float], balance: list[int], pp: int) -> list[float]:
+    """Each pipeline rank's share of the model's FLOPs: ``flops`` per layer, ``balance`` layers per stage, rank r
+    holding stages r, r + pp, ... (interleaved schedules)."""
+    stages, i = [], 0
+    for n in balance:
+        stages.append(sum(flops[i:i + n]))
+        i += n
+    total = sum(stages) or 1.0
+    return [sum(stages[r::pp]) / total for r in range(pp)]
+
+
 def gpt_layers(c) -> list[tuple[str, int]]:
     """(name, parameters) of ``GPT.layers()`` as torch pipelining and FairScale Pipe cut them; the last stage
     holds its own copy of a tied head, so it counts there."""

@@ -48,7 +48,7 @@ from parallelkit.models.gpt import GPT, assign_full, causal_attention, initial_v
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names, full_state, load_full_state
 from parallelkit.strategies.shared.fsdp import fsdp2_no_sync
-from parallelkit.strategies.shared.nd_model import nd_comm, nd_memory
+from parallelkit.strategies.shared.nd_model import nd_comm, nd_memory, nd_tp_comm
 from parallelkit.strategies.shared.tensor_parallel import tp_slice, tp_unslice
 from parallelkit.strategies.torch.pipe import SCHEDULES, TorchPipeOptions, TorchPipeStrategy, _Stage
 
@@ -164,7 +164,13 @@ class TorchNDStrategy(TorchPipeStrategy):
         return nd_comm(cfg, o, layout)
 
     @classmethod
+    def unseen_comm(cls, cfg, o, layout):
+        return nd_tp_comm(cfg, o, layout)
+
+    @classmethod
     def overlap(cls, cfg, o):
+        if cls.layout(cfg, o).tp > 1:  # these kinds are then mostly DTensor's own, which wait where they are called
+            return {}
         return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # FSDP2's prefetch and reduce
 
     # ---- in the worker ----
@@ -204,6 +210,8 @@ class TorchNDStrategy(TorchPipeStrategy):
             parts = [_Stage([layers[i] for i in self.stage_layers[s]], self.precision.dtype)
                      for s in self.stage_ids]
         dp_dims = [d for d, n in (("dp_replicate", o.dp_replicate), ("dp_shard_cp", shard * lay.cp)) if n > 1]
+        if o.dp_replicate > 1 and len(dp_dims) == 1:  # replicas of one shard: still HSDP's 2-D mesh (a 1-D one
+            dp_dims.append("dp_shard_cp")  # would shard over the replicas: ZeRO-3, not the all-reduce it names)
         self.fsdp = bool(dp_dims)
         if self.fsdp:
             self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")

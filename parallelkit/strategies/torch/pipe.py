@@ -59,7 +59,7 @@ from parallelkit.strategies.shared.comm_model import (
 )
 from parallelkit.strategies.shared.ddp import ddp_probe_comm, ddp_wrap
 from parallelkit.strategies.shared.memory_model import pipeline_memory
-from parallelkit.strategies.shared.pipeline import bubble, gpt_layers, stage_balance
+from parallelkit.strategies.shared.pipeline import block_flops, bubble, gpt_layers, rank_shares, stage_balance
 from parallelkit.util.tensors import time_in
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -145,6 +145,14 @@ class TorchPipeStrategy(Strategy):
     def memory(cls, cfg, o, layout, mem):
         return pipeline_memory(cfg, layout, o.schedule, o.chunks, o.dp_mode == "fsdp",
                                stage_balance(gpt_layers(GPTConfig.from_cfg(cfg.model)), layout.pp * o.chunks))
+
+    @classmethod
+    def pipeline_shares(cls, cfg, o, layout):
+        if layout.pp == 1:
+            return None
+        c = GPTConfig.from_cfg(cfg.model)
+        flops = [0.0, *[block_flops(c)] * c.n_layer, 6.0 * c.vocab_size * c.d_model]  # embedding, blocks, head
+        return rank_shares(flops, stage_balance(gpt_layers(c), layout.pp * o.chunks), layout.pp), o.chunks
 
     @classmethod
     def comm(cls, cfg, o, layout):

@@ -1,0 +1,81 @@
+"""The projection's framework time (advisor/framework.py): narrow copies of a run, trained for real, and the
+projection's other model terms this stop added (a pipeline's slowest stage, DTensor's unseen collectives)."""
+import pytest
+from conftest import compose_plan, compose_run
+
+from parallelkit.advisor import framework
+from parallelkit.advisor.projection import project, project_plan
+from parallelkit.config.errors import ConfigError
+
+ON = "projection.framework=true"  # FAST turns it off for the other tests
+MODEL = ["projection.efficiency=0.5", "projection.latency_us=5", "projection.bandwidth_GBps=10"]  # nothing else measured
+
+
+def test_a_narrow_copy_keeps_what_costs_framework_time_and_shrinks_the_rest():
+    for model, heads in (("model=gpt_1b", 16), ("model=llama_small", 8)):
+        cfg = compose_run(model, "strategy=zero3", "train.activation_checkpointing=true")
+        n = framework.narrow(cfg, 2)
+        assert n.model.n_layer == cfg.model.n_layer and n.model.n_head == heads
+        assert n.model.d_model % heads == 0 and (n.model.d_model // heads) % 2 == 0 and n.model.d_model <= 256
+        assert n.model.vocab_size == 512 and n.model.seq_len == 64 and n.data.name == "synthetic"
+        assert n.train.grad_accum == 2 and n.train.activation_checkpointing and n.strategy == cfg.strategy
+        assert n.model.get("d_ff") in (None, 4 * n.model.d_model)
+    assert framework.narrow(compose_run("model=hf", "model.path=nowhere", checked=False)) is None
+
+
+def test_framework_time_is_measured_on_narrow_runs_per_step_and_per_micro_batch():
+    """DDP and ZeRO-3 measured in one process group (two schedules each): ZeRO-3's hooks and gathers cost more
+    than DDP's bucketed all-reduce; the projection adds per step + micro-batches x per micro-batch, cached."""
+    cfgs = [compose_run(f"strategy={s}", ON, "train.grad_accum=3", *MODEL) for s in ("ddp", "zero3")]
+    entries = framework.measure_all(cfgs, quiet=True)
+    for cfg, e in zip(cfgs, entries):
+        assert "error" not in e, e
+        (a1, t1, p1), (a2, t2, p2) = e["schedules"]
+        assert (a1, a2) == (1, 2) and t2 > t1 > 0 and p2 > p1 > 0
+        assert e["per_step_s"] >= 0 and e["per_micro_batch_s"] >= 0
+        seconds, source = framework.seconds(cfg, 2, measure=False)  # cached: no second measurement
+        assert seconds == pytest.approx(e["per_step_s"] + 3 * e["per_micro_batch_s"]) and "measured" in source
+        lay = compose_plan(f"strategy={cfg.strategy.name}", ON).layout
+        p = project(cfg, {"all_reduce": 1e6}, lay, measure=False)
+        assert p["parts_s"]["framework"] == pytest.approx(seconds)
+        assert p["step_s"] == pytest.approx(sum(v or 0 for v in p["parts_s"].values()))
+    (ddp, _), (zero3, _) = (framework.seconds(c, 2, measure=False) for c in cfgs)
+    assert zero3 > ddp, (zero3, ddp)
+    off = compose_run("strategy=zero3", "train.grad_accum=3", *MODEL)  # FAST: projection.framework=false
+    assert project(off, {"all_reduce": 1e6}, lay, measure=False)["parts_s"]["framework"] is None
+    with pytest.raises(ConfigError, match="projection.framework='often': must be true or false"):
+        compose_run("projection.framework=often")
+
+
+def test_a_pipeline_is_paced_by_its_slowest_stage():
+    """Stages balanced by parameters are not balanced by FLOPs: the last holds the head. The projection's compute
+    is then the slowest stage's, and the bubble (pp-1)/(v·m) of it."""
+    common = ["model=small", "model.vocab_size=8192", "model.seq_len=128", "world_size=2", "train.grad_accum=2",
+              *MODEL]
+    for name in ("torch_pipe", "deepspeed_pipe"):
+        plan = compose_plan(f"strategy={name}", *common)
+        shares, chunks = plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout)
+        assert sum(shares) == pytest.approx(1) and shares[1] > 2 * shares[0] and chunks == 1, shares
+        p = project_plan(plan, {})
+        even = project(plan.cfg, {}, plan.layout)
+        assert p["compute_s"] == pytest.approx(even["compute_s"] * 2 * max(shares))
+        assert p["bubble_s"] == pytest.approx(p["compute_s"] / 2)
+    assert compose_plan("strategy=ddp", *common).cls.pipeline_shares(None, None, None) is None
+
+
+def test_tensor_parallel_collectives_the_counter_misses_are_projected():
+    """DTensor's functional collectives are not counted (comm() leaves them out, as the counter does), but they run:
+    with sequence parallelism two all-gathers and two reduce-scatters a block forward and backward, plus the
+    sequence split and join; without it Megatron's all-reduces."""
+    plan = compose_plan("strategy=torch_nd", "train.grad_accum=2", *MODEL)  # tp2 + sequence parallel on 2 ranks
+    c, t = plan.cfg.model, plan.cfg.train
+    a, L = t.micro_batch_size * c.seq_len * c.d_model, c.n_layer
+    unseen = plan.cls.unseen_comm(plan.cfg, plan.opts, plan.layout)
+    assert unseen == {"all_gather": pytest.approx(2 * a * (2 * L + 1) * 8),
+                      "reduce_scatter": pytest.approx(2 * a * 2 * L * 8)}
+    assert "all_gather" not in (plan.cls.comm(plan.cfg, plan.opts, plan.layout) or {})
+    p = project_plan(plan, {}, None, measure=False)
+    assert {"all_gather", "reduce_scatter"} <= set(p["exposed_s_by_kind"])
+    plain = compose_plan("strategy=torch_nd", "strategy.sequence_parallel=false", "train.grad_accum=2")
+    assert plain.cls.unseen_comm(plain.cfg, plain.opts, plain.layout) == {"all_reduce": pytest.approx(2 * 2 * L * a * 8)}
+    assert compose_plan("strategy=fsdp").cls.unseen_comm(None, None, None) == {}
