@@ -43,6 +43,7 @@ from parallelkit.config.compose import CONF_DIR
 STEPS, UNTIMED = 12, 3  # the narrow run's steps: 9 timed, after the warm-up steps
 NARROW = {"vocab_size": 512, "seq_len": 64, "micro_batch_size": 2}
 JOB_S = 60  # the spawn's deadline: a start-up allowance and this much per narrow run
+PROJECTED_BY = 2  # the version of the projection its residuals are taken from: a new one measures them again
 
 
 def narrow(cfg, accum: int | None = None):
@@ -85,7 +86,7 @@ def key(cfg, processes: int) -> dict:
             "arch": m.get("arch") or "gpt", "n_layer": int(m.n_layer), "n_head": int(m.n_head),
             "n_kv_head": m.get("n_kv_head"), "tie_weights": bool(m.get("tie_weights", True)),
             "activation_checkpointing": bool(t.activation_checkpointing),
-            "narrow": NARROW, "steps": [STEPS, UNTIMED]}
+            "narrow": NARROW, "steps": [STEPS, UNTIMED], "projected_by": PROJECTED_BY}
 
 
 def cached(cfg, processes: int) -> dict | None:

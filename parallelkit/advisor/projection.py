@@ -18,8 +18,9 @@ measured on a narrow copy of the run). See docs/step_time.md.
   measured here: the rate of a short forward + backward (the run's precision, no optimizer step) of a
   proxy of the configured model (its widths, vocabulary and micro-batch; at most 2 blocks; the batch,
   then the sequence, cut while a step would take over ~1 s) over the peak, cached; stepped in as many
-  processes at once as the run has here (up to the cores; the slowest counts), since processes that
-  compute at once share caches, memory bandwidth and clocks. The CPU projection is then FLOPs / the proxy's rate (the peak cancels). A proxy of
+  processes at once as the run has here (up to the cores), since processes that compute at once share
+  caches, memory bandwidth and clocks, and timed as a run is: the median step, each waiting for the
+  slowest process (the best of a few trials ran about 10% faster than that). The CPU projection is then FLOPs / the proxy's rate (the peak cancels). A proxy of
   over ``PROXY_MAX_PARAMS`` (gpt_125m and up) would take tens of seconds and gigabytes to measure:
   those get ``CPU_EFFICIENCY``, an assumption from the MFU measured in results/.
 - comm_s = sum over kinds of the alpha-beta time (bench_comm.coefficients: ring all-reduce,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -56,7 +58,8 @@ GPU_EFFICIENCY = 0.4  # achieved / peak FLOP/s assumed on a GPU (large GPT train
 CPU_EFFICIENCY = 0.3  # CPU, a model too large to proxy: results/memory_vs_model's gpt_125m, gpt_350m had MFU 0.2-0.33
 PROXY_MAX_PARAMS = 30_000_000  # a larger proxy takes tens of seconds and gigabytes to build and step on a CPU
 PROXY_STEP_S = 1.0  # the efficiency proxy's step, at an assumed half of the peak
-PROXY_TRIAL_S = 0.2  # a timing trial repeats the proxy step until this long; the best of 3
+PROXY_TRIAL_S = 0.5  # the proxy is timed for PROXY_TRIALS x this long, step by step: the median step (6 steps of
+PROXY_TRIALS, PROXY_MIN_STEPS = 4, 10  # a 2-process proxy varied by 20% from one measurement to the next)
 
 
 def group_size(layout: Layout) -> int:
@@ -140,17 +143,22 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str):
     return steps
 
 
+def _proxy_steps(first_s: float) -> int:
+    """Steps to time after a warm-up step of ``first_s``: PROXY_TRIALS trials' worth, at least PROXY_MIN_STEPS."""
+    return max(PROXY_MIN_STEPS, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S / first_s))
+
+
 def _proxy_alone(m: dict, b: int, ckpt: bool, prec: str, threads: int) -> tuple[float, int]:
-    """(best seconds per step, steps per trial) in this process, alone."""
+    """(median seconds per step, steps timed) in this process, alone."""
     with calibrate._threads(threads):
         steps = _proxy_timer(m, b, ckpt, prec)
-        reps = max(1, math.ceil(PROXY_TRIAL_S / steps(1)))  # the first step also warms up
-        return min(steps(reps) for _ in range(3)), reps
+        n = _proxy_steps(steps(1))  # the first step also warms up
+        return statistics.median(steps(1) for _ in range(n)), n
 
 
 def _proxy_rank(rank: int, m: dict, b: int, ckpt: bool, prec: str, threads: int, out: str) -> None:
-    """One of the processes timing the proxy at once: trials start together (a barrier) and all take as many
-    steps; each writes its best."""
+    """One of the processes stepping the proxy at once: every step starts together (a barrier, as a run's
+    collectives line its ranks up), all take as many; each writes its step times."""
     import json
 
     import torch.distributed as dist
@@ -161,21 +169,21 @@ def _proxy_rank(rank: int, m: dict, b: int, ckpt: bool, prec: str, threads: int,
                             init_method=os.environ[INIT_METHOD])
     torch.set_num_threads(threads)
     steps = _proxy_timer(m, b, ckpt, prec)
-    reps = torch.tensor([max(1, math.ceil(PROXY_TRIAL_S / steps(1)))])
-    dist.all_reduce(reps, op=dist.ReduceOp.MAX)
-    best = []
-    for _ in range(3):
+    n = torch.tensor([_proxy_steps(steps(1))])
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    times = []
+    for _ in range(int(n)):
         dist.barrier()
-        best.append(steps(int(reps)))
+        times.append(steps(1))
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
-        json.dump([min(best), int(reps)], f)
+        json.dump(times, f)
     dist.destroy_process_group()
 
 
 def _proxy_together(m: dict, b: int, ckpt: bool, prec: str, threads: int, processes: int) -> tuple[float, int]:
-    """(best seconds per step of the slowest process, steps per trial) with ``processes`` processes stepping the
-    proxy at once, as the run's processes compute at once (they share caches, memory bandwidth and clocks: on a
-    2-core machine each ran about 10% slower than one alone)."""
+    """(median over steps of the slowest process's step, steps timed) with ``processes`` processes stepping the
+    proxy at once, as the run's processes compute at once (they share caches, memory bandwidth and clocks), and
+    the statistic a run reports (its median step, which waits for its slowest rank)."""
     import json
     import tempfile
 
@@ -184,7 +192,7 @@ def _proxy_together(m: dict, b: int, ckpt: bool, prec: str, threads: int, proces
     with tempfile.TemporaryDirectory(prefix="parallelkit-proxy-") as out:
         spawn(_proxy_rank, processes, m, b, ckpt, prec, threads, out, timeout=300)
         got = [json.loads(open(os.path.join(out, f"{r}.json")).read()) for r in range(processes)]
-    return max(g[0] for g in got), got[0][1]
+    return statistics.median(max(step) for step in zip(*got)), len(got[0])
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1) -> dict | None:
@@ -196,18 +204,18 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     m, b = shape
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
-           **({"processes": processes} if processes > 1 else {})}
+           "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
     if (entry := calibrate.read_cache(key, "efficiency")) is not None or not measure:
         return entry
     at_once = f", {processes} processes at once" if processes > 1 else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
           f"({threads} thread(s){at_once}, {prec}; cached for later)", file=sys.stderr, flush=True)
-    best, reps = (_proxy_together(m, b, ckpt, prec, threads, processes) if processes > 1
-                  else _proxy_alone(m, b, ckpt, prec, threads))
+    step, n = (_proxy_together(m, b, ckpt, prec, threads, processes) if processes > 1
+               else _proxy_alone(m, b, ckpt, prec, threads))
     with calibrate._threads(threads):
         load = load_check(prec, threads)  # how busy the machine was while the proxy ran
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
-    entry = {"tflops": flops / best / 1e12, "step_s": best, "steps_per_trial": reps, "load_check": load,
+    entry = {"tflops": flops / step / 1e12, "step_s": step, "steps_timed": n, "load_check": load,
              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     calibrate.write_cache(key, entry, "efficiency")
     return {"key": key, **entry}
