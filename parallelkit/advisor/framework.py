@@ -26,6 +26,7 @@ Hugging Face model (``model.arch=hf``) has no narrow copy: no term.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 import sys
@@ -122,15 +123,19 @@ def prefetch(cfgs: list) -> None:
     project with one and have none cached: what ``tune`` does before it predicts its candidates."""
     from parallelkit.runtime.plan import build_plan
 
-    todo = []
+    todo, seen = [], set()
     for cfg in cfgs:
         try:
             plan = build_plan(cfg, quiet=True)
         except Exception:  # noqa: BLE001 - the candidate's own check says why, later
             continue
         c = plan.cfg
-        if OmegaConf.select(c, "projection.framework") is not False and narrow(c) is not None \
-                and not OmegaConf.select(c, "projection.device") and cached(c, plan.layout.processes) is None:
+        if OmegaConf.select(c, "projection.framework") is False or narrow(c) is None \
+                or OmegaConf.select(c, "projection.device"):
+            continue
+        k = json.dumps(key(c, plan.layout.processes), sort_keys=True)  # micro-batch sizes share one
+        if k not in seen and cached(c, plan.layout.processes) is None:
+            seen.add(k)
             todo.append(c)
     if todo:
         measure_all(todo)

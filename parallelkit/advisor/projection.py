@@ -395,7 +395,9 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     ``measure=False``: only cached calibrations; a missing one leaves step_s None. ``framework``: add the backend's
     framework time measured on a narrow copy of the run (framework.py; ``projection.framework=false``: not).
     ``shares``: a pipeline's FLOP share per pipeline rank and chunks per rank (``Strategy.pipeline_shares``): the
-    parts are then the slowest stage's, which paces the schedule."""
+    parts are then the slowest stage's, which paces the schedule: it computes its m micro-batches and waits while
+    the other stages fill and drain the pipeline, one micro-batch each (per chunk: / v); with equal stages that
+    is the classic bubble, (pp-1)/(v·m) of its compute."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
@@ -411,14 +413,15 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"]) if linked else {}
         comm = sum(by_kind.values()) if linked else None
     pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
-    m, chunks = micro_batches or cfg.train.grad_accum, 1
+    m, chunks, fill = micro_batches or cfg.train.grad_accum, 1, layout.pp - 1
     if pipelined and shares and compute is not None:  # the slowest stage's rank: the others wait for it
-        compute *= layout.pp * max(shares[0])
-        chunks = shares[1]
+        top = max(shares[0])
+        compute *= layout.pp * top
+        chunks, fill = shares[1], (1 - top) / top  # it waits while the other stages fill and drain: their time
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
     opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure)
-    bubble = compute * (layout.pp - 1) / (chunks * m) if pipelined and compute is not None else 0.0
+    bubble = compute * fill / (chunks * m) if pipelined and compute is not None else 0.0
     exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
                   fwd or 0.0, bwd or 0.0, on_cpu)
     idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
@@ -431,7 +434,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
                    f"{' (per-kind fits)' if ln['per_kind'] else ''}, ring/tree costs on {n} ranks, a latency per "
                    f"{BUCKET // 2**20} MiB message; "
                    f"{'no overlap on CPU (gloo shares the cores)' if on_cpu else 'no overlap' if not overlap else 'overlap: ' + ', '.join(f'{k} under {v}' for k, v in overlap.items())}; "
-                   f"{'the slowest stage computes; bubble (pp-1)/(v·m) of its compute; ' if pipelined else ''}"
+                   f"{'the slowest stage computes, and waits while the others fill and drain; ' if pipelined else ''}"
                    f"optimizer: {opt_src}; "
                    f"framework time: {fw_src}")
     return {"compute_s": compute, "comm_s": comm, "step_s": step, "parts_s": parts, "exposed_s_by_kind": exp,
