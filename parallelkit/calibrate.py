@@ -1,7 +1,7 @@
 """``python -m parallelkit.calibrate``: the command; its work is in ``parallelkit/measure/calibrate.py``.
 
-``python -m parallelkit.calibrate --framework [overrides]``: every preset's framework time for the projection,
-measured on narrow copies of the run the overrides describe (``parallelkit/advisor/framework.py``)."""
+``python -m parallelkit.calibrate --framework [--force] [overrides]``: every preset's framework time for the
+projection (those not cached; ``--force``: all), measured on narrow copies of the run the overrides describe (``parallelkit/advisor/framework.py``)."""
 import sys
 
 if __name__ == "__main__":

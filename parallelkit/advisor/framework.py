@@ -274,25 +274,30 @@ def _run_group(jobs: list, procs: int) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m parallelkit.calibrate --framework [overrides]``: every preset (that can run here) at the
-    overrides' world size and schedule, measured in one process group."""
+    """``python -m parallelkit.calibrate --framework [--force] [overrides]``: every preset (that can run here) at
+    the overrides' world size, depth and precision: those not cached (``--force``: all) measured in one process
+    group, then each one's two parts."""
     from parallelkit.config.compose import compose_config, preset, strategy_presets
     from parallelkit.runtime.plan import build_plan
 
-    base, _ = compose_config(list(argv))
-    cfgs, names = [], []
+    force = "--force" in argv
+    base, _ = compose_config([a for a in argv if a != "--force"])
+    plans = {}
     for name in strategy_presets():
         c = copy.deepcopy(base)
         OmegaConf.set_readonly(c, False)
         c.strategy = preset(name)
         try:
-            cfgs.append(build_plan(c, quiet=True).cfg)
-            names.append(name)
+            plans[name] = build_plan(c, quiet=True)
         except Exception as e:  # noqa: BLE001 - e.g. a GPU-only backend here
             print(f"  {name}: not measured: {' '.join(str(e).split())[:160]}")
+    todo = {n: p for n, p in plans.items() if force or cached(p.cfg, p.layout.processes) is None}
     t0 = time.perf_counter()
-    for name, e in zip(names, measure_all(cfgs)):
+    fresh = dict(zip(todo, measure_all([p.cfg for p in todo.values()]))) if todo else {}
+    for name, p in plans.items():
+        e = fresh.get(name) if name in todo else cached(p.cfg, p.layout.processes)
         got = "no narrow copy" if e is None else e.get("error") or \
             f"{e['per_step_s'] * 1e3:.1f} ms a step + {e['per_micro_batch_s'] * 1e3:.1f} ms a micro-batch"
-        print(f"  {name}: {got}")
-    print(f"parallelkit: framework time of {len(names)} strategies measured in {time.perf_counter() - t0:.0f} s")
+        print(f"  {name}: {got}{'' if name in todo else ' (cached)'}")
+    print(f"parallelkit: framework time of {len(plans)} strategies, {len(todo)} measured now in "
+          f"{time.perf_counter() - t0:.0f} s (--force: all of them)")
