@@ -7,8 +7,9 @@ import sys
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--framework"]:
         from parallelkit.advisor.framework import main
+        from parallelkit.advisor.projection import project_plan
 
-        main(sys.argv[2:])
+        main(sys.argv[2:], project_plan)
     else:
         from parallelkit.measure.calibrate import main
 

@@ -27,7 +27,7 @@ def test_framework_time_is_measured_on_narrow_runs_per_step_and_per_micro_batch(
     """DDP and ZeRO-3 measured in one process group (two schedules each): ZeRO-3's hooks and gathers cost more
     than DDP's bucketed all-reduce; the projection adds per step + micro-batches x per micro-batch, cached."""
     cfgs = [compose_run(f"strategy={s}", ON, "train.grad_accum=3", *MODEL) for s in ("ddp", "zero3")]
-    entries = framework.measure_all(cfgs, quiet=True)
+    entries = framework.measure_all(cfgs, project_plan, quiet=True)
     for cfg, e in zip(cfgs, entries):
         assert "error" not in e, e
         (a1, t1, p1), (a2, t2, p2) = e["schedules"]

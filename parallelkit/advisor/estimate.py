@@ -22,6 +22,7 @@ import sys
 from omegaconf import OmegaConf
 
 from parallelkit.advisor import framework
+from parallelkit.advisor.projection import project_plan
 from parallelkit.config.checks import parse_bytes
 from parallelkit.config.compose import (
     compose_config,
@@ -47,8 +48,6 @@ def estimate(plan: RunPlan, mem: int | None = None, overhead: int = OVERHEAD) ->
     """Per-rank bytes for the plan's strategy on devices of ``mem`` bytes: the strategy's own memory model
     (``Strategy.memory``) over the plan's layout; its communication per step (``Strategy.comm``) and the
     projected step time (projection.py)."""
-    from parallelkit.advisor.projection import project_plan
-
     cfg, cls, opts, lay = plan.cfg, plan.cls, plan.opts, plan.layout
     m = cls.memory(cfg, opts, lay, mem)
     if m is None:
@@ -95,7 +94,7 @@ def estimate_all(overrides: list[str]) -> dict:
         if name != chosen:
             pc.strategy = preset(name)
     if not os.environ.get("PARALLELKIT_NO_PREDICTION"):  # every preset's framework time: one start-up
-        framework.prefetch(list(configs.values()))
+        framework.prefetch(list(configs.values()), project_plan)
     for name, pc in configs.items():
         plan, note = configured, None
         try:
@@ -157,7 +156,7 @@ def _projection_note(rows: list[dict]) -> str:
     if "error" in p:
         return f"step (proj.): not projected: {p['error']}"
     why = "" if r["step_s"] is not None else " (no step projected: see the sources)"
-    return (f"step (proj.) = forward + backward + optimizer + exposed comm + pipeline idle{why}; {p.get('assumptions')}; sources ({r['strategy']}): "
+    return (f"step (proj.) = forward + backward + optimizer + exposed comm + pipeline idle + framework{why}; {p.get('assumptions')}; sources ({r['strategy']}): "
             f"{p.get('source')}")
 
 

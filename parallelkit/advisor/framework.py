@@ -94,7 +94,7 @@ def cached(cfg, processes: int) -> dict | None:
     return calibrate.read_cache(key(cfg, processes), "framework")
 
 
-def seconds(cfg, processes: int, measure: bool = True) -> tuple[float | None, str]:
+def seconds(cfg, processes: int, measure: bool = True, project=None) -> tuple[float | None, str]:
     """(framework seconds per step, where they come from) for a resolved run config; measured now (one start-up
     of the run's processes, seconds) when not cached and ``measure``."""
     from parallelkit.config.env import under_torchrun
@@ -103,7 +103,7 @@ def seconds(cfg, processes: int, measure: bool = True) -> tuple[float | None, st
         return None, "not measured for a Hugging Face model (no narrow copy)"
     entry = cached(cfg, processes)
     if entry is None and measure and not under_torchrun():  # a torchrun job's ranks: never a second set of processes
-        entry = measure_all([cfg])[0]
+        entry = measure_all([cfg], project)[0]
     if entry is None:
         return None, ("not measured (none cached for this strategy: python -m parallelkit.calibrate --framework "
                       "with the run's overrides, on one node)")
@@ -118,7 +118,7 @@ def seconds(cfg, processes: int, measure: bool = True) -> tuple[float | None, st
         f"{p1 * 1e3:.1f} and {p2 * 1e3:.1f} ms ({entry['measured_at']})")
 
 
-def prefetch(cfgs: list) -> None:
+def prefetch(cfgs: list, project) -> None:
     """Measure, in one process group, the framework time of those composed configs (planned here) that will
     project with one and have none cached: what ``tune`` does before it predicts its candidates."""
     from parallelkit.runtime.plan import build_plan
@@ -138,10 +138,10 @@ def prefetch(cfgs: list) -> None:
             seen.add(k)
             todo.append(c)
     if todo:
-        measure_all(todo)
+        measure_all(todo, project)
 
 
-def prefetch_sweep(argv: list[str]) -> None:
+def prefetch_sweep(argv: list[str], project) -> None:
     """A sweep's jobs' framework times in one process group, before its first job (else each job would measure its
     own, a start-up each)."""
     from parallelkit.config.compose import compose_config
@@ -156,7 +156,7 @@ def prefetch_sweep(argv: list[str]) -> None:
             cfgs.append(compose_config(job)[0])
         except Exception:  # noqa: BLE001 - the job itself reports it
             continue
-    prefetch(cfgs)
+    prefetch(cfgs, project)
 
 
 def _train_all(rank: int, run_dirs: list[str]) -> None:
@@ -187,9 +187,11 @@ def _train_all(rank: int, run_dirs: list[str]) -> None:
     os._exit(0)  # skip the backends' teardown at exit: the group has done its work
 
 
-def measure_all(cfgs: list, quiet: bool = False) -> list[dict | None]:
+def measure_all(cfgs: list, project, quiet: bool = False) -> list[dict | None]:
     """Measure (and cache) the framework time of each resolved run config, its narrow copies trained one after
-    another in one process group per process count. Returns each one's entry (None: no narrow copy)."""
+    another in one process group per process count. Returns each one's entry (None: no narrow copy).
+    ``project``: projection.project_plan, which the narrow runs' residuals are taken from (passed in by the
+    callers, so that the projection, which reads this module's cache, is not imported back from here)."""
     from parallelkit.config.plan import planned_strategy
     from parallelkit.runtime.plan import build_plan
 
@@ -223,22 +225,20 @@ def measure_all(cfgs: list, quiet: bool = False) -> list[dict | None]:
         for j in range(0, len(jobs), 2):
             (i, _, k), runs = jobs[j], done[j:j + 2]
             bad = next((s for s in runs if s.get("status") != "ok"), None)
-            entry = {"error": bad.get("error") or bad.get("status")} if bad else _entry(jobs[j:j + 2], runs)
+            entry = {"error": bad.get("error") or bad.get("status")} if bad else _entry(jobs[j:j + 2], runs, project)
             entry["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             calibrate.write_cache(k, entry, "framework")
             out[i] = {"key": k, **entry}
     return out
 
 
-def _entry(jobs: list, runs: list[dict]) -> dict:
+def _entry(jobs: list, runs: list[dict], project) -> dict:
     """The cache entry of one config from its two narrow runs: the framework time per step and per micro-batch."""
-    from parallelkit.advisor.projection import project_plan
-
     sched = []
     for (_, plan, _), s in zip(jobs, runs):
         comm = plan.cls.comm(plan.cfg, plan.opts, plan.layout) or {}
         parts = plan.cls.memory(plan.cfg, plan.opts, plan.layout, None)
-        proj = project_plan(plan, {kind: v for kind, v in comm.items() if v}, parts, framework=False)
+        proj = project(plan, {kind: v for kind, v in comm.items() if v}, parts, framework=False)
         sched.append((int(plan.cfg.train.grad_accum), statistics.median(s["step_times_s"]), proj["step_s"] or 0.0))
     (a1, t1, p1), (a2, t2, p2) = sched
     r1, r2 = t1 - p1, t2 - p2  # what the projection leaves out at each schedule
@@ -273,7 +273,7 @@ def _run_group(jobs: list, procs: int) -> list[dict]:
         return out
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], project) -> None:
     """``python -m parallelkit.calibrate --framework [--force] [overrides]``: every preset (that can run here) at
     the overrides' world size, depth and precision: those not cached (``--force``: all) measured in one process
     group, then each one's two parts."""
@@ -293,7 +293,7 @@ def main(argv: list[str]) -> None:
             print(f"  {name}: not measured: {' '.join(str(e).split())[:160]}")
     todo = {n: p for n, p in plans.items() if force or cached(p.cfg, p.layout.processes) is None}
     t0 = time.perf_counter()
-    fresh = dict(zip(todo, measure_all([p.cfg for p in todo.values()]))) if todo else {}
+    fresh = dict(zip(todo, measure_all([p.cfg for p in todo.values()], project))) if todo else {}
     for name, p in plans.items():
         e = fresh.get(name) if name in todo else cached(p.cfg, p.layout.processes)
         got = "no narrow copy" if e is None else e.get("error") or \

@@ -473,7 +473,7 @@ def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float 
         return None, "not projected for a named device (it would be measured on this machine)"
     if cfg.get("world_size") is None:
         return None, "not projected (no world size yet)"
-    return framework.seconds(cfg, layout.processes, measure)
+    return framework.seconds(cfg, layout.processes, measure, project_plan)
 
 
 def _g(v: float | None, scale: float = 1.0) -> str:
