@@ -65,19 +65,26 @@ def test_a_pipeline_is_paced_by_its_slowest_stage():
     assert compose_plan("strategy=ddp", *common).cls.pipeline_shares(None, None, None) is None
 
 
-def test_tensor_parallel_collectives_the_counter_misses_are_projected():
-    """DTensor's functional collectives are not counted (comm() leaves them out, as the counter does), but they run:
-    with sequence parallelism two all-gathers and two reduce-scatters a block forward and backward, plus the
-    sequence split and join; without it Megatron's all-reduces."""
+def test_tensor_parallel_collectives_and_the_whole_head_are_projected():
+    """DTensor's functional collectives are predicted as the counter counts them (test_torch_nd checks them against
+    a run): with sequence parallelism two all-gathers and two reduce-scatters a block forward and backward, the
+    sequence split and join, and the whole-kept parameters' partial gradients; without it Megatron's all-reduces.
+    Each tensor-parallel rank computes the whole head: its FLOPs are above an even split by the head's."""
     plan = compose_plan("strategy=torch_nd", "train.grad_accum=2", *MODEL)  # tp2 + sequence parallel on 2 ranks
     c, t = plan.cfg.model, plan.cfg.train
-    a, L = t.micro_batch_size * c.seq_len * c.d_model, c.n_layer
-    unseen = plan.cls.unseen_comm(plan.cfg, plan.opts, plan.layout)
-    assert unseen == {"all_gather": pytest.approx(2 * a * (2 * L + 1) * 8),
-                      "reduce_scatter": pytest.approx(2 * a * 2 * L * 8)}
-    assert "all_gather" not in (plan.cls.comm(plan.cfg, plan.opts, plan.layout) or {})
-    p = project_plan(plan, {}, None, measure=False)
+    a, L, d = t.micro_batch_size * c.seq_len * c.d_model, c.n_layer, c.d_model
+    comm = plan.cls.comm(plan.cfg, plan.opts, plan.layout)
+    assert comm == {"all_gather": pytest.approx(2 * a * (2 * L + 1) * 8),
+                    "reduce_scatter": pytest.approx(2 * a * 2 * L * 8),
+                    "all_reduce": pytest.approx(8 + 2 * L * 6 * d * 4)}  # the fp64 clip norm; 2 norms, 2 biases
+    p = project_plan(plan, {k: v for k, v in comm.items()}, None, measure=False)
     assert {"all_gather", "reduce_scatter"} <= set(p["exposed_s_by_kind"])
     plain = compose_plan("strategy=torch_nd", "strategy.sequence_parallel=false", "train.grad_accum=2")
-    assert plain.cls.unseen_comm(plain.cfg, plain.opts, plain.layout) == {"all_reduce": pytest.approx(2 * 2 * L * a * 8)}
-    assert compose_plan("strategy=fsdp").cls.unseen_comm(None, None, None) == {}
+    assert plain.cls.comm(plain.cfg, plain.opts, plain.layout) == {"all_reduce": pytest.approx(8 + 2 * 2 * L * a * 8)}
+    from parallelkit.models.gpt import GPTConfig
+    from parallelkit.strategies.shared.pipeline import block_flops
+
+    g = GPTConfig.from_cfg(plan.cfg.model)
+    head = g.flops_per_token() - L * block_flops(g)
+    assert plan.cls.compute_share(plan.cfg, plan.opts, plan.layout) == pytest.approx(1 + head / g.flops_per_token())
+    assert compose_plan("strategy=ddp").cls.compute_share(None, None, None) == 1.0

@@ -44,7 +44,7 @@ def _check(name: str, s: dict, single: dict, overrides: list[str]) -> None:
         assert got == pytest.approx(comm.get(kind, 0), rel=0.02), (name, kind, s["comm_by_kind"], comm)
 
 
-TWO = {"tp2_sp": ["strategy=torch_nd"],
+TWO = {"tp2_sp": ["strategy=torch_nd", "train.untimed_steps=2", "train.breakdown=trace"],  # its profile, below
        "ulysses_cp2": ["strategy=torch_nd_ulysses"],
        "ring_cp2": ["strategy=torch_nd_ring"],
        "rep2": ["strategy=torch_nd_hsdp"]}  # replicas of one shard: HSDP's 2-D mesh, all-reduced as predicted
@@ -57,7 +57,9 @@ FOUR = {"fsdp2_tp2": ["strategy=torch_nd", "world_size=4"],
 
 def test_two_ranks_tp_ulysses_and_ring_match_single_and_resume_each_other(single, tmp_path):
     """In one group of 2: each form trains straight; the tensor-parallel run writes a portable checkpoint at step 3
-    (its qkv rows back in single's order), which the ring run then resumes and continues its own straight run."""
+    (its qkv rows back in single's order), which the ring run then resumes and continues its own straight run.
+    DTensor's collectives are counted and predicted (``_check``), and its profiled step shows its waits on them
+    as exposed communication by kind, with the trace written beside the summary."""
     ck = tmp_path / "ck"
     dirs = {k: prepare_run(tmp_path / k, *PARITY, *v, *([f"checkpoint.dir={ck}", "checkpoint.every=3"]
                                                         if k == "tp2_sp" else [])) for k, v in TWO.items()}
@@ -68,6 +70,10 @@ def test_two_ranks_tp_ulysses_and_ring_match_single_and_resume_each_other(single
         _check(name, s, single, TWO[name])
     assert runs["ring_cp2"]["label"] == "torch nd cp2 ring" and runs["tp2_sp"]["label"] == "torch nd tp2+sp"
     assert set(runs["rep2"]["comm_by_kind"][0]) == {"all_reduce"}, runs["rep2"]["comm_by_kind"]
+    for rank, b in enumerate(runs["tp2_sp"]["step_breakdown"]):
+        assert set(b["exposed_s_by_kind"]) == {"all_gather", "reduce_scatter", "all_reduce"}, b  # no unnamed kind
+        assert min(b["exposed_s_by_kind"].values()) > 0 and sum(b["parts_s"].values()) == pytest.approx(b["wall_s"])
+        assert "_c10d_functional::wait_tensor" in (dirs["tp2_sp"] / f"trace_rank{rank}.json").read_text()
     resumed = json.loads((dirs["ring_cp2"] / "resumed.json").read_text())[str(ck / "step_3")]
     assert_close_trajectory(resumed, runs["ring_cp2"]["losses"][3:], rtol=RTOL)
 

@@ -393,7 +393,7 @@ def exposed(by_kind: dict[str, float], overlap: dict[str, str] | None, fwd: floa
 def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool = True,
             updated_params: int | None = None, overlap: dict[str, str] | None = None,
             micro_batches: int | None = None, framework: bool = True,
-            shares: tuple[list[float], int] | None = None) -> dict:
+            shares: tuple[list[float], int] | None = None, share: float = 1.0) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
@@ -403,11 +403,12 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     ``shares``: a pipeline's FLOP share per pipeline rank and chunks per rank (``Strategy.pipeline_shares``): the
     parts are then the slowest stage's, which paces the schedule: it computes its m micro-batches and waits while
     the other stages fill and drain the pipeline, one micro-batch each (per chunk: / v); with equal stages that
-    is the classic bubble, (pp-1)/(v·m) of its compute."""
+    is the classic bubble, (pp-1)/(v·m) of its compute. ``share``: the busiest rank's FLOPs over an even split
+    (``Strategy.compute_share``)."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
-    flops = c.flops_per_token() * tokens / (layout.processes if on_cpu else layout.world)
+    flops = c.flops_per_token() * tokens / (layout.processes if on_cpu else layout.world) * share
     device, peak, peak_src = device_peak(cfg, layout, measure)
     eff, eff_src = efficiency(cfg, layout, peak, measure)
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
@@ -453,14 +454,13 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
 
 def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None, measure: bool = True,
                  framework: bool = True) -> dict:
-    """``project`` with what the plan knows: the backend's overlap rule, the elements each rank updates, and the
-    collectives the communication counter cannot see (``Strategy.unseen_comm``)."""
+    """``project`` with what the plan knows: the backend's overlap rule, the elements each rank updates, a
+    pipeline's stages and the work a rank repeats (``Strategy.compute_share``)."""
     updated = plan.cls.optimizer_elements(plan.cfg, plan.opts, parts) if parts else None
-    unseen = plan.cls.unseen_comm(plan.cfg, plan.opts, plan.layout)
-    comm_by_kind = {k: comm_by_kind.get(k, 0) + unseen.get(k, 0) for k in {*comm_by_kind, *unseen}}
     return project(plan.cfg, comm_by_kind, plan.layout, measure, updated,
                    plan.cls.overlap(plan.cfg, plan.opts), framework=framework,
-                   shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout))
+                   shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout),
+                   share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout))
 
 
 def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:

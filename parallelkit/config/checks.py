@@ -158,6 +158,9 @@ def check_settings(cfg: DictConfig) -> None:
     for key in ("train.instrument", "train.tensorboard", "preflight"):
         if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: must be true or false")
+    if (bd := OmegaConf.select(cfg, "train.breakdown", default=True)) not in (True, False, "trace"):
+        raise ConfigError(f"train.breakdown={bd!r}: must be true, false, or trace (also write the profiled step's "
+                          f"trace per rank)")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.train.precision == "fp16" and not cuda_available():

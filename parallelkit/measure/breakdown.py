@@ -74,6 +74,15 @@ class Profiled:
         self.prof.__exit__(*exc)
         self._p2p.uninstall()
 
+    def export(self, path) -> str:
+        """Write the profiled step's trace (Chrome's trace format: chrome://tracing, ui.perfetto.dev); its path, or
+        why not."""
+        try:
+            self.prof.export_chrome_trace(str(path))
+        except Exception as e:  # noqa: BLE001 - a trace that cannot be written (a full disk) costs the run nothing
+            return f"not written: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        return str(path)
+
     def result(self, pipeline: bool) -> dict | None:
         try:
             out = analyze(self.prof.events(), pipeline, cuda=self.device.type == "cuda", per_event=event_cost())
@@ -154,14 +163,21 @@ KINDS = (("allgather", "all_gather"), ("reducescatter", "reduce_scatter"), ("all
          ("recv", "send_recv"))
 
 
+FUNCTIONAL = "_c10d_functional::"  # DTensor's collectives: the op queues the work, wait_tensor waits for it
+FUNCTIONAL_WAIT = FUNCTIONAL + "wait_tensor"
+
+
 def _comm_of(name: str) -> str | None:
-    """The collective kind of a communication event (gloo's and NCCL's work items, c10d's ops on the calling
-    thread, NCCL kernels), None for anything else."""
+    """The collective kind of a communication event (gloo's and NCCL's work items, c10d's and the functional
+    collectives' ops on the calling thread, NCCL kernels), None for anything else (a functional wait included:
+    its kind is the collective it waits for)."""
     low = name.lower()
-    if not (low.startswith(("gloo:", "nccl:", "c10d::")) or ("nccl" in low and "kernel" in low)) or "barrier" in low:
+    if not (low.startswith(("gloo:", "nccl:", "c10d::", FUNCTIONAL)) or ("nccl" in low and "kernel" in low)) \
+            or "barrier" in low or name == FUNCTIONAL_WAIT:
         return None
     flat = low.split(":")[-1].replace("_", "")
-    return next((kind for word, kind in KINDS if word in flat), "other_collective")
+    # a functional op that is no collective (_wrap_tensor_autograd) is bookkeeping: an operator like any other
+    return next((kind for word, kind in KINDS if word in flat), None if name.startswith(FUNCTIONAL) else "other_collective")
 
 
 @functools.cache
@@ -198,11 +214,12 @@ def analyze(events, pipeline: bool, cuda: bool = False, per_event: float = 0.0) 
     main = step[0].thread
     t0 = min([e.time_range.start for e in events if e.name in (STEP, DATA)])
     t1 = max(e.time_range.end for e in events if e.name in (STEP, DATA))
-    spans: list[tuple[float, float, str, str]] = []  # (start, end, what, detail): compute/comm/data
-    # the collective the caller asked for, by the c10d op that enqueued the work: gloo runs a reduce-scatter as an
-    # all-reduce, and its work item is named after what it runs
+    # (start, end, what, detail, on the main thread): what is compute, comm or data
+    spans: list[tuple[float, float, str, str, bool]] = []
+    # the collective the caller asked for, by the c10d (or functional) op that enqueued the work: gloo runs a
+    # reduce-scatter as an all-reduce, and its work item is named after what it runs
     called = sorted((e.time_range.start, k) for e in events
-                    if e.thread == main and e.name.startswith("c10d::") and (k := _comm_of(e.name)))
+                    if e.thread == main and e.name.startswith(("c10d::", FUNCTIONAL)) and (k := _comm_of(e.name)))
     starts = [c[0] for c in called]
     # threads that run a communication library's work items; never the main one (gloo records its send and recv
     # work items on the thread that calls them)
@@ -212,31 +229,35 @@ def analyze(events, pipeline: bool, cuda: bool = False, per_event: float = 0.0) 
         if t <= s:
             continue
         on_gpu = getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)
-        kind = _comm_of(e.name)
+        kind, here = _comm_of(e.name), e.thread == main
         if cuda:
             if on_gpu:
-                spans.append((s, t, "comm", kind) if kind else (s, t, "compute", _context(e)))
+                spans.append((s, t, "comm", kind, False) if kind else (s, t, "compute", _context(e), False))
             elif e.name == DATA:
-                spans.append((s, t, "data", ""))
+                spans.append((s, t, "data", "", here))
             continue
-        if e.thread == main and e.name.startswith(WAIT):
-            spans.append((s, t, "comm", e.name[len(WAIT):]))
-        elif kind is not None and (e.thread != main or e.name.lower().startswith("c10d::")):
+        if here and e.name.startswith(WAIT):
+            spans.append((s, t, "comm", e.name[len(WAIT):], True))
+        elif here and e.name == FUNCTIONAL_WAIT:  # waits for the functional collective queued last
             j = bisect.bisect_right(starts, e.time_range.start) - 1
-            if e.thread != main and j >= 0 and e.time_range.start - starts[j] <= ENQUEUE_US:
+            spans.append((s, t, "comm", called[j][1] if j >= 0 else "other_collective", True))
+        elif kind is not None and (not here or e.name.startswith(("c10d::", FUNCTIONAL))):
+            j = bisect.bisect_right(starts, e.time_range.start) - 1
+            if not here and j >= 0 and e.time_range.start - starts[j] <= ENQUEUE_US:
                 kind = called[j][1]
-            spans.append((s, t, "comm", kind))
+            spans.append((s, t, "comm", kind, here))
         elif e.thread not in comm_threads and _is_op(e.name) and not _under_op(e):
-            spans.append((s, t, "compute", _context(e)))  # any thread but gloo's: FairScale's Pipe runs stages on its own
+            # any thread but gloo's: FairScale's Pipe runs stages on its own
+            spans.append((s, t, "compute", _context(e), here))
         elif e.name == DATA:
-            spans.append((s, t, "data", ""))
+            spans.append((s, t, "data", "", here))
     parts = dict.fromkeys(PARTS, 0.0)
     exposed: dict[str, float] = {}
     hidden: dict[str, float] = {}
-    bounds = sorted({t0, t1, *(s for s, _, _, _ in spans), *(t for _, t, _, _ in spans)})
+    bounds = sorted({t0, t1, *(sp[0] for sp in spans), *(sp[1] for sp in spans)})
     # a sweep over the elementary intervals between consecutive boundaries, with the spans active in each
     spans.sort()
-    active: list[tuple[float, float, str, str]] = []
+    active: list[tuple[float, float, str, str, bool]] = []
     i = 0
     for a, b in zip(bounds, bounds[1:]):
         while i < len(spans) and spans[i][0] <= a:
@@ -244,7 +265,11 @@ def analyze(events, pipeline: bool, cuda: bool = False, per_event: float = 0.0) 
             i += 1
         active = [s for s in active if s[1] > a]
         d = (b - a) * 1e-6
-        compute = [s for s in active if s[2] == "compute"]
+        # the main thread inside a communication call (a c10d op, a functional collective or its wait, a p2p
+        # wait) computes nothing, even where that call runs inside an operator (DTensor's collectives run inside
+        # the operator they redistribute for): only other threads' operators hide it
+        blocked = any(s[2] == "comm" and s[4] for s in active)
+        compute = [s for s in active if s[2] == "compute" and not (blocked and s[4])]
         comm = sorted({s[3] for s in active if s[2] == "comm"})
         if compute:
             parts[compute[0][3] if compute[0][3] in COMPUTE_PARTS else "forward"] += d

@@ -131,11 +131,13 @@ class CommCounter:
     """Counts the calls and bytes handed to torch.distributed collectives and point-to-point ops, by kind.
 
     It wraps the Python entry points (``torch.distributed.all_reduce`` and friends), which
-    DeepSpeed, FairScale and FSDP call, only while installed: the loop installs it for the
-    untimed probe step (or for every step with ``train.instrument=true``), so timed steps run the
-    backends' own code. DDP's C++ reducer does not go through Python: its strategy reports its
-    buckets itself (``Strategy.probe_comm``). The figure is the payload per rank (what a rank
-    contributes), not wire traffic: a ring all-reduce of S bytes moves about 2 S (n-1)/n per rank.
+    DeepSpeed, FairScale and FSDP call, and the functional collectives
+    (``torch.distributed._functional_collectives``), which DTensor's tensor parallelism calls, only while
+    installed: the loop installs it for the untimed probe step (or for every step with
+    ``train.instrument=true``), so timed steps run the backends' own code. DDP's C++ reducer does not go
+    through Python: its strategy reports its buckets itself (``Strategy.probe_comm``). The figure is the
+    payload per rank, not wire traffic: the tensor reduced, scattered or sent, and an all-gather's whole
+    output (a ring all-reduce of S bytes moves about 2 S (n-1)/n per rank).
     """
 
     OPS = {  # op -> index of the tensor argument whose size is the payload
@@ -145,6 +147,10 @@ class CommCounter:
         "all_to_all_single": 1, "all_reduce_coalesced": 0,
         "all_gather_single": 0, "reduce_scatter_single": 1,  # torch >= 2.13; FSDP2 calls these (with keywords)
     }
+    # the functional collectives (their input first; an all-gather's payload is its input x the group's size)
+    FUNCOL = ("all_reduce", "all_gather_single", "all_gather_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+              "all_to_all_single", "broadcast", "all_gather_single_autograd", "all_gather_tensor_autograd",
+              "reduce_scatter_single_autograd", "reduce_scatter_tensor_autograd", "all_to_all_single_autograd")
 
     def __init__(self) -> None:
         self.kinds: dict[str, list[int]] = {}  # kind -> [calls, bytes]
@@ -163,7 +169,7 @@ class CommCounter:
     def reset(self) -> None:
         self.kinds = {}
 
-    def _wrap(self, fn, name: str, idx: int):
+    def _wrap(self, fn, name: str, idx: int, times=None):
         try:
             key = list(inspect.signature(fn).parameters)[idx]  # the payload may come as a keyword
         except (TypeError, ValueError, IndexError):
@@ -174,7 +180,8 @@ class CommCounter:
         def counted(*args, **kwargs):
             depth = getattr(self._depth, "n", 0)
             if depth == 0:
-                self.add(kind, _payload(args[idx] if len(args) > idx else kwargs.get(key)))
+                nbytes = _payload(args[idx] if len(args) > idx else kwargs.get(key))
+                self.add(kind, nbytes * (times(args, kwargs) if times else 1))
             self._depth.n = depth + 1
             try:
                 return fn(*args, **kwargs)
@@ -187,6 +194,12 @@ class CommCounter:
     def install(self) -> "CommCounter":
         self._saved += patch_distributed(self.OPS, lambda fn, name: self._wrap(fn, name, self.OPS[name]),
                                          skip=lambda fn: hasattr(fn, "__parallelkit_wrapped__"))
+        funcol = _funcol()
+        for name in self.FUNCOL if funcol is not None else ():
+            fn = getattr(funcol, name, None)
+            if fn is not None and not hasattr(fn, "__parallelkit_wrapped__"):
+                self._saved.append((funcol, name, fn))
+                setattr(funcol, name, self._wrap(fn, name, 0, _group_size if "gather" in name else None))
         return self
 
     def uninstall(self) -> None:
@@ -224,6 +237,24 @@ def restore(saved: list) -> None:
     for mod, name, fn in reversed(saved):
         setattr(mod, name, fn)
     saved.clear()
+
+
+def _funcol():
+    try:
+        import torch.distributed._functional_collectives as funcol
+    except ImportError:  # a torch without them
+        return None
+    return funcol
+
+
+def _group_size(args, kwargs) -> int:
+    """The size of a functional all-gather's group (its third argument: a group, a mesh dimension, ranks)."""
+    funcol = _funcol()
+    group = args[2] if len(args) > 2 else kwargs.get("group")
+    try:  # as the functional all-gather finds it
+        return funcol.c10d._get_group_size_by_name(funcol._resolve_group(group))
+    except Exception:  # noqa: BLE001 - a group form this torch cannot expand: count the input once
+        return 1
 
 
 def _payload(x) -> int:

@@ -126,6 +126,8 @@ def run_steps(strategy: Strategy, plan: RunPlan, start: int, run_dir: Path | Non
             dt = time.perf_counter() - t0
         if step == profiled:
             bd = prof.result(pipeline=layout.pp > 1 and layout.processes > 1)
+            if t.get("breakdown") == "trace" and run_dir:
+                bd = {**(bd or {}), "trace": prof.export(run_dir / f"trace_rank{ctx.rank}.json")}
             if bd and "error" not in bd:
                 bd.update(step=step, step_s=dt)
         if step == probe:

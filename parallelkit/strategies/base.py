@@ -167,10 +167,11 @@ class Strategy:
         return None
 
     @classmethod
-    def unseen_comm(cls, cfg, o: Options, layout: Layout) -> dict[str, float]:
-        """Communication the backend runs that ``comm()`` leaves out because the counter cannot see it (DTensor's
-        functional collectives), by kind in the same units: the projection adds it. {}: none."""
-        return {}
+    def compute_share(cls, cfg, o: Options, layout: Layout) -> float:
+        """The busiest rank's FLOPs over an even split of the step's FLOPs between the processes, for the
+        projection: above 1 where every rank of a group repeats some work (a head kept whole on each
+        tensor-parallel rank). 1.0: an even split."""
+        return 1.0
 
     @classmethod
     def pipeline_shares(cls, cfg, o: Options, layout: Layout) -> tuple[list[float], int] | None:

@@ -78,14 +78,14 @@ def _balance(c: GPTConfig, layout, o) -> list[int]:
 
 
 def nd_comm(cfg, o, layout) -> dict[str, float] | None:
-    """Per optimizer step, busiest rank, what the counter sees (torch.distributed's Python calls): FSDP2's
+    """Per optimizer step, busiest rank, what the counter sees (torch.distributed's and the functional
+    collectives' Python calls): FSDP2's
     all-gather and reduce-scatter of this rank's (tp-split) parameters over dp_shard x cp (Ψ + m·L·block gathered
     with reshard_after_forward, as fsdp_comm), HSDP's all-reduce of the shard over dp_replicate, Ulysses'
     all-to-alls (q, k, v and the output forward; their gradients backward: 8 per block and micro-batch, each
     (s/cp)·b·h/tp fp32 values) or the ring's k and v passed cp - 1 times forward and, with their gradients, twice
-    backward (each tensor counted by sender and receiver), the dk and dv accumulators home once more, and the clip
-    norm (fp64). DTensor's tensor-parallel collectives run as functional collectives, which the
-    counter does not see: they are left out here too, and the projection adds them (``nd_tp_comm``)."""
+    backward (each tensor counted by sender and receiver), the dk and dv accumulators home once more, the clip
+    norm (fp64), and DTensor's tensor-parallel collectives (``nd_tp_comm``)."""
     if one_process(layout):
         return {}
     if layout.pp > 1:
@@ -108,39 +108,67 @@ def nd_comm(cfg, o, layout) -> dict[str, float] | None:
             # each tensor counted by its sender and its receiver
             per = (cp - 1) * 2 * w + (cp - 1) * (2 * w + 2 * FP32) + 2 * FP32
             parts.append({"send_recv": 2 * c.n_layer * m * values * per})
-    return total(*parts)
+    return total(*parts, nd_tp_comm(cfg, o, layout))
 
 
-def nd_tp_comm(cfg, o, layout) -> dict[str, float]:
-    """DTensor's tensor-parallel collectives, which nd_comm leaves out (the counter does not see functional
-    collectives), per optimizer step on the busiest stage's layers: without sequence parallelism Megatron's
-    all-reduces (comm_model.tensor_parallel); with it, per block and micro-batch, the attention's and MLP's inputs
-    all-gathered and their outputs reduce-scattered in forward, and the reverse for their gradients in backward,
-    plus the sequence split after the embedding and joined before the head (an all-gather each way)."""
+def nd_tp_comm(cfg, o, layout, blocks: int | None = None, ends: tuple[bool, bool] = (True, True)) -> dict[str, float]:
+    """DTensor's tensor-parallel collectives (functional collectives) per optimizer step on a rank holding
+    ``blocks`` blocks (None: all) and (``ends``) the embedding and the head: without sequence parallelism Megatron's all-reduces (comm_model.tensor_parallel); with it, per block
+    and micro-batch, the attention's and MLP's inputs all-gathered and their outputs reduce-scattered in forward,
+    and the reverse for their gradients in backward, plus the sequence split after the embedding and joined
+    before the head (an all-gather each way), and the partial gradients (sums over this rank's part of the
+    sequence) of what a block keeps whole: under FSDP2 its norms', all-reduced once a step after backward; without
+    FSDP2 its norms' and row-parallel biases', which stay partial and are all-reduced each time AdamW reads them
+    (twice a step), whatever the number of micro-batches (both as the counter records them on gloo)."""
     from parallelkit.strategies.shared.comm_model import activation, tensor_parallel
 
     rep, shard, cp, tp, sp = _degrees(o, layout)
     if tp == 1 or one_process(layout):
         return {}
     c, m = GPTConfig.from_cfg(cfg.model), cfg.train.grad_accum
-    layers, w = -(-c.n_layer // layout.pp), word(cfg.train.precision)
+    layers, w = c.n_layer if blocks is None else blocks, word(cfg.train.precision)
     if not sp:
         return {k: v / cp for k, v in tensor_parallel(cfg, layers, w, FP32).items()}
     a = activation(cfg) / cp  # this rank's part of the sequence, whole hidden size
-    return {"all_gather": m * a * (2 * layers + 1) * (w + FP32), "reduce_scatter": m * a * 2 * layers * (w + FP32)}
+    whole = c.block_params() - c.block_matmul_params()  # norms and row-parallel biases
+    if shard * cp > 1 or rep > 1:  # FSDP2's post-backward: the norms only
+        reduced = layers * (whole - 2 * c.d_model if isinstance(c, GPTConfig) else whole)
+    else:
+        reduced = 2 * layers * whole
+    split_join = FP32 * ends[0] + w * ends[1]  # the split's gradient gathered back; the head's input gathered
+    return total({"all_gather": m * a * (2 * layers * (w + FP32) + split_join),
+                  "reduce_scatter": m * a * 2 * layers * (w + FP32), "all_reduce": reduced * FP32})
+
+
+def nd_compute_share(cfg, o, layout) -> float:
+    """The tensor-parallel ranks split the blocks' FLOPs but each computes the whole head (the embedding and the tied
+    head stay whole): (tp x head + L x block) / (head + L x block) of an even split (pipelines: 1, their stages'
+    shares are the projection's)."""
+    from parallelkit.strategies.shared.pipeline import block_flops
+
+    tp = _degrees(o, layout)[3]
+    if tp == 1 or layout.pp > 1 or one_process(layout):
+        return 1.0
+    c = GPTConfig.from_cfg(cfg.model)
+    whole, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
+    return (tp * (whole - blocks) + blocks) / whole
 
 
 def _pipeline_comm(cfg, o, layout) -> dict[str, float]:
     """Under pp, per pipeline rank as torch_pipe's model: the stage boundaries' activations (this rank's s/cp, and
     1/tp of that under sequence parallelism) forward and their gradients back, the tied embedding's gradient
     between first and last stage (this rank's FSDP shard of it), FSDP2 over the stage's (tp-split) parameters,
-    kept gathered for the step (one all-gather and one reduce-scatter), and the fp64 clip norm."""
+    kept gathered for the step (one all-gather and one reduce-scatter), the fp64 clip norm, and DTensor's
+    tensor-parallel collectives of the rank's blocks (``nd_tp_comm``)."""
     from parallelkit.strategies.shared.comm_model import busiest, pipeline_p2p, stage_params
     c = GPTConfig.from_cfg(cfg.model)
     rep, shard, cp, tp, sp = _degrees(o, layout)
     p, v, n = layout.pp, o.chunks, shard * cp
-    params = stage_params(_tp_costs(c, tp), _balance(c, layout, o))
+    balance = _balance(c, layout, o)
+    params = stage_params(_tp_costs(c, tp), balance)
     stages = [[r + k * p for k in range(v)] for r in range(p)]
+    first = [sum(balance[:s]) for s in range(len(balance))]  # each stage's first layer: embedding, blocks, head
+    layers = [set(range(first[s], first[s] + balance[s])) for s in range(len(balance))]
     message = FP32 * cfg.train.micro_batch_size * c.seq_len // cp // (tp if sp else 1) * c.d_model
     rows = []
     for r, p2p in enumerate(pipeline_p2p(cfg, stages, p * v, message)):
@@ -149,5 +177,8 @@ def _pipeline_comm(cfg, o, layout) -> dict[str, float]:
         dp = {"all_gather": mine, "reduce_scatter": mine} if n > 1 else {}
         if rep > 1:
             dp["all_reduce"] = mine / n
-        rows.append(total(p2p, tied, dp, clip_norm(cfg, nbytes=8)))
+        held = set().union(*(layers[s] for s in stages[r]))
+        blocks = len(held - {0, c.n_layer + 1})
+        tp_comm = nd_tp_comm(cfg, o, layout, blocks, (0 in held, c.n_layer + 1 in held))
+        rows.append(total(p2p, tied, dp, clip_norm(cfg, nbytes=8), tp_comm))
     return busiest(rows)

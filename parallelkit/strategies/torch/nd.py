@@ -48,7 +48,7 @@ from parallelkit.models.gpt import GPT, assign_full, causal_attention, initial_v
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names, full_state, load_full_state
 from parallelkit.strategies.shared.fsdp import fsdp2_no_sync
-from parallelkit.strategies.shared.nd_model import nd_comm, nd_memory, nd_tp_comm
+from parallelkit.strategies.shared.nd_model import nd_comm, nd_compute_share, nd_memory
 from parallelkit.strategies.shared.tensor_parallel import tp_slice, tp_unslice
 from parallelkit.strategies.torch.pipe import SCHEDULES, TorchPipeOptions, TorchPipeStrategy, _Stage
 
@@ -164,8 +164,8 @@ class TorchNDStrategy(TorchPipeStrategy):
         return nd_comm(cfg, o, layout)
 
     @classmethod
-    def unseen_comm(cls, cfg, o, layout):
-        return nd_tp_comm(cfg, o, layout)
+    def compute_share(cls, cfg, o, layout):
+        return nd_compute_share(cfg, o, layout)
 
     @classmethod
     def overlap(cls, cfg, o):
