@@ -40,11 +40,13 @@ def test_full_sharding_volumes():
     """FSDP2: all-gather Ψ + the blocks again in backward (not the root), reduce-scatter Ψ. ZeRO-3 with its generated
     (long) reuse distance: all-gather Ψ, reduce-scatter Ψ; with none, the ZeRO paper's 3Ψ (plus the tied matrix
     gathered again at the head and in backward); on small with 8e6 every block's matrices and the position embedding
-    again but not the tied matrix, whose next use always lies within the distance (as measured: 76,863,488 bytes)."""
-    assert predicted("strategy=fsdp") == {"all_gather": 4 * (PSI + 2 * BLOCK), "reduce_scatter": 4 * PSI}
+    again but not the tied matrix, whose next use always lies within the distance (as measured: 76,863,488 bytes).
+    FSDP2's clipping all-reduces the 28 parameter tensors' norms at once (a functional collective)."""
+    norms = {"all_reduce": 4 * (2 + 12 * 2 + 2)}  # embeddings, 12 tensors a block, the final LayerNorm
+    assert predicted("strategy=fsdp") == {"all_gather": 4 * (PSI + 2 * BLOCK), "reduce_scatter": 4 * PSI, **norms}
     assert predicted("strategy=fsdp", "train.grad_accum=2") == {"all_gather": 4 * (PSI + 4 * BLOCK),
-                                                                  "reduce_scatter": 4 * PSI}
-    assert predicted("strategy=fsdp_zero2") == {"all_gather": 4 * PSI, "reduce_scatter": 4 * PSI}
+                                                                  "reduce_scatter": 4 * PSI, **norms}
+    assert predicted("strategy=fsdp_zero2") == {"all_gather": 4 * PSI, "reduce_scatter": 4 * PSI, **norms}
     assert predicted("strategy=zero3") == {"all_gather": 4 * PSI, "reduce_scatter": 4 * PSI, "all_reduce": 16}
     near = "strategy.config={zero_optimization: {stage3_max_reuse_distance: %d, stage3_max_live_parameters: %d}}"
     none = predicted("strategy=zero3", near % (0, 0))

@@ -63,7 +63,7 @@ class FairScaleFSDPStrategy(Strategy):
         blocks are freed after backward even under no_sync (so gathered again in each micro-batch's forward);
         clip_grad_norm_ all-reduces one fp32 norm; gradients are reduce-scattered in fp32 (fp32_reduce_scatter).
         From FairScale's source; not measured (it needs a CUDA GPU)."""
-        return fsdp_comm(cfg, o, layout, regather_blocks=True, clip_calls=1)
+        return fsdp_comm(cfg, o, layout, regather_blocks=True)
 
     def wrap(self, model):
         self._groups = super().param_groups(model)  # before sharding flattens every tensor to 1-D

@@ -80,7 +80,7 @@ class FSDPStrategy(Strategy):
     @classmethod
     def comm(cls, cfg, o, layout):
         """See ``fsdp_comm``: measured on tiny (2 ranks, grad_accum 1 and 2) to the byte; cpu_offload moves the same."""
-        return fsdp_comm(cfg, o, layout)
+        return fsdp_comm(cfg, o, layout, clip_vector=True)
 
     @classmethod
     def overlap(cls, cfg, o):

@@ -47,7 +47,7 @@ class FSDP1Strategy(FSDPStrategy):
         """``fsdp_comm`` with FSDP1's accumulation: FULL_SHARD frees every unit after backward even under no_sync
         (``_should_free_in_backward``), so each micro-batch's forward gathers all of them again; its clip_grad_norm_
         all-reduces one fp32 norm. From FSDP1's source; not measured (it needs an accelerator build of torch)."""
-        return fsdp_comm(cfg, o, layout, regather_root=True, regather_blocks=True, clip_calls=1)
+        return fsdp_comm(cfg, o, layout, regather_root=True, regather_blocks=True)
 
     build_model = Strategy.build_model  # FSDP1 wraps a materialised model
 
