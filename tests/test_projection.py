@@ -137,7 +137,7 @@ def test_projected_parts_on_cpu_pipeline_bubble_and_optimizer():
     elements a rank updates at this machine's AdamW rate."""
     from conftest import compose_plan
 
-    from parallelkit.advisor.projection import optimizer_rate, project_plan
+    from parallelkit.advisor.projection import at_once, optimizer_rate, project_plan
     from parallelkit.measure.metrics import cpu_threads
 
     plan = compose_plan("model=tiny", "world_size=2", "strategy=torch_pipe", "train.grad_accum=4", *LINK)
@@ -148,7 +148,8 @@ def test_projected_parts_on_cpu_pipeline_bubble_and_optimizer():
     assert p["bubble_s"] == pytest.approx(p["compute_s"] * (1 - top) / top / (v * 4))
     assert parts["pipeline_idle"] == pytest.approx(p["bubble_s"] + p["comm_s_by_kind"]["send_recv"])
     assert parts["exposed_comm"] == pytest.approx(p["comm_s_by_kind"]["all_reduce"])
-    rate = optimizer_rate(cpu_threads(plan.layout.processes), measure=False)  # cached by the projection
+    rate = optimizer_rate(cpu_threads(plan.layout.processes), False, at_once(plan.layout))  # cached by the projection
+    assert rate["steps_timed"] >= 10  # the median step of the ranks stepping at once
     assert parts["optimizer"] == pytest.approx(1000 * rate["s_per_element"], rel=1e-6)
     assert p["step_s"] == pytest.approx(sum(v or 0.0 for v in parts.values())) and parts["framework"] is None  # FAST: off
 
@@ -205,7 +206,7 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
         assert eff == pytest.approx(0.2) and (("busy" in source) == busy), source
     monkeypatch.undo()  # proxy_rate itself again; its measurement and re-check stood in for
     steps = iter([(0.3, 10), (0.2, 10)])  # a busy first measurement, a faster second one
-    monkeypatch.setattr(projection, "_proxy_alone", lambda *a: next(steps))
+    monkeypatch.setattr(projection, "_alone", lambda *a: next(steps))
     monkeypatch.setattr(projection, "load_check", lambda *a: {"matmul_tflops": 0.05, "calibrated_tflops": 0.1})
     r = projection.proxy_rate(compose_run("model.n_layer=1", "train.micro_batch_size=1"), 1, 1.0, processes=1)
     assert r["step_s"] == 0.2 and next(steps, None) is None  # measured twice, the faster kept

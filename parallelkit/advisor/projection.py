@@ -149,16 +149,16 @@ def _proxy_steps(first_s: float) -> int:
     return min(3 * PROXY_MIN_STEPS, max(PROXY_MIN_STEPS, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S / first_s)))
 
 
-def _proxy_alone(m: dict, b: int, ckpt: bool, prec: str, threads: int) -> tuple[float, int]:
-    """(median seconds per step, steps timed) in this process, alone."""
+def _alone(timer, args: tuple, threads: int) -> tuple[float, int]:
+    """(median seconds per step, steps timed) of ``timer(*args)``'s steps in this process, alone."""
     with calibrate._threads(threads):
-        steps = _proxy_timer(m, b, ckpt, prec)
+        steps = timer(*args)
         n = _proxy_steps(steps(1))  # the first step also warms up
         return statistics.median(steps(1) for _ in range(n)), n
 
 
-def _proxy_rank(rank: int, m: dict, b: int, ckpt: bool, prec: str, threads: int, out: str) -> None:
-    """One of the processes stepping the proxy at once: every step starts together (a barrier, as a run's
+def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str) -> None:
+    """One of the processes stepping ``timer(*args)`` at once: every step starts together (a barrier, as a run's
     collectives line its ranks up), all take as many; each writes its step times."""
     import json
 
@@ -169,7 +169,7 @@ def _proxy_rank(rank: int, m: dict, b: int, ckpt: bool, prec: str, threads: int,
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
                             init_method=os.environ[INIT_METHOD])
     torch.set_num_threads(threads)
-    steps = _proxy_timer(m, b, ckpt, prec)
+    steps = timer(*args)
     n = torch.tensor([_proxy_steps(steps(1))])
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     times = []
@@ -181,19 +181,23 @@ def _proxy_rank(rank: int, m: dict, b: int, ckpt: bool, prec: str, threads: int,
     dist.destroy_process_group()
 
 
-def _proxy_together(m: dict, b: int, ckpt: bool, prec: str, threads: int, processes: int) -> tuple[float, int]:
-    """(median over steps of the slowest process's step, steps timed) with ``processes`` processes stepping the
-    proxy at once, as the run's processes compute at once (they share caches, memory bandwidth and clocks), and
-    the statistic a run reports (its median step, which waits for its slowest rank)."""
+def _together(timer, args: tuple, threads: int, processes: int) -> tuple[float, int]:
+    """(median over steps of the slowest process's step, steps timed) with ``processes`` processes stepping
+    ``timer(*args)`` at once, as the run's processes compute at once (they share caches, memory bandwidth and
+    clocks), and the statistic a run reports (its median step, which waits for its slowest rank)."""
     import json
     import tempfile
 
     from parallelkit.runtime.processes import spawn
 
-    with tempfile.TemporaryDirectory(prefix="parallelkit-proxy-") as out:
-        spawn(_proxy_rank, processes, m, b, ckpt, prec, threads, out, timeout=300)
+    with tempfile.TemporaryDirectory(prefix="parallelkit-timed-") as out:
+        spawn(_timed_rank, processes, timer, args, threads, out, timeout=300)
         got = [json.loads(open(os.path.join(out, f"{r}.json")).read()) for r in range(processes)]
     return statistics.median(max(step) for step in zip(*got)), len(got[0])
+
+
+def _timed(timer, args: tuple, threads: int, processes: int) -> tuple[float, int]:
+    return _together(timer, args, threads, processes) if processes > 1 else _alone(timer, args, threads)
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1) -> dict | None:
@@ -214,8 +218,7 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = (_proxy_together(m, b, ckpt, prec, threads, processes) if processes > 1
-                   else _proxy_alone(m, b, ckpt, prec, threads))
+        step, n = _timed(_proxy_timer, (m, b, ckpt, prec), threads, processes)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
@@ -257,48 +260,49 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
                                 f"set projection.efficiency)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    r = proxy_rate(cfg, threads, peak, measure, min(layout.processes, cores))
+    r = proxy_rate(cfg, threads, peak, measure, at_once(layout))
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, ratio = r["key"]["proxy"], busy_ratio(r)
     busy = f"; busy then: matmul at {ratio:.0%} of its calibration, measured twice" if ratio else ""
-    at_once = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
+    each = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
     return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
-                                                  f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
-                                                  f"thread(s){at_once} ({r['measured_at']}{busy})")
+                                          f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
+                                          f"thread(s){each} ({r['measured_at']}{busy})")
 
 
 # ---- the optimizer: memory traffic, per parameter it updates ----
 OPT_PROBE_ELEMENTS = 2**22  # 4M fp32 elements: ~112 MB of AdamW traffic, well past the caches
-OPT_TRIALS = 6  # the best of 6 two-step trials: one trial varies by up to 1.6x on a shared machine
 
 
-def optimizer_rate(threads: int, measure: bool = True) -> dict | None:
+def _optimizer_timer(elements: int):
+    """``steps(n)``: seconds per clipped AdamW step over ``elements`` fp32 parameters in 8 tensors, n times."""
+    params = [torch.nn.Parameter(torch.randn(elements // 8)) for _ in range(8)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def steps(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        return (time.perf_counter() - t0) / n
+    return steps
+
+
+def optimizer_rate(threads: int, measure: bool = True, processes: int = 1) -> dict | None:
     """Seconds per parameter element of a clipped AdamW step (clip_grad_norm_, then AdamW's foreach update: it
     reads parameter, gradient and both moments and writes three of them back, about 28 bytes per fp32 element)
-    with ``threads`` threads: cached, or measured now (a fraction of a second)."""
+    with ``threads`` threads in each of ``processes`` processes stepping at once (as a run's ranks do: they share
+    the memory bandwidth), the median of the slowest: cached, or measured now (about a second)."""
     key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), "adamw_elements": OPT_PROBE_ELEMENTS,
-           "trials": OPT_TRIALS}
+           "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
     if (entry := calibrate.read_cache(key, "optimizer")) is not None or not measure:
         return entry
-    with calibrate._threads(threads):
-        params = [torch.nn.Parameter(torch.randn(OPT_PROBE_ELEMENTS // 8)) for _ in range(8)]
-        for q in params:
-            q.grad = torch.randn_like(q)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-
-        def steps(n: int) -> float:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-            return (time.perf_counter() - t0) / n
-
-        steps(1)
-        best = min(steps(2) for _ in range(OPT_TRIALS))
-    entry = {"s_per_element": best / OPT_PROBE_ELEMENTS, "bytes_per_s": 28 * OPT_PROBE_ELEMENTS / best,
-             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
+    entry = {"s_per_element": step / OPT_PROBE_ELEMENTS, "bytes_per_s": 28 * OPT_PROBE_ELEMENTS / step,
+             "steps_timed": n, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     calibrate.write_cache(key, entry, "optimizer")
     return entry
 
@@ -314,12 +318,20 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
         if bw is None:
             return None, "not projected on a GPU without projection.memory_GBps"
         return 28 * updated / (bw * 1e9), f"28 B per element at config: projection.memory_GBps={bw}"
-    threads = cpu_threads(layout.processes)
-    r = optimizer_rate(threads, measure)
+    threads, together = cpu_threads(layout.processes), at_once(layout)
+    r = optimizer_rate(threads, measure, together)
     if r is None:
         return None, "no AdamW rate cached (not measured: measure=False)"
+    each = f" in each of {together} processes at once" if together > 1 else ""
     return updated * r["s_per_element"], (f"measured: clipped AdamW over {OPT_PROBE_ELEMENTS >> 20}M elements, "
-                                          f"{r['bytes_per_s'] / 1e9:.2g} GB/s, {threads} thread(s) ({r['measured_at']})")
+                                          f"{r['bytes_per_s'] / 1e9:.2g} GB/s, {threads} thread(s){each} "
+                                          f"({r['measured_at']})")
+
+
+def at_once(layout: Layout) -> int:
+    """How many of the run's processes compute at once here: all of them, up to the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(layout.processes, cores)
 
 
 # ---- communication ----
