@@ -146,6 +146,7 @@ def config_error(*overrides: str) -> str | None:
     ("train.grad_clip=-1", "train.grad_clip=-1"),
     ("train.tensorboard=sometimes", "train.tensorboard='sometimes': must be true or false"),
     ("train.breakdown=chrome", "train.breakdown='chrome': must be true, false, or trace"),
+    ("train.breakdown=trace train.untimed_steps=1", "train.breakdown=trace profiles an untimed step after the first"),
 ])
 def test_bad_config_is_one_line_before_any_worker(override, message):
     err = config_error(*override.split())

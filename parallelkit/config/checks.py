@@ -161,6 +161,9 @@ def check_settings(cfg: DictConfig) -> None:
     if (bd := OmegaConf.select(cfg, "train.breakdown", default=True)) not in (True, False, "trace"):
         raise ConfigError(f"train.breakdown={bd!r}: must be true, false, or trace (also write the profiled step's "
                           f"trace per rank)")
+    if bd == "trace" and cfg.train.untimed_steps < 2:
+        raise ConfigError(f"train.breakdown=trace profiles an untimed step after the first: it needs "
+                          f"train.untimed_steps >= 2, got {cfg.train.untimed_steps}")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.train.precision == "fp16" and not cuda_available():
