@@ -124,10 +124,12 @@ def main() -> None:
 
         sys.argv[1:] = interleave_repeats(distinct_strategies(sys.argv[1:]))
         if not os.environ.get("PARALLELKIT_NO_PREDICTION") and not under_torchrun():
-            from parallelkit.advisor.framework import prefetch_sweep
-            from parallelkit.advisor.projection import project_plan
+            from parallelkit.advisor.framework import prefetch, sweep_configs
+            from parallelkit.advisor.projection import project_plan, refresh_rates
 
-            prefetch_sweep(sys.argv[1:], project_plan)  # the jobs' framework times for their projections: one start-up
+            cfgs = sweep_configs(sys.argv[1:])
+            refresh_rates(cfgs)  # the jobs' projections use training rates measured beside the sweep
+            prefetch(cfgs, project_plan)  # and their framework times: one start-up for them all
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         # Only rank 0 writes results; the other ranks keep Hydra from writing a second .hydra/.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

@@ -208,5 +208,15 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
     steps = iter([(0.3, 10), (0.2, 10)])  # a busy first measurement, a faster second one
     monkeypatch.setattr(projection, "_alone", lambda *a: next(steps))
     monkeypatch.setattr(projection, "load_check", lambda *a: {"matmul_tflops": 0.05, "calibrated_tflops": 0.1})
-    r = projection.proxy_rate(compose_run("model.n_layer=1", "train.micro_batch_size=1"), 1, 1.0, processes=1)
+    cfg = compose_run("model.n_layer=1", "train.micro_batch_size=1")
+    r = projection.proxy_rate(cfg, 1, 1.0, processes=1)
     assert r["step_s"] == 0.2 and next(steps, None) is None  # measured twice, the faster kept
+    # a sweep's rates are measured beside it: a cached one younger than the limit is kept, an older one measured again
+    assert projection.proxy_rate(cfg, 1, 1.0, processes=1, max_age_s=600)["step_s"] == 0.2
+    stale = {k: v for k, v in r.items() if k != "key"}
+    calibrate.write_cache(r["key"], {**stale, "measured_at": "2026-01-01T00:00:00+00:00"}, "efficiency")
+    assert projection.proxy_rate(cfg, 1, 1.0, processes=1)["step_s"] == 0.2  # without a limit: any age
+    steps = iter([(0.25, 10)])
+    monkeypatch.setattr(projection, "load_check", lambda *a: None)  # a quiet machine: measured once
+    assert projection.proxy_rate(cfg, 1, 1.0, processes=1, max_age_s=600)["step_s"] == 0.25
+    assert next(steps, None) is None

@@ -141,22 +141,23 @@ def prefetch(cfgs: list, project) -> None:
         measure_all(todo, project)
 
 
-def prefetch_sweep(argv: list[str], project) -> None:
-    """A sweep's jobs' framework times in one process group, before its first job (else each job would measure its
-    own, a start-up each)."""
+def sweep_configs(argv: list[str]) -> list:
+    """A sweep's jobs' composed configs (those that compose; none for a sweep of one job), for what is measured
+    once before its first job: the jobs' framework times in one process group (``prefetch``, else each job would
+    measure its own, a start-up each), and fresh training rates."""
     from parallelkit.config.compose import compose_config
     from parallelkit.config.sweep import sweep_jobs
 
     jobs = sweep_jobs(argv)
     if len(jobs) < 2:
-        return
+        return []
     cfgs = []
     for job in jobs:
         try:
             cfgs.append(compose_config(job)[0])
         except Exception:  # noqa: BLE001 - the job itself reports it
             continue
-    prefetch(cfgs, project)
+    return cfgs
 
 
 def _train_all(rank: int, run_dirs: list[str]) -> None:

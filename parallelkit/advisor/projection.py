@@ -34,6 +34,7 @@ measured on a narrow copy of the run). See docs/step_time.md.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -200,17 +201,29 @@ def _timed(timer, args: tuple, threads: int, processes: int) -> tuple[float, int
     return _together(timer, args, threads, processes) if processes > 1 else _alone(timer, args, threads)
 
 
-def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1) -> dict | None:
+def fresh(entry: dict, max_age_s: float | None) -> bool:
+    """Whether a cached measurement is younger than ``max_age_s`` (None: any age will do)."""
+    if max_age_s is None:
+        return True
+    try:
+        then = datetime.fromisoformat(entry["measured_at"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return (datetime.now(timezone.utc) - then).total_seconds() <= max_age_s
+
+
+def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
+               max_age_s: float | None = None) -> dict | None:
     """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads in each of ``processes``
-    processes stepping it at once: cached, or measured now. No optimizer step: its cost is per parameter, not per
-    token, and would swamp a proxy cut to few tokens."""
+    processes stepping it at once: cached (younger than ``max_age_s``, if given), or measured now. No optimizer
+    step: its cost is per parameter, not per token, and would swamp a proxy cut to few tokens."""
     if (shape := proxy_shape(cfg, peak_tflops)) is None:
         return None
     m, b = shape
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
-    if (entry := calibrate.read_cache(key, "efficiency")) is not None or not measure:
+    if ((entry := calibrate.read_cache(key, "efficiency")) is not None and fresh(entry, max_age_s)) or not measure:
         return entry
     at_once = f", {processes} processes at once" if processes > 1 else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
@@ -291,14 +304,15 @@ def _optimizer_timer(elements: int):
     return steps
 
 
-def optimizer_rate(threads: int, measure: bool = True, processes: int = 1) -> dict | None:
+def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_age_s: float | None = None) -> dict | None:
     """Seconds per parameter element of a clipped AdamW step (clip_grad_norm_, then AdamW's foreach update: it
     reads parameter, gradient and both moments and writes three of them back, about 28 bytes per fp32 element)
     with ``threads`` threads in each of ``processes`` processes stepping at once (as a run's ranks do: they share
-    the memory bandwidth), the median of the slowest: cached, or measured now (about a second)."""
+    the memory bandwidth), the median of the slowest: cached (younger than ``max_age_s``, if given), or measured
+    now (about a second)."""
     key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), "adamw_elements": OPT_PROBE_ELEMENTS,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
-    if (entry := calibrate.read_cache(key, "optimizer")) is not None or not measure:
+    if ((entry := calibrate.read_cache(key, "optimizer")) is not None and fresh(entry, max_age_s)) or not measure:
         return entry
     step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
     entry = {"s_per_element": step / OPT_PROBE_ELEMENTS, "bytes_per_s": 28 * OPT_PROBE_ELEMENTS / step,
@@ -326,6 +340,38 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
     return updated * r["s_per_element"], (f"measured: clipped AdamW over {OPT_PROBE_ELEMENTS >> 20}M elements, "
                                           f"{r['bytes_per_s'] / 1e9:.2g} GB/s, {threads} thread(s){each} "
                                           f"({r['measured_at']})")
+
+
+RATES_FRESH_S = 600  # a sweep measures again the rates older than this (one host: 104 ms a proxy step, 116 an hour on)
+
+
+def refresh_rates(cfgs: list) -> None:
+    """Before a sweep's first job: measure again the training rates (the proxies and the optimizer's) its jobs
+    will project with, where the cached ones are older than RATES_FRESH_S. A shared machine's rate drifts by more
+    than the 10% a projection is asked to hold within an hour, so a sweep's projections use rates measured
+    beside it. On CPU only, where they are measured; a few seconds each."""
+    from parallelkit.runtime.plan import build_plan
+
+    if torch.cuda.is_available():
+        return
+    seen = set()
+    for cfg in cfgs:
+        try:
+            plan = build_plan(cfg, quiet=True)
+        except Exception:  # noqa: BLE001 - the job itself reports it
+            continue
+        c, layout = plan.cfg, plan.layout
+        if projection_setting(c, "device") or projection_setting(c, "efficiency") is not None:
+            continue
+        peak = device_peak(c, layout, True)[1]
+        threads, together = cpu_threads(layout.processes), at_once(layout)
+        if not peak or (shape := proxy_shape(c, peak)) is None:
+            continue
+        k = json.dumps([shape, threads, together, bool(c.train.activation_checkpointing), c.train.precision])
+        if k not in seen:
+            seen.add(k)
+            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S)
+            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S)
 
 
 def at_once(layout: Layout) -> int:
