@@ -34,7 +34,6 @@ measured on a narrow copy of the run). See docs/step_time.md.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -49,7 +48,7 @@ import parallelkit.advisor.bench_comm as bench_comm
 import parallelkit.measure.calibrate as calibrate
 from parallelkit.config.checks import named_device, projection_setting
 from parallelkit.config.layout import Layout
-from parallelkit.measure.metrics import cpu_threads
+from parallelkit.measure.metrics import cores, cpu_threads
 from parallelkit.measure.noise import DRIFT_LIMIT
 from parallelkit.models.gpt import GPTConfig
 from parallelkit.util.devices import CUDA_PEAK_TFLOPS
@@ -354,8 +353,7 @@ def refresh_rates(cfgs: list) -> None:
 
     if torch.cuda.is_available():
         return
-    seen = set()
-    for cfg in cfgs:
+    for cfg in cfgs:  # jobs that share a rate find it fresh once the first has measured it
         try:
             plan = build_plan(cfg, quiet=True)
         except Exception:  # noqa: BLE001 - the job itself reports it
@@ -365,19 +363,14 @@ def refresh_rates(cfgs: list) -> None:
             continue
         peak = device_peak(c, layout, True)[1]
         threads, together = cpu_threads(layout.processes), at_once(layout)
-        if not peak or (shape := proxy_shape(c, peak)) is None:
-            continue
-        k = json.dumps([shape, threads, together, bool(c.train.activation_checkpointing), c.train.precision])
-        if k not in seen:
-            seen.add(k)
+        if peak:
             proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S)
             optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S)
 
 
 def at_once(layout: Layout) -> int:
     """How many of the run's processes compute at once here: all of them, up to the cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(layout.processes, cores)
+    return min(layout.processes, cores())
 
 
 # ---- communication ----
@@ -392,8 +385,7 @@ def comm_benchmark(cfg, n: int, cuda: bool, gpus: int = 0) -> tuple[str | None, 
                              "projection.bandwidth_GBps of the interconnect")
         ranks = min(n, gpus)
         return "nccl", ranks, f"bench_comm: {ranks} NCCL ranks on this machine's GPUs"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    ranks = n if bench_comm.load_calibration(n) else min(n, max(2, cores))
+    ranks = n if bench_comm.load_calibration(n) else min(n, max(2, cores()))
     named = " (this CPU's gloo, not the named device's interconnect)" if projection_setting(cfg, "device") else ""
     return "gloo", ranks, f"bench_comm: {ranks} gloo ranks on this machine{named}"
 

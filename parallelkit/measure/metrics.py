@@ -265,6 +265,10 @@ def _payload(x) -> int:
     return 0
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads(local_world_size: int) -> int:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, n // max(1, local_world_size))
+    return max(1, cores() // max(1, local_world_size))

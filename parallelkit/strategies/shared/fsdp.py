@@ -34,7 +34,7 @@ def fsdp_memory(cfg, o, n: int) -> dict:
 
 
 def fsdp_comm(cfg, o, layout, regather_root: bool = False, regather_blocks: bool = False,
-              clip_calls: int = 1, clip_vector: bool = False) -> dict[str, float]:
+              clip_vector: bool = False) -> dict[str, float]:
     """FSDP with a unit per block and a root unit (embeddings, tied head, final LayerNorm), as fsdp.py wraps it.
 
     all_gather, in param_dtype (fp32, or the training precision): every unit before its first forward (Ψ); with
@@ -45,7 +45,7 @@ def fsdp_comm(cfg, o, layout, regather_root: bool = False, regather_blocks: bool
     FairScale free resharding units after backward even then: ``regather_blocks`` (and FSDP1's root,
     ``regather_root``) are gathered again in every micro-batch's forward.
     reduce_scatter, in reduce_dtype (fp32 unless strategy.reduce_dtype says otherwise): every gradient once per
-    step (Ψ: no_sync accumulates unsharded gradients). all_reduce: ``clip_calls`` norm scalars; ``clip_vector``:
+    step (Ψ: no_sync accumulates unsharded gradients). all_reduce: the clip norm, one fp32 scalar; ``clip_vector``:
     one all-reduce of every parameter's norm instead (FSDP2's clip_grad_norm_ over DTensor shards, a functional
     collective of one fp32 value per parameter tensor).
     """
@@ -58,7 +58,7 @@ def fsdp_comm(cfg, o, layout, regather_root: bool = False, regather_blocks: bool
     if o.reshard_after_forward:
         gathered = root * (m if regather_root else 1) + blocks * ((m if regather_blocks else 1) + m)
     reduce_word = 2 if getattr(o, "reduce_dtype", None) in ("bf16", "fp16") else FP32
-    clip = clip_norm(cfg, 1, FP32 * param_tensors(cfg)) if clip_vector else clip_norm(cfg, clip_calls)
+    clip = clip_norm(cfg, nbytes=FP32 * (param_tensors(cfg) if clip_vector else 1))
     return total({"all_gather": word(cfg.train.precision) * gathered, "reduce_scatter": reduce_word * c.num_params()},
                  clip)
 

@@ -113,13 +113,14 @@ def nd_comm(cfg, o, layout) -> dict[str, float] | None:
 
 def nd_tp_comm(cfg, o, layout, blocks: int | None = None, ends: tuple[bool, bool] = (True, True)) -> dict[str, float]:
     """DTensor's tensor-parallel collectives (functional collectives) per optimizer step on a rank holding
-    ``blocks`` blocks (None: all) and (``ends``) the embedding and the head: without sequence parallelism Megatron's all-reduces (comm_model.tensor_parallel); with it, per block
-    and micro-batch, the attention's and MLP's inputs all-gathered and their outputs reduce-scattered in forward,
-    and the reverse for their gradients in backward, plus the sequence split after the embedding and joined
-    before the head (an all-gather each way), and the partial gradients (sums over this rank's part of the
-    sequence) of what a block keeps whole: under FSDP2 its norms', all-reduced once a step after backward; without
-    FSDP2 its norms' and row-parallel biases', which stay partial and are all-reduced each time AdamW reads them
-    (twice a step), whatever the number of micro-batches (both as the counter records them on gloo)."""
+    ``blocks`` blocks (None: all) and (``ends``) the embedding and the head: without sequence parallelism
+    Megatron's all-reduces (comm_model.tensor_parallel); with it, per block and micro-batch, the attention's and
+    MLP's inputs all-gathered and their outputs reduce-scattered in forward, and the reverse for their gradients
+    in backward, plus the sequence split after the embedding and joined before the head (an all-gather each way),
+    and the partial gradients (sums over this rank's part of the sequence) of what a block keeps whole: under
+    FSDP2 its norms', all-reduced once a step after backward; without FSDP2 its norms' and row-parallel biases',
+    which stay partial and are all-reduced each time AdamW reads them (twice a step), whatever the number of
+    micro-batches (both as the counter records them on gloo)."""
     from parallelkit.strategies.shared.comm_model import activation, tensor_parallel
 
     rep, shard, cp, tp, sp = _degrees(o, layout)
@@ -150,8 +151,8 @@ def nd_compute_share(cfg, o, layout) -> float:
     if tp == 1 or layout.pp > 1 or one_process(layout):
         return 1.0
     c = GPTConfig.from_cfg(cfg.model)
-    whole, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
-    return (tp * (whole - blocks) + blocks) / whole
+    model, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
+    return (tp * (model - blocks) + blocks) / model
 
 
 def _pipeline_comm(cfg, o, layout) -> dict[str, float]:
