@@ -127,9 +127,14 @@ def main() -> None:
             from parallelkit.advisor.framework import prefetch, sweep_configs
             from parallelkit.advisor.projection import project_plan, refresh_rates
 
-            cfgs = sweep_configs(sys.argv[1:])
-            refresh_rates(cfgs)  # the jobs' projections use training rates measured beside the sweep
-            prefetch(cfgs, project_plan)  # and their framework times: one start-up for them all
+            try:
+                cfgs = sweep_configs(sys.argv[1:])
+                refresh_rates(cfgs)  # the jobs' projections use training rates measured beside the sweep
+                prefetch(cfgs, project_plan)  # and their framework times: one start-up for them all
+            except KeyboardInterrupt:
+                print("parallelkit: interrupted while measuring the sweep's calibrations, before its first job: "
+                      "nothing was run or written", file=sys.stderr)
+                sys.exit(130)
     if under_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         # Only rank 0 writes results; the other ranks keep Hydra from writing a second .hydra/.
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]

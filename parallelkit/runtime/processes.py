@@ -6,7 +6,9 @@ ends, whatever happened. Runs start their workers as ``python -m parallelkit.run
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
 import time
 
@@ -20,6 +22,20 @@ def _entry(rank: int, fn, nprocs: int, init: str, env: dict, args: tuple) -> Non
     fn(rank, *args)
 
 
+@contextlib.contextmanager
+def _children_ignore_ctrl_c():
+    """While processes start: SIGINT ignored, which they inherit (a terminal's Ctrl-C reaches the whole group)."""
+    try:
+        saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: leave it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def spawn(fn, nprocs: int, *args, timeout: float | None = 900, start_method: str = "spawn") -> None:
     """Run ``fn(rank, *args)`` in ``nprocs`` new processes that join one process group (RANK, WORLD_SIZE and the
     store are in their environment: ``init_distributed`` reads them). Raises when one fails or the deadline passes;
@@ -30,8 +46,9 @@ def spawn(fn, nprocs: int, *args, timeout: float | None = 900, start_method: str
 
     with tempfile.TemporaryDirectory(prefix="parallelkit-store-") as folder:
         init = f"file://{folder}/store"
-        ctx = mp.start_processes(_entry, args=(fn, nprocs, init, dict(os.environ), args), nprocs=nprocs, join=False,
-                                 start_method=start_method)
+        with _children_ignore_ctrl_c():  # Ctrl-C stops the caller, which ends them: no traceback from each
+            ctx = mp.start_processes(_entry, args=(fn, nprocs, init, dict(os.environ), args), nprocs=nprocs,
+                                     join=False, start_method=start_method)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not ctx.join(timeout=1):
