@@ -41,6 +41,15 @@ def test_framework_time_is_measured_on_narrow_runs_per_step_and_per_micro_batch(
         assert p["step_s"] == pytest.approx(sum(v or 0 for v in p["parts_s"].values()))
     (ddp, _), (zero3, _) = (framework.seconds(c, 2, measure=False) for c in cfgs)
     assert zero3 > ddp, (zero3, ddp)
+    # the calls each narrow run counted, per schedule; a run's: a part per step and one per micro-batch
+    (d1, d2), (z1, z2) = (e["calls"] for e in entries)
+    assert d1 == d2 == {"all_reduce": 1}  # DDP: one bucket, at the step's last micro-batch (no_sync before)
+    assert z1["all_gather"] > cfgs[1].model.n_layer and z2["reduce_scatter"] > z1["reduce_scatter"]  # per block
+    assert framework.calls(cfgs[0], 2) == {"all_reduce": 1}
+    assert framework.calls(cfgs[1], 2)["reduce_scatter"] == 3 * z1["reduce_scatter"] - 2 * (
+        z1["reduce_scatter"] - (z2["reduce_scatter"] - z1["reduce_scatter"]))  # m = 3: c1 + 2 (c2 - c1)
+    assert framework.counted_calls({"comm_by_kind": [{"reduce": {"calls": 3, "bytes": 8}},
+                                                     {"reduce": {"calls": 5, "bytes": 8}}, {}]}) == {"reduce": 5}
     off = compose_run("strategy=zero3", "train.grad_accum=3", *MODEL)  # FAST: projection.framework=false
     assert project(off, {"all_reduce": 1e6}, lay, measure=False)["parts_s"]["framework"] is None
     with pytest.raises(ConfigError, match="projection.framework='often': must be true or false"):

@@ -31,6 +31,32 @@ def test_alpha_beta_costs_by_hand():
     assert comm_seconds({"all_reduce": 0.0}, n, A, B) == {}
 
 
+def test_a_call_after_compute_costs_its_run_like_time_once_per_wait():
+    """comm_seconds with bench_comm's run-like fits: a wait after ``gap`` of compute costs the fit at that gap,
+    interpolated from back to back at none and flat past the last; only the calls that wait pay it; never less
+    than back to back. waits(): a kind the backend overlaps waits once per block per pass, per micro-batch."""
+    from parallelkit.advisor.projection import waits
+
+    s, n = 1e6, 2
+    b2b = bench_comm.model_time("all_reduce", s, n, A, B, 4)
+    between = {"all_reduce": [(0.002, 10 * A, B), (0.016, 30 * A, B)]}
+    at = lambda g, w=4: comm_seconds({"all_reduce": s}, n, A, B, calls={"all_reduce": 4}, between=between,  # noqa: E731
+                                     gap=g, waits={"all_reduce": w})["all_reduce"]
+    first, last = (bench_comm.model_time("all_reduce", s, n, a, B, 4) for a in (10 * A, 30 * A))
+    assert at(0.0) == pytest.approx(b2b) and at(0.002) == pytest.approx(first) and at(0.1) == pytest.approx(last)
+    assert at(0.001) == pytest.approx((b2b + first) / 2) and at(0.009) == pytest.approx((first + last) / 2)
+    assert at(0.002, w=1) == pytest.approx(b2b + (first - b2b) / 4)  # one of the 4 calls waits
+    faster = {"all_reduce": [(0.002, A / 10, B * 10)]}
+    assert comm_seconds({"all_reduce": s}, n, A, B, between=faster, gap=0.01)["all_reduce"] == pytest.approx(
+        bench_comm.model_time("all_reduce", s, n, A, B))
+    calls = {"all_gather": 41, "reduce_scatter": 13, "all_reduce": 2}
+    comm = {k: 1e6 for k in calls}
+    assert waits(comm, calls, {}, 4, 1) == calls  # each waited where it is called
+    assert waits(comm, calls, {"all_gather": "forward+backward", "reduce_scatter": "backward"}, 4, 1) == {
+        "all_gather": 12, "reduce_scatter": 6, "all_reduce": 2}
+    assert waits(comm, None, {}, 4, 1) == {k: 1 for k in calls}  # uncounted: a message per bucket
+
+
 def test_group_size_from_layout():
     assert group_size(Layout.data_parallel(8)) == 8
     assert group_size(Layout.model_parallel(8, tp=2, pp=2)) == 2
@@ -89,15 +115,24 @@ def test_bench_comm_quick_calibration(tmp_path, monkeypatch):
         ratios = [p["fit_s"] / p["median_s"] for p in f["points"]]
         assert all(len(p["trials_s"]) == bench_comm.TRIALS for p in f["points"])
         assert all(1 / 20 < r < 20 for r in ratios) and 1 / 3 < math.prod(ratios) ** (1 / len(ratios)) < 3, (kind, f)
+    # the run-like timing: each collective after ~2 and ~16 ms of compute, fitted per kind and compute
+    assert set(saved["between"]) == set(bench_comm.RUN_KINDS) and "send_recv" not in saved["between"]
+    for kind, runs in saved["between"].items():
+        assert [0.5 < r["between_s"] / g < 2 for r, g in zip(runs, bench_comm.BETWEEN_S)] == [True, True], (kind, runs)
+        for r in runs:
+            assert r["alpha_s"] >= 0 and r["bandwidth_Bps"] > 0
+            assert [p["bytes"] for p in r["points"]] == list(bench_comm.QUICK_RUN_SIZES)
+            assert all(len(p["trials_s"]) == bench_comm.QUICK_RUN_TRIALS and p["calls"] >= 3 for p in r["points"])
+    assert "as a run calls them" in bench_comm.render({**saved, "world_size": 2})
     assert bench_comm.calibration(2, quick=True)["cached"] and bench_comm.load_calibration(2) is None
     # a projection with no projection.* link reads the full calibration (here: the quick one saved as it), per kind
     calibrate.write_cache(bench_comm.cache_key(2), {k: v for k, v in saved.items() if k != "key"}, "comm")
-    p = project(compose_run("projection.device=H100"), {"all_gather": 4e6, "all_to_all": 4e6}, Layout.data_parallel(2))
-    g = saved["kinds"]["all_gather"]
-    assert p["comm_s_by_kind"]["all_gather"] == pytest.approx(
-        bench_comm.model_time("all_gather", 4e6, 2, g["alpha_s"], g["bandwidth_Bps"]))
-    assert p["comm_s_by_kind"]["all_to_all"] == pytest.approx(  # not benchmarked: the machine's fit
-        bench_comm.model_time("all_to_all", 4e6, 2, saved["alpha_s"], saved["bandwidth_Bps"]))
+    p = project(compose_run("projection.device=H100"), {"all_gather": 4e6, "all_to_all": 4e6},
+                Layout.data_parallel(2))  # a named device: back to back (the run-like timing is this CPU's)
+    for kind in ("all_gather", "all_to_all"):
+        g = saved["kinds"][kind]
+        assert p["comm_s_by_kind"][kind] == pytest.approx(
+            bench_comm.model_time(kind, 4e6, 2, g["alpha_s"], g["bandwidth_Bps"]))
     assert "bench_comm" in p["source"] and "not the named device's interconnect" in p["source"]
 
 

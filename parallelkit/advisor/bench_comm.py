@@ -35,11 +35,19 @@ import torch
 import parallelkit.measure.calibrate as calibrate
 from parallelkit.measure.metrics import cpu_threads
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce", "send_recv")
 SIZES = tuple(4 * 2**10 * 4**i for i in range(8))  # 4 KiB .. 64 MiB
 QUICK_SIZES = (4 * 2**10, 256 * 2**10, 4 * 2**20)  # a check: latency- to bandwidth-bound
 TRIALS = 5
 TRIAL_S = 0.02  # a trial repeats a call until it lasts this long: small messages are timed in batches
+# the run-like timing: each call after this much compute on every rank, as a run calls its collectives between
+# layers (gloo's threads idle, the buffers out of cache, the ranks arriving apart); a collective only (send/recv
+# is a pipeline's, whose waits the bubble holds)
+BETWEEN_S = (0.002, 0.016)
+RUN_KINDS = tuple(k for k in KINDS if k != "send_recv")
+RUN_SIZES, QUICK_RUN_SIZES = (256 * 2**10, 8 * 2**20), (256 * 2**10, 4 * 2**20)
+RUN_TRIALS, QUICK_RUN_TRIALS = 5, 2
+RUN_TRIAL_S, QUICK_RUN_TRIAL_S = 0.1, 0.05  # a run-like trial: calls after compute, then the compute alone, each this long
 
 
 def coefficients(kind: str, n: int) -> tuple[float, float]:
@@ -80,8 +88,13 @@ def _op(kind: str, nbytes: int, rank: int, n: int, device: torch.device | None =
     if kind == "reduce_scatter":
         part, scatter = torch.empty(numel // n), getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
         return (lambda: scatter(part, full)), full.nbytes, 1
+    if kind == "all_to_all":
+        out = torch.empty(numel)
+        return (lambda: dist.all_to_all_single(out, full)), full.nbytes, 1
     if kind == "broadcast":
         return (lambda: dist.broadcast(full, 0)), full.nbytes, 1
+    if kind == "reduce":
+        return (lambda: dist.reduce(full, 0)), full.nbytes, 1
     peer = rank ^ 1  # pairs (0, 1), (2, 3), ...; with an odd n the last rank waits
 
     def ping_pong():
@@ -102,6 +115,57 @@ def _slowest(seconds: float, device: torch.device | None = None) -> float:
     t = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
+
+
+def _chunk():
+    """A slice of a run's compute, as a layer's: a (256 x 256) x (256 x 1024) matmul, cycling through 8 MiB of
+    weights (more than a core's caches: a collective after it finds its buffers cold, as in a run)."""
+    weights, x, turn = [torch.randn(256, 1024) for _ in range(8)], torch.randn(256, 256), [0]
+
+    def chunk():
+        turn[0] = (turn[0] + 1) % len(weights)
+        return x @ weights[turn[0]]
+    return chunk
+
+
+def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float) -> dict:
+    """The run-like timing on every rank: {kind: [{between_s, points: [{bytes, median_s, trials_s, calls}]}]}. A
+    trial times k calls each after ``between`` of compute, and the same compute alone (each the slowest rank's,
+    after a barrier); a call's run-like time is their difference over k: the call, its cold buffers, and the wait
+    for the rank that computed longer."""
+    import torch.distributed as dist
+
+    chunk = _chunk()
+    for _ in range(5):
+        chunk()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        chunk()
+    chunk_s = _slowest((time.perf_counter() - t0) / 20)
+
+    def loop(call, reps: int, k: int) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            for _ in range(reps):
+                chunk()
+            if call is not None:
+                call()
+        return _slowest(time.perf_counter() - t0)
+
+    out = {}
+    for kind in RUN_KINDS:
+        out[kind] = []
+        for between in BETWEEN_S:
+            reps, pts = max(1, round(between / chunk_s)), []
+            for size in sizes:
+                call, nbytes, _ = _op(kind, size, rank, n)
+                one = loop(call, 0, 1)  # warms up; sets the calls per trial
+                k = max(3, math.ceil(trial_s / (reps * chunk_s + one)))
+                ts = [(loop(call, reps, k) - loop(None, reps, k)) / k for _ in range(trials)]
+                pts.append({"bytes": nbytes, "median_s": statistics.median(ts), "trials_s": ts, "calls": k})
+            out[kind].append({"between_s": reps * chunk_s, "points": pts})
+    return out
 
 
 def _rank_main(rank: int, n: int, sizes: list[int], out: str, backend: str = "gloo") -> None:
@@ -137,6 +201,10 @@ def _rank_main(rank: int, n: int, sizes: list[int], out: str, backend: str = "gl
                     trials.append(t / legs)
             points[kind].append({"bytes": nbytes, "median_s": statistics.median(trials), "trials_s": trials,
                                  "calls_per_trial": reps})
+    if device is None:  # on the CPU: the run-like timing too (a GPU's collectives run on their own streams)
+        quick = list(sizes) == list(QUICK_SIZES)
+        points["between"] = _between(rank, n, list(QUICK_RUN_SIZES if quick else RUN_SIZES),
+                                     QUICK_RUN_TRIALS if quick else RUN_TRIALS, QUICK_RUN_TRIAL_S if quick else RUN_TRIAL_S)
     if rank == 0:
         write_json(Path(out), points)
     dist.destroy_process_group()
@@ -178,7 +246,10 @@ def fit(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
 
 
 def fit_points(points: dict, n: int) -> dict:
-    """The per-kind and machine fits of ``points`` (measure's output) on n ranks, each point's fitted time beside it."""
+    """The per-kind and machine fits of ``points`` (measure's output) on n ranks, each point's fitted time beside it;
+    with the run-like timings (``between``), a fit of each kind at each compute between calls."""
+    points = dict(points)
+    between = points.pop("between", None)
     rows = {k: [(*_ab(k, p["bytes"], n), p["median_s"]) for p in pts] for k, pts in points.items()}
     alpha, bw = fit([r for rs in rows.values() for r in rs])
     kinds = {}
@@ -187,7 +258,30 @@ def fit_points(points: dict, n: int) -> dict:
         kinds[k] = {"alpha_s": ka, "bandwidth_Bps": kb,
                     "points": [{**p, "fit_s": model_time(k, p["bytes"], n, ka, kb),
                                 "machine_fit_s": model_time(k, p["bytes"], n, alpha, bw)} for p in pts]}
-    return {"alpha_s": alpha, "bandwidth_Bps": bw, "kinds": kinds}
+    out = {"alpha_s": alpha, "bandwidth_Bps": bw, "kinds": kinds}
+    if between:
+        out["between"] = {k: [_fit_between(k, b, n, kinds.get(k)) for b in runs] for k, runs in between.items()}
+    return out
+
+
+def _fit_between(kind: str, run: dict, n: int, alone: dict | None) -> dict:
+    """The alpha-beta fit of one kind's run-like timings at one compute between calls. A call is never taken as
+    faster than back to back (``alone``: that kind's fit), and timings that do not grow with the size (noise) keep
+    the back-to-back bandwidth, with the latency that fits them."""
+    pts = run["points"]
+    if alone is not None:
+        pts = [{**p, "median_s": max(p["median_s"], model_time(kind, p["bytes"], n, alone["alpha_s"],
+                                                               alone["bandwidth_Bps"]))} for p in pts]
+    try:
+        a, b = fit([(*_ab(kind, p["bytes"], n), p["median_s"]) for p in pts])
+    except ValueError:
+        if alone is None:
+            raise
+        b = alone["bandwidth_Bps"]
+        ca, cb = coefficients(kind, n)
+        a = max(0.0, statistics.mean((p["median_s"] - cb * p["bytes"] / b) / max(ca, 1.0) for p in pts))
+    return {"between_s": run["between_s"], "alpha_s": a, "bandwidth_Bps": b,
+            "points": [{**p, "fit_s": model_time(kind, p["bytes"], n, a, b)} for p in pts]}
 
 
 def _ab(kind: str, nbytes: int, n: int) -> tuple[float, float]:
@@ -245,6 +339,16 @@ def render(c: dict) -> str:
     ratios = [p["machine_fit_s"] / p["median_s"] for f in c["kinds"].values() for p in f["points"]]
     lines.append(f"machine (all kinds): alpha {c['alpha_s'] * 1e6:.1f} us, B {c['bandwidth_Bps'] / 1e9:.2f} GB/s; "
                  f"its fit/measured {min(ratios):.2f}..{max(ratios):.2f}")
+    if c.get("between"):
+        lines.append("as a run calls them, each after compute on every rank (ms per call; back to back beside it):")
+        for k, runs in c["between"].items():
+            for r in runs:
+                alone = c["kinds"][k]
+                lines.append(f"{k:<15}{r['alpha_s'] * 1e6:>9.1f}{r['bandwidth_Bps'] / 1e9:>8.2f}  after "
+                             f"{r['between_s'] * 1e3:4.1f} ms: " + ", ".join(
+                                 f"{size(p['bytes'])} {p['median_s'] * 1e3:.3f} "
+                                 f"({model_time(k, p['bytes'], c['world_size'], alone['alpha_s'], alone['bandwidth_Bps']) * 1e3:.3f})"
+                                 for p in r["points"]))
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ from parallelkit.config.compose import CONF_DIR
 STEPS, UNTIMED = 12, 3  # the narrow run's steps: 9 timed, after the warm-up steps
 NARROW = {"vocab_size": 512, "seq_len": 64, "micro_batch_size": 2}
 JOB_S = 60  # the spawn's deadline: a start-up allowance and this much per narrow run
-PROJECTED_BY = 4  # the version of the projection its residuals are taken from: a new one measures them again
+PROJECTED_BY = 5  # the version of the projection its residuals are taken from: a new one measures them again
 
 
 def narrow(cfg, accum: int | None = None):
@@ -116,6 +116,29 @@ def seconds(cfg, processes: int, measure: bool = True, project=None) -> tuple[fl
         f"micro-batch, from a narrow copy ({entry['d_model']} wide, {entry['n_layer']} layers) stepped in "
         f"{t1 * 1e3:.1f} and {t2 * 1e3:.1f} ms at {a1} and {a2} micro-batches, projected without it "
         f"{p1 * 1e3:.1f} and {p2 * 1e3:.1f} ms ({entry['measured_at']})")
+
+
+def calls(cfg, processes: int) -> dict[str, float] | None:
+    """The collective calls per step by kind of a run with the config's micro-batches: the narrow copy's counts
+    (its probe step, the busiest rank) at its two schedules give a part per step and a part per micro-batch, as
+    its time does. None: not measured (or measured before the counts were kept)."""
+    entry = cached(cfg, processes)
+    if not entry or entry.get("error") or not entry.get("calls"):
+        return None
+    (a1, *_), (a2, *_) = entry["schedules"]
+    c1, c2 = entry["calls"]
+    m = int(cfg.train.grad_accum)
+    return {k: max(0.0, c1.get(k, 0) + (m - a1) * (c2.get(k, 0) - c1.get(k, 0)) / (a2 - a1))
+            for k in set(c1) | set(c2)}
+
+
+def counted_calls(summary: dict) -> dict[str, int]:
+    """{kind: calls} a run's probe step counted, on its busiest rank."""
+    out: dict[str, int] = {}
+    for rank in summary.get("comm_by_kind") or []:
+        for kind, v in (rank or {}).items():
+            out[kind] = max(out.get(kind, 0), int(v.get("calls", 0)))
+    return out
 
 
 def prefetch(cfgs: list, project) -> None:
@@ -235,17 +258,18 @@ def measure_all(cfgs: list, project, quiet: bool = False) -> list[dict | None]:
 
 def _entry(jobs: list, runs: list[dict], project) -> dict:
     """The cache entry of one config from its two narrow runs: the framework time per step and per micro-batch."""
-    sched = []
+    sched, counts = [], []
     for (_, plan, _), s in zip(jobs, runs):
         comm = plan.cls.comm(plan.cfg, plan.opts, plan.layout) or {}
         parts = plan.cls.memory(plan.cfg, plan.opts, plan.layout, None)
-        proj = project(plan, {kind: v for kind, v in comm.items() if v}, parts, framework=False)
+        counts.append(counted_calls(s))
+        proj = project(plan, {kind: v for kind, v in comm.items() if v}, parts, framework=False, calls=counts[-1])
         sched.append((int(plan.cfg.train.grad_accum), statistics.median(s["step_times_s"]), proj["step_s"] or 0.0))
     (a1, t1, p1), (a2, t2, p2) = sched
     r1, r2 = t1 - p1, t2 - p2  # what the projection leaves out at each schedule
     per_mb = max(0.0, (r2 - r1) / (a2 - a1))
     plan = jobs[0][1]
-    return {"per_step_s": max(0.0, r1 - a1 * per_mb), "per_micro_batch_s": per_mb, "schedules": sched,
+    return {"per_step_s": max(0.0, r1 - a1 * per_mb), "per_micro_batch_s": per_mb, "schedules": sched, "calls": counts,
             "d_model": int(plan.cfg.model.d_model), "n_layer": int(plan.cfg.model.n_layer)}
 
 

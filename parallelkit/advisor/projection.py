@@ -72,15 +72,51 @@ def group_size(layout: Layout) -> int:
 
 
 def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth: float,
-                 per_kind: dict[str, tuple[float, float]] | None = None, bucket: int = BUCKET) -> dict[str, float]:
-    """Seconds per kind: its bytes in ``bucket``-sized messages on n ranks (send_recv: point to point), at
-    (α, B), or at the kind's own fit in ``per_kind``."""
+                 per_kind: dict[str, tuple[float, float]] | None = None, bucket: int = BUCKET,
+                 calls: dict[str, float] | None = None, between: dict | None = None,
+                 gap: float | None = None, waits: dict[str, float] | None = None) -> dict[str, float]:
+    """Seconds per kind: its bytes on n ranks (send_recv: point to point) in ``calls`` calls where counted (else
+    ``bucket``-sized messages; never fewer), each paying the latency, at (α, B), or at the kind's own fit in
+    ``per_kind``. ``between`` (bench_comm's run-like fits, kind -> [(compute before a call, α, B)]), ``gap`` (the
+    compute between two of the run's waits) and ``waits`` (kind -> its calls that follow compute, ``waits``): each
+    of those costs what the run-like timing measured after that much compute, interpolated (from back to back at
+    none), never less than back to back; the others cost their back-to-back time."""
     out = {}
     for kind, nbytes in comm_by_kind.items():
         if nbytes > 0:
             a, b = (per_kind or {}).get(kind, (alpha, bandwidth))
-            out[kind] = bench_comm.model_time(kind, nbytes, n, a, b, max(1, math.ceil(nbytes / bucket)))
+            m = max(1, math.ceil(nbytes / bucket), round((calls or {}).get(kind, 0)))
+            t = bench_comm.model_time(kind, nbytes, n, a, b, m)
+            if between and kind in between and gap is not None:
+                anchors = [(0.0, t)] + [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m))
+                                        for g, ga, gb in between[kind]]
+                t += max(0.0, _interpolate(anchors, gap) - t) * min(1.0, (waits or {}).get(kind, m) / m)
+            out[kind] = t
     return out
+
+
+def waits(comm_by_kind: dict[str, float], calls: dict[str, float] | None, overlap: dict[str, str] | None,
+          n_layer: int, micro_batches: int, bucket: int = BUCKET) -> dict[str, float]:
+    """Per kind, the calls after which a rank has computed and waits for its peer: every call of a kind the backend
+    waits for where it calls it (counted ones, else a message per ``bucket``); a kind it runs under compute
+    (``overlap``) is issued from hooks in bursts, one wait per block (and the embedding and the head) per pass it
+    runs under, per micro-batch."""
+    passes = {"backward": 1, "forward+backward": 2}
+    out = {}
+    for k, v in comm_by_kind.items():
+        if v > 0:
+            out[k] = max(1, math.ceil(v / bucket), round((calls or {}).get(k, 0)))
+            if k in (overlap or {}):
+                out[k] = min(out[k], passes.get(overlap[k], 1) * (n_layer + 2) * micro_batches)
+    return out
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear through (x, y) points sorted by x; flat beyond the last."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * max(0.0, x - x0) / max(x1 - x0, 1e-12)
+    return points[-1][1]
 
 
 # ---- compute ----
@@ -395,7 +431,7 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
     device's own collectives (``comm_benchmark``)."""
     lat, bw = projection_setting(cfg, "latency_us"), projection_setting(cfg, "bandwidth_GBps")
     out = {"alpha_s": None if lat is None else lat * 1e-6, "bandwidth_Bps": None if bw is None else bw * 1e9,
-           "per_kind": {}, "source": "config: projection.latency_us, bandwidth_GBps"}
+           "per_kind": {}, "between": {}, "source": "config: projection.latency_us, bandwidth_GBps"}
     if not any(v > 0 for v in comm_by_kind.values()):
         return {**out, "source": "no communication"}
     if lat is not None and bw is not None:
@@ -417,6 +453,8 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
     out["bandwidth_Bps"] = c["bandwidth_Bps"] if bw is None else out["bandwidth_Bps"]
     if not given:
         out["per_kind"] = {k: (f["alpha_s"], f["bandwidth_Bps"]) for k, f in c["kinds"].items()}
+        out["between"] = {k: [(r["between_s"], r["alpha_s"], r["bandwidth_Bps"]) for r in runs]
+                          for k, runs in (c.get("between") or {}).items()}
     out["source"] = (f"{what}, "
                      f"{'per-kind fits' if not given else 'machine fit with config: projection.' + given[0]} "
                      f"({c['measured_at']})")
@@ -443,7 +481,8 @@ def exposed(by_kind: dict[str, float], overlap: dict[str, str] | None, fwd: floa
 def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool = True,
             updated_params: int | None = None, overlap: dict[str, str] | None = None,
             micro_batches: int | None = None, framework: bool = True,
-            shares: tuple[list[float], int] | None = None, share: float = 1.0) -> dict:
+            shares: tuple[list[float], int] | None = None, share: float = 1.0,
+            calls: dict[str, float] | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
@@ -454,7 +493,9 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     parts are then the slowest stage's, which paces the schedule: it computes its m micro-batches and waits while
     the other stages fill and drain the pipeline, one micro-batch each (per chunk: / v); with equal stages that
     is the classic bubble, (pp-1)/(v·m) of its compute. ``share``: the busiest rank's FLOPs over an even split
-    (``Strategy.compute_share``)."""
+    (``Strategy.compute_share``). ``calls``: the collective calls per step by kind (default: those the narrow copy
+    counted, scaled to the run's micro-batches; none: a message per ``BUCKET``); with the compute between two
+    of them, they set what each call costs (``comm_seconds``)."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
@@ -462,19 +503,25 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     device, peak, peak_src = device_peak(cfg, layout, measure)
     eff, eff_src = efficiency(cfg, layout, peak, measure)
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
-    n = group_size(layout)
-    ln = link(cfg, comm_by_kind, n, measure)
-    by_kind, comm = {}, 0.0
-    if any(v > 0 for v in comm_by_kind.values()):  # no calibration to be had: no comm time, no step
-        linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
-        by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"]) if linked else {}
-        comm = sum(by_kind.values()) if linked else None
     pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
     m, chunks, fill = micro_batches or cfg.train.grad_accum, 1, layout.pp - 1
     if pipelined and shares and compute is not None:  # the slowest stage's rank: the others wait for it
         top = max(shares[0])
         compute *= layout.pp * top
         chunks, fill = shares[1], (1 - top) / top  # it waits while the other stages fill and drain: their time
+    fw, fw_src = framework_seconds(cfg, layout, measure) if framework else (None, "left out")
+    if calls is None and framework:
+        calls = framework_calls(cfg, layout)
+    n = group_size(layout)
+    ln = link(cfg, comm_by_kind, n, measure)
+    by_kind, comm, gap = {}, 0.0, None
+    if any(v > 0 for v in comm_by_kind.values()):  # no calibration to be had: no comm time, no step
+        linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
+        w = waits(comm_by_kind, calls, overlap, c.n_layer, m)
+        gap = None if compute is None else compute / sum(w.values())
+        by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls,
+                               between=ln["between"] if on_cpu else None, gap=gap, waits=w) if linked else {}
+        comm = sum(by_kind.values()) if linked else None
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
     opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure)
@@ -482,14 +529,14 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
                   fwd or 0.0, bwd or 0.0, on_cpu)
     idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
-    fw, fw_src = framework_seconds(cfg, layout, measure) if framework else (None, "left out")
     parts = {"forward": fwd, "backward": bwd, "optimizer": opt,
              "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle, "framework": fw}
     step = None if compute is None or comm is None else sum(v or 0.0 for v in parts.values())
     assumptions = (f"a model, not a measurement: {device} at {_g(peak)} TFLOP/s x efficiency {_g(eff)}; "
                    f"alpha {_g(ln['alpha_s'], 1e6)} us, B {_g(ln['bandwidth_Bps'], 1e-9)} GB/s"
                    f"{' (per-kind fits)' if ln['per_kind'] else ''}, ring/tree costs on {n} ranks, a latency per "
-                   f"{BUCKET // 2**20} MiB message; "
+                   f"{'call (counted on the narrow copy)' if calls else str(BUCKET // 2**20) + ' MiB message'}"
+                   f"{f', each wait for a peer as a run makes it, after {gap * 1e3:.1f} ms of compute' if gap is not None and ln['between'] and on_cpu else ''}; "
                    f"{'no overlap on CPU (gloo shares the cores)' if on_cpu else 'no overlap' if not overlap else 'overlap: ' + ', '.join(f'{k} under {v}' for k, v in overlap.items())}; "
                    f"{'the slowest stage computes, and waits while the others fill and drain; ' if pipelined else ''}"
                    f"optimizer: {opt_src}; "
@@ -498,19 +545,19 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
             "bubble_s": bubble, "optimizer_s": opt, "framework_s": fw,
             "device": device, "peak_tflops": peak, "efficiency": eff, "alpha_s": ln["alpha_s"],
             "bandwidth_Bps": ln["bandwidth_Bps"], "flops_per_device": flops, "group_size": n,
-            "comm_s_by_kind": by_kind, "source": f"peak: {peak_src}; efficiency: {eff_src}; comm: {ln['source']}",
+            "comm_s_by_kind": by_kind, "calls": calls, "compute_between_calls_s": gap, "source": f"peak: {peak_src}; efficiency: {eff_src}; comm: {ln['source']}",
             "assumptions": assumptions}
 
 
 def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None, measure: bool = True,
-                 framework: bool = True) -> dict:
+                 framework: bool = True, calls: dict[str, float] | None = None) -> dict:
     """``project`` with what the plan knows: the backend's overlap rule, the elements each rank updates, a
     pipeline's stages and the work a rank repeats (``Strategy.compute_share``)."""
     updated = plan.cls.optimizer_elements(plan.cfg, plan.opts, parts) if parts else None
     return project(plan.cfg, comm_by_kind, plan.layout, measure, updated,
                    plan.cls.overlap(plan.cfg, plan.opts), framework=framework,
                    shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout),
-                   share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout))
+                   share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout), calls=calls)
 
 
 def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:
@@ -524,6 +571,17 @@ def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float 
     if cfg.get("world_size") is None:
         return None, "not projected (no world size yet)"
     return framework.seconds(cfg, layout.processes, measure, project_plan)
+
+
+def framework_calls(cfg, layout: Layout) -> dict[str, float] | None:
+    """The collective calls per step by kind that the run's narrow copy counted (framework.py), if it was measured."""
+    from parallelkit.advisor import framework
+
+    if OmegaConf.select(cfg, "projection.framework") is False or projection_setting(cfg, "device"):
+        return None
+    if cfg.get("world_size") is None or framework.narrow(cfg) is None:
+        return None
+    return framework.calls(cfg, layout.processes)
 
 
 def _g(v: float | None, scale: float = 1.0) -> str:

@@ -90,6 +90,11 @@ class FairScaleOSSStrategy(Strategy):
         grads = {"reduce" if o.sharded_ddp else "all_reduce": FP32 * psi}
         return total(grads, {"broadcast": (2 if o.broadcast_fp16 else FP32) * psi}, clip_norm(cfg))
 
+    @classmethod
+    def overlap(cls, cfg, o):
+        """ShardedDDP reduces each gradient from its hook as backward makes it; plain DDP's buckets likewise."""
+        return {"reduce" if o.sharded_ddp else "all_reduce": "backward"}
+
     def make_optimizer(self, module):
         # OSS wraps the optimizer class and turns the parameters into views of per-rank flat buffers,
         # so it comes before the wrapper (wrap below uses it).
