@@ -116,7 +116,7 @@ def test_bench_comm_quick_calibration(tmp_path, monkeypatch):
         assert all(len(p["trials_s"]) == bench_comm.TRIALS for p in f["points"])
         assert all(1 / 20 < r < 20 for r in ratios) and 1 / 3 < math.prod(ratios) ** (1 / len(ratios)) < 3, (kind, f)
     # the run-like timing: each collective after ~2 and ~16 ms of compute, fitted per kind and compute
-    assert set(saved["between"]) == set(bench_comm.RUN_KINDS) and "send_recv" not in saved["between"]
+    assert set(saved["between"]) == set(bench_comm.RUN_KINDS) == set(bench_comm.KINDS)
     for kind, runs in saved["between"].items():
         assert [0.5 < r["between_s"] / g < 2 for r, g in zip(runs, bench_comm.BETWEEN_S)] == [True, True], (kind, runs)
         for r in runs:

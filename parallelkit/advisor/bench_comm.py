@@ -41,13 +41,13 @@ QUICK_SIZES = (4 * 2**10, 256 * 2**10, 4 * 2**20)  # a check: latency- to bandwi
 TRIALS = 5
 TRIAL_S = 0.02  # a trial repeats a call until it lasts this long: small messages are timed in batches
 # the run-like timing: each call after this much compute on every rank, as a run calls its collectives between
-# layers (gloo's threads idle, the buffers out of cache, the ranks arriving apart); a collective only (send/recv
-# is a pipeline's, whose waits the bubble holds)
+# layers (gloo's threads idle, the buffers out of cache, the ranks arriving apart)
 BETWEEN_S = (0.002, 0.016)
-RUN_KINDS = tuple(k for k in KINDS if k != "send_recv")
+RUN_KINDS = KINDS
 RUN_SIZES, QUICK_RUN_SIZES = (256 * 2**10, 8 * 2**20), (256 * 2**10, 4 * 2**20)
 RUN_TRIALS, QUICK_RUN_TRIALS = 5, 2
 RUN_TRIAL_S, QUICK_RUN_TRIAL_S = 0.1, 0.05  # a run-like trial: calls after compute, then the compute alone, each this long
+RUN_CALLS, QUICK_RUN_CALLS = 12, 3  # and at least this many calls (a trial's noise is shared among its calls)
 
 
 def coefficients(kind: str, n: int) -> tuple[float, float]:
@@ -128,7 +128,7 @@ def _chunk():
     return chunk
 
 
-def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float) -> dict:
+def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float, min_calls: int) -> dict:
     """The run-like timing on every rank: {kind: [{between_s, points: [{bytes, median_s, trials_s, calls}]}]}. A
     trial times k calls each after ``between`` of compute, and the same compute alone (each the slowest rank's,
     after a barrier); a call's run-like time is their difference over k: the call, its cold buffers, and the wait
@@ -159,10 +159,10 @@ def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float) -
         for between in BETWEEN_S:
             reps, pts = max(1, round(between / chunk_s)), []
             for size in sizes:
-                call, nbytes, _ = _op(kind, size, rank, n)
+                call, nbytes, legs = _op(kind, size, rank, n)
                 one = loop(call, 0, 1)  # warms up; sets the calls per trial
-                k = max(3, math.ceil(trial_s / (reps * chunk_s + one)))
-                ts = [(loop(call, reps, k) - loop(None, reps, k)) / k for _ in range(trials)]
+                k = max(min_calls, math.ceil(trial_s / (reps * chunk_s + one)))
+                ts = [(loop(call, reps, k) - loop(None, reps, k)) / k / legs for _ in range(trials)]
                 pts.append({"bytes": nbytes, "median_s": statistics.median(ts), "trials_s": ts, "calls": k})
             out[kind].append({"between_s": reps * chunk_s, "points": pts})
     return out
@@ -204,7 +204,8 @@ def _rank_main(rank: int, n: int, sizes: list[int], out: str, backend: str = "gl
     if device is None:  # on the CPU: the run-like timing too (a GPU's collectives run on their own streams)
         quick = list(sizes) == list(QUICK_SIZES)
         points["between"] = _between(rank, n, list(QUICK_RUN_SIZES if quick else RUN_SIZES),
-                                     QUICK_RUN_TRIALS if quick else RUN_TRIALS, QUICK_RUN_TRIAL_S if quick else RUN_TRIAL_S)
+                                     *((QUICK_RUN_TRIALS, QUICK_RUN_TRIAL_S, QUICK_RUN_CALLS) if quick
+                                       else (RUN_TRIALS, RUN_TRIAL_S, RUN_CALLS)))
     if rank == 0:
         write_json(Path(out), points)
     dist.destroy_process_group()

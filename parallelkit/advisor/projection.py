@@ -95,6 +95,14 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
     return out
 
 
+def _run_like(between: dict, on_cpu: bool, pipelined: bool) -> dict | None:
+    """The run-like fits that apply: this CPU's only; a pipeline's point-to-point waits are its idle time (the
+    bubble), not a wait for a peer's compute between collectives."""
+    if not on_cpu or not between:
+        return None
+    return {k: v for k, v in between.items() if not (pipelined and k == "send_recv")}
+
+
 def waits(comm_by_kind: dict[str, float], calls: dict[str, float] | None, overlap: dict[str, str] | None,
           n_layer: int, micro_batches: int, bucket: int = BUCKET) -> dict[str, float]:
     """Per kind, the calls after which a rank has computed and waits for its peer: every call of a kind the backend
@@ -520,7 +528,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         w = waits(comm_by_kind, calls, overlap, c.n_layer, m)
         gap = None if compute is None else compute / sum(w.values())
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls,
-                               between=ln["between"] if on_cpu else None, gap=gap, waits=w) if linked else {}
+                               between=_run_like(ln["between"], on_cpu, pipelined), gap=gap, waits=w) if linked else {}
         comm = sum(by_kind.values()) if linked else None
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
