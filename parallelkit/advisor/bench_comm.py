@@ -2,9 +2,9 @@
 
 ``python -m parallelkit.bench_comm [--world-size 2] [--force] [--quick]`` spawns N gloo ranks on CPU
 (as a run's workers: each with its share of the cores), times all_reduce, all_gather_into_tensor,
-reduce_scatter_tensor, broadcast and send/recv of fp32 tensors from 4 KiB to 64 MiB (after a warm-up
-trial, a trial repeats the call until it lasts ~20 ms and takes the slowest rank's time; the median of
-5 trials) and fits latency alpha (s) and bandwidth B (bytes/s) to the textbook costs of a payload S on n ranks:
+reduce_scatter_tensor, all_to_all_single, broadcast, reduce and send/recv of fp32 tensors from 4 KiB to
+64 MiB (after a warm-up trial, a trial repeats the call until it lasts ~20 ms and takes the slowest rank's
+time; the median of 5 trials) and fits latency alpha (s) and bandwidth B (bytes/s) to the textbook costs of a payload S on n ranks:
 
     all_reduce (ring)                    2(n-1)·α + 2(n-1)/n · S/B
     all_gather, reduce_scatter (ring)    (n-1)·α  + (n-1)/n · S/B   (S: the full tensor)
@@ -13,7 +13,12 @@ trial, a trial repeats the call until it lasts ~20 ms and takes the slowest rank
     send/recv (point to point)           α + S/B                    (timed as half a ping-pong)
 
 The fit minimises the relative error (small messages count as much as large ones), with α, B >= 0:
-one (α, B) per collective and one for the machine over all of them. gloo's reductions add the
+one (α, B) per collective and one for the machine over all of them.
+
+On the CPU it then times each kind as a run calls it (``_between``): each call after ``BETWEEN_S`` of compute
+on every rank, without a barrier, less the same compute alone; fitted per kind and compute. A run's collective
+waits for gloo's sleeping threads, for cold buffers and for the rank that computed longer, which back to back
+hides: on a 2-core Xeon a 256 KiB call took 1-2 ms after 2 ms of compute, 0.3-0.6 ms back to back. gloo's reductions add the
 summing to the wire time, which the per-collective fits absorb into their B. The result is cached
 beside calibrate.py's peaks (``PARALLELKIT_CACHE``, default ~/.cache/parallelkit), keyed by the CPU,
 its flags, threads per rank, world size and torch version, with every raw timing.

@@ -19,9 +19,12 @@ layers, tensors and calls, which the width leaves alone. So they are measured on
 - it is cached per strategy, world size, depth and machine (versions included), as the other calibrations are,
   and added as is to the projection of the full-width run.
 
+The narrow runs also count the collective calls of a step by kind (their probe step; ``calls``): the projection
+charges each call its latency, and each wait for a peer its run-like cost (projection.comm_seconds), at the full
+run's compute between waits, which the narrow copy's short compute does not show.
+
 What it cannot see: costs that grow with the bytes (a ZeRO-3 partition copy, an offload's host copies beyond the
-optimizer's traffic), and the wait for a peer that computes longer between two collectives of a wide model. A
-Hugging Face model (``model.arch=hf``) has no narrow copy: no term.
+optimizer's traffic). A Hugging Face model (``model.arch=hf``) has no narrow copy: no term, and a call per 25 MiB.
 """
 from __future__ import annotations
 

@@ -27,10 +27,12 @@ measured on a narrow copy of the run). See docs/step_time.md.
   all-gather, reduce-scatter; tree broadcast; point-to-point send/recv) of the kind's bytes per
   step, as ``Strategy.comm`` gives them (metrics.CommCounter's payload), on n ranks: the
   data-parallel size; with no data parallelism the tensor-parallel size; a pipeline alone: 2 (its
-  tied embedding's pair). Only bytes are known, not calls: they go in ``BUCKET``-sized messages
-  (one message for a kind with less), each paying the latency. α and B: ``projection.latency_us``
+  tied embedding's pair). Each call pays the latency: the calls the run's narrow copy counted
+  (framework.py), never fewer than a ``BUCKET``-sized message each. α and B: ``projection.latency_us``
   and ``projection.bandwidth_GBps`` where given, else bench_comm's calibration of this machine
-  (per-kind fits; measured now if none is cached).
+  (per-kind fits; measured now if none is cached). On CPU, each call after which a rank waits for its
+  peer having computed (``waits``) costs bench_comm's run-like time at the compute between waits
+  (``comm_seconds``).
 """
 from __future__ import annotations
 
