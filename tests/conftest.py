@@ -83,6 +83,24 @@ def assert_close_trajectory(a: list[float], b: list[float], rtol: float) -> None
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# The modules whose runs project a step on CPU, which needs bench_comm's calibration of 2 gloo ranks. The full one
+# (8 sizes, then each kind as a run calls it) takes about a minute; these tests read the quick one (3 sizes, two
+# run-like trials: a few seconds) saved under the full one's key, as a calibration the user made.
+PROJECTING = {"test_advisor", "test_estimate", "test_framework", "test_report", "test_tune"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_comm_calibration(request):
+    if request.module.__name__ not in PROJECTING or torch.cuda.is_available():
+        return
+    from parallelkit.advisor import bench_comm
+    from parallelkit.measure import calibrate
+
+    if bench_comm.load_calibration(2) is None:
+        c = bench_comm.calibration(2, quick=True)
+        calibrate.write_cache(bench_comm.cache_key(2), {k: v for k, v in c.items() if k not in ("key", "cached")},
+                              "comm")
+
 
 # ---- in-process ranks: the loop itself on 2 gloo ranks, without the CLI, Hydra or torch's agent ----
 # For parity tests, where the subprocess launch is not what is tested.

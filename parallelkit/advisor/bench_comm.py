@@ -318,8 +318,9 @@ def calibration(world_size: int, measure: bool = True, force: bool = False, quic
     from parallelkit.measure.host import versions
 
     sizes = QUICK_SIZES if quick else SIZES
-    print(f"parallelkit: measuring collectives on {world_size} {backend} ranks (python -m parallelkit.bench_comm; "
-          f"cached for later)", file=sys.stderr, flush=True)
+    took = "" if backend != "gloo" else " a few seconds," if quick else " about a minute,"
+    print(f"parallelkit: measuring collectives on {world_size} {backend} ranks (python -m parallelkit.bench_comm;"
+          f"{took} cached for later)", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     points = time_collectives(world_size, sizes, backend)
     entry = {**fit_points(points, world_size), "world_size": world_size, "threads_per_rank": cpu_threads(world_size),
