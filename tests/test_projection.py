@@ -224,6 +224,22 @@ def test_the_alpha_beta_fit_recovers_the_coefficients_it_was_made_from(n):
         assert f["alpha_s"] == pytest.approx(alpha, rel=1e-6) and f["bandwidth_Bps"] == pytest.approx(bw, rel=1e-6), kind
 
 
+def test_the_run_like_fit_recovers_its_coefficients_and_survives_noise():
+    """A run-like timing made by the cost formula is fitted back; one where noise made the small call slower
+    than the large one keeps the back-to-back bandwidth and fits the latency; none is below back to back."""
+    alone = {"alpha_s": 2e-4, "bandwidth_Bps": 3e9}
+    made = {"between_s": 0.002, "points": [{"bytes": b, "median_s": bench_comm.model_time("all_gather", b, 2, 9e-4,
+                                                                                      1e9)} for b in (2**18, 2**23)]}
+    f = bench_comm._fit_between("all_gather", made, 2, alone)
+    assert f["alpha_s"] == pytest.approx(9e-4) and f["bandwidth_Bps"] == pytest.approx(1e9)
+    noisy = {"between_s": 0.016, "points": [{"bytes": 2**18, "median_s": 3.9e-3}, {"bytes": 2**22, "median_s": 2.4e-3}]}
+    f = bench_comm._fit_between("broadcast", noisy, 2, alone)
+    assert f["bandwidth_Bps"] == alone["bandwidth_Bps"] and f["alpha_s"] > alone["alpha_s"]
+    fast = {"between_s": 0.002, "points": [{"bytes": 2**18, "median_s": 1e-6}, {"bytes": 2**23, "median_s": 1e-5}]}
+    f = bench_comm._fit_between("all_reduce", fast, 2, alone)
+    assert all(p["median_s"] >= bench_comm.model_time("all_reduce", p["bytes"], 2, 2e-4, 3e9) for p in f["points"])
+
+
 def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeypatch):
     """The proxy's training rate is measured and cached; a matmul re-check beside it says whether another load
     slowed it. Below the calibration by more than the drift limit, it is measured once more and the faster kept,

@@ -280,9 +280,12 @@ def _fit_between(kind: str, run: dict, n: int, alone: dict | None) -> dict:
                                                                alone["bandwidth_Bps"]))} for p in pts]
     try:
         a, b = fit([(*_ab(kind, p["bytes"], n), p["median_s"]) for p in pts])
+        off = max(max(r, 1 / r) for r in (model_time(kind, p["bytes"], n, a, b) / p["median_s"] for p in pts))
     except ValueError:
         if alone is None:
             raise
+        off = math.inf
+    if off > 1.5 and alone is not None:  # noise made the small call slower than the large one: keep B, fit α
         b = alone["bandwidth_Bps"]
         ca, cb = coefficients(kind, n)
         a = max(0.0, statistics.mean((p["median_s"] - cb * p["bytes"] / b) / max(ca, 1.0) for p in pts))
@@ -300,7 +303,8 @@ def cache_key(world_size: int, quick: bool = False, backend: str = "gloo") -> di
     """calibrate's host key (CPU model, flags, threads, torch; the GPU for nccl) with the ranks and backend."""
     device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
     key = calibrate.cache_key("fp32", cpu_threads(world_size), device)
-    return {**key, "world_size": world_size, "backend": backend, "quick": quick}
+    return {**key, "world_size": world_size, "backend": backend, "quick": quick, "kinds": list(KINDS),
+            "between_s": list(BETWEEN_S) if backend == "gloo" else None}  # what it times: a change measures again
 
 
 def load_calibration(world_size: int, quick: bool = False, backend: str = "gloo") -> dict | None:
