@@ -81,18 +81,17 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
     ``bucket``-sized messages; never fewer), each paying the latency, at (α, B), or at the kind's own fit in
     ``per_kind``. ``between`` (bench_comm's run-like fits, kind -> [(compute before a call, α, B)]), ``gap`` (the
     compute between two of the run's waits) and ``waits`` (kind -> its calls that follow compute, ``waits``): each
-    of those costs what the run-like timing measured after that much compute, interpolated between the timings
-    and flat outside them (any compute lets gloo's threads sleep: a narrow copy's calls, a fraction of a
-    millisecond apart, each cost about what one does after 2 ms), never less than back to back; the others
-    cost their back-to-back time."""
+    of those costs what the run-like timing measured after that much compute, interpolated (from back to back at
+    none), never less than back to back; the others cost their back-to-back time."""
     out = {}
     for kind, nbytes in comm_by_kind.items():
         if nbytes > 0:
             a, b = (per_kind or {}).get(kind, (alpha, bandwidth))
             m = max(1, math.ceil(nbytes / bucket), round((calls or {}).get(kind, 0)))
             t = bench_comm.model_time(kind, nbytes, n, a, b, m)
-            if between and kind in between and gap:
-                anchors = [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m)) for g, ga, gb in between[kind]]
+            if between and kind in between and gap is not None:
+                anchors = [(0.0, t)] + [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m))
+                                        for g, ga, gb in between[kind]]
                 t += max(0.0, _interpolate(anchors, gap) - t) * min(1.0, (waits or {}).get(kind, m) / m)
             out[kind] = t
     return out
@@ -123,11 +122,11 @@ def waits(comm_by_kind: dict[str, float], calls: dict[str, float] | None, overla
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear through (x, y) points sorted by x; flat before the first and beyond the last."""
+    """Piecewise-linear through (x, y) points sorted by x; flat beyond the last."""
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x <= x1:
             return y0 + (y1 - y0) * max(0.0, x - x0) / max(x1 - x0, 1e-12)
-    return points[-1][1] if x > points[0][0] else points[0][1]
+    return points[-1][1]
 
 
 # ---- compute ----
