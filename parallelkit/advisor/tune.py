@@ -44,7 +44,7 @@ from parallelkit.advisor.predict import (
     on_cuda,
     predict,
 )
-from parallelkit.advisor.projection import project_plan
+from parallelkit.advisor.projection import project_plan, refresh_rates
 from parallelkit.config.checks import _int, _num, parse_bytes
 from parallelkit.config.compose import (
     STRATEGY_DIR,
@@ -190,8 +190,11 @@ def candidates(argv: list[str]) -> tuple[dict, list[dict]]:
                 pc = base.copy()
                 pc.train.micro_batch_size, pc.train.activation_checkpointing = mb, ckpt
                 judge.append((pc, name, dp, mb, ckpt))
-    if not os.environ.get("PARALLELKIT_NO_PREDICTION"):  # every candidate's framework time: one start-up
-        framework.prefetch([j[0] for j in judge], project_plan)
+    if not os.environ.get("PARALLELKIT_NO_PREDICTION"):
+        # every candidate's rates measured together, as a sweep's: a proxy cached at another hour's load orders its
+        # candidates against the others by that load (checkpointing's, measured an hour apart, came out faster)
+        refresh_rates([j[0] for j in judge])
+        framework.prefetch([j[0] for j in judge], project_plan)  # every candidate's framework time: one start-up
     rows += [_judge(*j, gpu if planning else None) for j in judge]
     rows = _collapse(rows)
     todo = [r for r in rows if r["status"] == "todo"]
