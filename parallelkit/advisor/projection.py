@@ -87,7 +87,7 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
     for kind, nbytes in comm_by_kind.items():
         if nbytes > 0:
             a, b = (per_kind or {}).get(kind, (alpha, bandwidth))
-            m = max(1, math.ceil(nbytes / bucket), round((calls or {}).get(kind, 0)))
+            m = _calls(kind, nbytes, calls, bucket)
             t = bench_comm.model_time(kind, nbytes, n, a, b, m)
             if between and kind in between and gap is not None:
                 anchors = [(0.0, t)] + [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m))
@@ -95,6 +95,11 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
                 t += max(0.0, _interpolate(anchors, gap) - t) * min(1.0, (waits or {}).get(kind, m) / m)
             out[kind] = t
     return out
+
+
+def _calls(kind: str, nbytes: float, calls: dict[str, float] | None, bucket: int) -> int:
+    """A kind's calls per step: the counted ones, never fewer than a message per ``bucket`` (at least one)."""
+    return max(1, math.ceil(nbytes / bucket), round((calls or {}).get(kind, 0)))
 
 
 def _run_like(between: dict, on_cpu: bool, pipelined: bool) -> dict | None:
@@ -115,7 +120,7 @@ def waits(comm_by_kind: dict[str, float], calls: dict[str, float] | None, overla
     out = {}
     for k, v in comm_by_kind.items():
         if v > 0:
-            out[k] = max(1, math.ceil(v / bucket), round((calls or {}).get(k, 0)))
+            out[k] = _calls(k, v, calls, bucket)
             if k in (overlap or {}):
                 out[k] = min(out[k], passes.get(overlap[k], 1) * (n_layer + 2) * micro_batches)
     return out
