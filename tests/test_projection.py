@@ -271,3 +271,44 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
     monkeypatch.setattr(projection, "load_check", lambda *a: None)  # a quiet machine: measured once
     assert projection.proxy_rate(cfg, 1, 1.0, processes=1, max_age_s=600)["step_s"] == 0.25
     assert next(steps, None) is None
+
+
+def test_a_one_process_pipeline_proxy_steps_as_a_cpu_pipe_in_a_process_of_its_own():
+    """fairscale_pipe on CPU computes 1.4-1.6x slower than a plain step of its micro-batch (Pipe's chunks, its
+    worker's own intra-op threads), so its training-rate proxy is stepped as a Pipe: the same model, so the same
+    loss and gradients as the plain proxy, cached apart, and timed in a spawned process, since Pipe's worker
+    (and its intra-op threads) outlive the step and would slow what the caller measures next."""
+    import os
+
+    import torch
+
+    from parallelkit.advisor import projection
+    from parallelkit.models.gpt import build_model, lm_loss
+    from parallelkit.runtime.plan import build_plan
+    from parallelkit.strategies.fairscale.pipe import cpu_proxy
+
+    plan = build_plan(compose_run("strategy=fairscale_pipe", "model.n_layer=2", "train.micro_batch_size=2"), quiet=True)
+    stages = plan.cls.proxy_stages(plan.cfg, plan.opts, plan.layout)
+    if torch.cuda.is_available():
+        assert stages is None  # on GPUs the stages are devices: a plain proxy
+        pytest.skip("CPU pipelines only")
+    assert stages == (2, 2) and build_plan(compose_run("strategy=ddp"), quiet=True).cls.proxy_stages(
+        None, None, None) is None
+    m = {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab_size": 64, "seq_len": 8, "tie_weights": True}
+    x = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    plain, piped = build_model(m, seed=0), cpu_proxy(build_model(m, seed=0), 2, 2)
+    (a := lm_loss(plain(x), x)).backward()
+    (b := lm_loss(piped(x), x)).backward()
+    assert torch.allclose(a, b, atol=1e-6)
+    assert len(list(piped.parameters())) == len(list(plain.parameters())) + 1  # the head's own copy, untied
+    total = lambda model: sum(p.grad.double().sum() for p in model.parameters())  # noqa: E731 - the tied
+    assert float(total(piped)) == pytest.approx(float(total(plain)), rel=1e-5)  # gradient, split in two, sums as one
+    del piped
+    cfg = compose_run("model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.vocab_size=64",
+                      "model.seq_len=8", "train.micro_batch_size=2")
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
+    r = projection.proxy_rate(cfg, 1, 1.0, processes=1, stages=(2, 2))
+    assert r["key"]["stages"] == [2, 2] and r["step_s"] > 0
+    assert threads is None or len(os.listdir("/proc/self/task")) == threads  # no worker left in this process
+    plain_r = projection.proxy_rate(cfg, 1, 1.0, processes=1, measure=False)
+    assert plain_r is None or "stages" not in plain_r.get("key", {})  # cached apart from the plain proxy

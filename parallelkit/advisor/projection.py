@@ -173,13 +173,19 @@ def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int] | None:
     return m, b
 
 
-def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str):
-    """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times."""
+def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int] | None = None):
+    """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times; with
+    ``stages`` (stages, chunks), as a FairScale Pipe on CPU (``Strategy.proxy_stages``)."""
     from parallelkit.models.gpt import build_model, lm_loss
     from parallelkit.strategies.shared.precision import Precision
 
     model = build_model(m, seed=0, activation_checkpointing=ckpt)
-    autocast = Precision(prec, torch.device("cpu")).autocast
+    precision = Precision(prec, torch.device("cpu"))
+    autocast = precision.autocast
+    if stages:
+        from parallelkit.strategies.fairscale.pipe import cpu_proxy
+
+        model = cpu_proxy(model, stages[0], math.gcd(stages[1], b), precision.dtype)
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
 
@@ -211,6 +217,7 @@ def _alone(timer, args: tuple, threads: int) -> tuple[float, int]:
 def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str) -> None:
     """One of the processes stepping ``timer(*args)`` at once: every step starts together (a barrier, as a run's
     collectives line its ranks up), all take as many; each writes its step times."""
+    import gc
     import json
 
     import torch.distributed as dist
@@ -229,6 +236,8 @@ def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str) -> None:
         times.append(steps(1))
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(times, f)
+    del steps  # a CPU Pipe's worker thread is joined now, while it can be: at exit it hangs the process
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -247,8 +256,11 @@ def _together(timer, args: tuple, threads: int, processes: int) -> tuple[float, 
     return statistics.median(max(step) for step in zip(*got)), len(got[0])
 
 
-def _timed(timer, args: tuple, threads: int, processes: int) -> tuple[float, int]:
-    return _together(timer, args, threads, processes) if processes > 1 else _alone(timer, args, threads)
+def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False) -> tuple[float, int]:
+    """``_together``, or ``_alone`` for one process, unless ``apart``: a timer that leaves threads behind (a Pipe's
+    worker, with its own intra-op threads) is timed in a process of its own, where they cannot slow what this
+    process measures next."""
+    return _together(timer, args, threads, processes) if processes > 1 or apart else _alone(timer, args, threads)
 
 
 def fresh(entry: dict, max_age_s: float | None) -> bool:
@@ -263,25 +275,28 @@ def fresh(entry: dict, max_age_s: float | None) -> bool:
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
-               max_age_s: float | None = None) -> dict | None:
+               max_age_s: float | None = None, stages: tuple[int, int] | None = None) -> dict | None:
     """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads in each of ``processes``
-    processes stepping it at once: cached (younger than ``max_age_s``, if given), or measured now. No optimizer
-    step: its cost is per parameter, not per token, and would swamp a proxy cut to few tokens."""
+    processes stepping it at once (or as a one-process pipeline of ``stages``: ``_proxy_timer``): cached
+    (younger than ``max_age_s``, if given), or measured now. No optimizer step: its cost is per parameter, not per
+    token, and would swamp a proxy cut to few tokens."""
     if (shape := proxy_shape(cfg, peak_tflops)) is None:
         return None
     m, b = shape
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
-           "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
+           "statistic": "median step", **({"processes": processes} if processes > 1 else {}),
+           **({"stages": list(stages)} if stages else {})}
     if ((entry := calibrate.read_cache(key, "efficiency")) is not None and fresh(entry, max_age_s)) or not measure:
         return entry
     at_once = f", {processes} processes at once" if processes > 1 else ""
+    piped = f", as a {stages[0]}-stage CPU pipeline" if stages else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
-          f"({threads} thread(s){at_once}, {prec}; cached for later)", file=sys.stderr, flush=True)
+          f"({threads} thread(s){at_once}{piped}, {prec}; cached for later)", file=sys.stderr, flush=True)
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = _timed(_proxy_timer, (m, b, ckpt, prec), threads, processes)
+        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, apart=bool(stages))
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
@@ -311,7 +326,8 @@ def busy_ratio(entry: dict) -> float | None:
     return now / calibrated if now and calibrated and now < calibrated * (1 - DRIFT_LIMIT) else None
 
 
-def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) -> tuple[float | None, str]:
+def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
+               stages: tuple[int, int] | None = None) -> tuple[float | None, str]:
     if (given := projection_setting(cfg, "efficiency")) is not None:
         return given, "config: projection.efficiency"
     if projection_setting(cfg, "device") or torch.cuda.is_available():
@@ -323,12 +339,13 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True) ->
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
                                 f"set projection.efficiency)")
-    r = proxy_rate(cfg, threads, peak, measure, at_once(layout))
+    r = proxy_rate(cfg, threads, peak, measure, at_once(layout), stages=stages)
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, ratio = r["key"]["proxy"], busy_ratio(r)
     busy = f"; busy then: matmul at {ratio:.0%} of its calibration, measured twice" if ratio else ""
     each = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
+    each += f", as a {stages[0]}-stage CPU pipeline" if stages else ""
     return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                           f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
                                           f"thread(s){each} ({r['measured_at']}{busy})")
@@ -415,7 +432,8 @@ def refresh_rates(cfgs: list) -> None:
         peak = device_peak(c, layout, True)[1]
         threads, together = cpu_threads(layout.processes), at_once(layout)
         if peak:
-            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S)
+            stages = plan.cls.proxy_stages(c, plan.opts, layout)
+            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, stages=stages)
             optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S)
 
 
@@ -497,7 +515,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
             updated_params: int | None = None, overlap: dict[str, str] | None = None,
             micro_batches: int | None = None, framework: bool = True,
             shares: tuple[list[float], int] | None = None, share: float = 1.0,
-            calls: dict[str, float] | None = None) -> dict:
+            calls: dict[str, float] | None = None, stages: tuple[int, int] | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
@@ -510,13 +528,14 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     is the classic bubble, (pp-1)/(v·m) of its compute. ``share``: the busiest rank's FLOPs over an even split
     (``Strategy.compute_share``). ``calls``: the collective calls per step by kind (default: those the narrow copy
     counted, scaled to the run's micro-batches; none: a message per ``BUCKET``); with the compute between two
-    of them, they set what each call costs (``comm_seconds``)."""
+    of them, they set what each call costs (``comm_seconds``). ``stages``: a one-process pipeline on CPU
+    (``Strategy.proxy_stages``), which its training-rate proxy is stepped as."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
     flops = c.flops_per_token() * tokens / (layout.processes if on_cpu else layout.world) * share
     device, peak, peak_src = device_peak(cfg, layout, measure)
-    eff, eff_src = efficiency(cfg, layout, peak, measure)
+    eff, eff_src = efficiency(cfg, layout, peak, measure, stages)
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
     pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
     m, chunks, fill = micro_batches or cfg.train.grad_accum, 1, layout.pp - 1
@@ -572,7 +591,8 @@ def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None
     return project(plan.cfg, comm_by_kind, plan.layout, measure, updated,
                    plan.cls.overlap(plan.cfg, plan.opts), framework=framework,
                    shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout),
-                   share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout), calls=calls)
+                   share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout), calls=calls,
+                   stages=plan.cls.proxy_stages(plan.cfg, plan.opts, plan.layout))
 
 
 def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:

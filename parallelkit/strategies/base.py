@@ -179,6 +179,12 @@ class Strategy:
         projection's slowest stage and bubble. None: not a pipeline."""
         return None
 
+    @classmethod
+    def proxy_stages(cls, cfg, o: Options, layout: Layout) -> tuple[int, int] | None:
+        """(stages, chunks) where one process steps the model as a pipeline on this machine's CPU, for the
+        projection's training-rate proxy, stepped the same way. None: a plain forward and backward."""
+        return None
+
     # ---- in the worker: the template ----
     @classmethod
     def optimizer_elements(cls, cfg, o: Options, parts: dict) -> int | None:
