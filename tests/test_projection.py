@@ -172,7 +172,7 @@ def test_projected_parts_on_cpu_pipeline_bubble_and_optimizer():
     elements a rank updates at this machine's AdamW rate."""
     from conftest import compose_plan
 
-    from parallelkit.advisor.projection import at_once, optimizer_rate, project_plan
+    from parallelkit.advisor.projection import at_once, optimizer_proxy, optimizer_rate, project_plan
     from parallelkit.measure.metrics import cpu_threads
 
     plan = compose_plan("model=tiny", "world_size=2", "strategy=torch_pipe", "train.grad_accum=4", *LINK)
@@ -183,8 +183,10 @@ def test_projected_parts_on_cpu_pipeline_bubble_and_optimizer():
     assert p["bubble_s"] == pytest.approx(p["compute_s"] * (1 - top) / top / (v * 4))
     assert parts["pipeline_idle"] == pytest.approx(p["bubble_s"] + p["comm_s_by_kind"]["send_recv"])
     assert parts["exposed_comm"] == pytest.approx(p["comm_s_by_kind"]["all_reduce"])
-    rate = optimizer_rate(cpu_threads(plan.layout.processes), False, at_once(plan.layout))  # cached by the projection
-    assert rate["steps_timed"] >= 10  # the median step of the ranks stepping at once
+    proxy = optimizer_proxy(plan.cfg, p["peak_tflops"])  # the model's proxy: AdamW timed after its backward
+    assert proxy[0]["n_layer"] <= 2 and proxy[0]["d_model"] == plan.cfg.model.d_model
+    rate = optimizer_rate(cpu_threads(plan.layout.processes), False, at_once(plan.layout), proxy=proxy)  # cached by
+    assert rate["steps_timed"] >= 10 and rate["elements"] == GPTConfig(**proxy[0]).num_params()  # the projection
     assert parts["optimizer"] == pytest.approx(1000 * rate["s_per_element"], rel=1e-6)
     assert p["step_s"] == pytest.approx(sum(v or 0.0 for v in parts.values())) and parts["framework"] is None  # FAST: off
 

@@ -173,30 +173,41 @@ def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int] | None:
     return m, b
 
 
-def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int] | None = None):
+def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int] | None = None,
+                 optimizer: bool = False):
     """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times; with
-    ``stages`` (stages, chunks), as a FairScale Pipe on CPU (``Strategy.proxy_stages``)."""
+    ``stages`` (stages, chunks), as a FairScale Pipe on CPU (``Strategy.proxy_stages``). ``optimizer``: instead,
+    seconds per clipped AdamW step over its parameters (``GPTConfig.num_params``: a Pipe's head copy is not
+    stepped), each right after a backward, as a run steps it: the backward leaves the caches cold (measured: 2.8-3
+    ns an element, against 1.9-2.3 for the same steps back to back)."""
     from parallelkit.models.gpt import build_model, lm_loss
     from parallelkit.strategies.shared.precision import Precision
 
-    model = build_model(m, seed=0, activation_checkpointing=ckpt)
+    model = gpt = build_model(m, seed=0, activation_checkpointing=ckpt)
     precision = Precision(prec, torch.device("cpu"))
     autocast = precision.autocast
     if stages:
         from parallelkit.strategies.fairscale.pipe import cpu_proxy
 
-        model = cpu_proxy(model, stages[0], math.gcd(stages[1], b), precision.dtype)
+        model = cpu_proxy(gpt, stages[0], math.gcd(stages[1], b), precision.dtype)
+    stepped = [p for p in model.parameters() if not (stages and p is gpt.head.out.weight)]
+    opt = torch.optim.AdamW(stepped, lr=1e-4, weight_decay=0.1) if optimizer else None
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
 
     def steps(n: int) -> float:
-        t0 = time.perf_counter()
+        t0, spent = time.perf_counter(), 0.0
         for _ in range(n):
             with autocast():
                 loss = lm_loss(model(x), y)
             loss.backward()
+            if opt is not None:
+                t1 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(stepped, 1.0)
+                opt.step()
+                spent += time.perf_counter() - t1
             model.zero_grad(set_to_none=True)
-        return (time.perf_counter() - t0) / n
+        return (spent if opt is not None else time.perf_counter() - t0) / n
     return steps
 
 
@@ -356,7 +367,8 @@ OPT_PROBE_ELEMENTS = 2**22  # 4M fp32 elements: ~112 MB of AdamW traffic, well p
 
 
 def _optimizer_timer(elements: int):
-    """``steps(n)``: seconds per clipped AdamW step over ``elements`` fp32 parameters in 8 tensors, n times."""
+    """``steps(n)``: seconds per clipped AdamW step over ``elements`` fp32 parameters in 8 tensors, n times, back
+    to back: for a model too large to proxy."""
     params = [torch.nn.Parameter(torch.randn(elements // 8)) for _ in range(8)]
     for q in params:
         q.grad = torch.randn_like(q)
@@ -371,27 +383,44 @@ def _optimizer_timer(elements: int):
     return steps
 
 
-def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_age_s: float | None = None) -> dict | None:
-    """Seconds per parameter element of a clipped AdamW step (clip_grad_norm_, then AdamW's foreach update: it
-    reads parameter, gradient and both moments and writes three of them back, about 28 bytes per fp32 element)
-    with ``threads`` threads in each of ``processes`` processes stepping at once (as a run's ranks do: they share
-    the memory bandwidth), the median of the slowest: cached (younger than ``max_age_s``, if given), or measured
-    now (about a second)."""
-    key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), "adamw_elements": OPT_PROBE_ELEMENTS,
+def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_age_s: float | None = None,
+                   proxy: tuple | None = None) -> dict | None:
+    """Seconds per parameter element of a clipped AdamW step (clip_grad_norm_, then AdamW's update: it reads
+    parameter, gradient and both moments and writes three of them back, about 28 bytes per fp32 element) with
+    ``threads`` threads in each of ``processes`` processes stepping at once (as a run's ranks do: they share the
+    memory bandwidth), the median of the slowest: cached (younger than ``max_age_s``, if given), or measured now
+    (a few seconds). ``proxy``: the training-rate proxy's (config, batch, checkpointing, precision, stages), whose
+    own parameters are stepped after each backward (``_proxy_timer``); None: OPT_PROBE_ELEMENTS back to back."""
+    elements = GPTConfig(**proxy[0]).num_params() if proxy else OPT_PROBE_ELEMENTS
+    what = {"after_backward": dict(zip(("proxy", "batch", "checkpointing", "precision", "stages"), proxy))} \
+        if proxy else {"adamw_elements": OPT_PROBE_ELEMENTS}
+    key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), **what,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
     if ((entry := calibrate.read_cache(key, "optimizer")) is not None and fresh(entry, max_age_s)) or not measure:
         return entry
-    step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
-    entry = {"s_per_element": step / OPT_PROBE_ELEMENTS, "bytes_per_s": 28 * OPT_PROBE_ELEMENTS / step,
+    if proxy:
+        step, n = _timed(_proxy_timer, (*proxy, True), threads, processes, apart=bool(proxy[4]))
+    else:
+        step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
+    entry = {"s_per_element": step / elements, "bytes_per_s": 28 * elements / step, "elements": elements,
              "steps_timed": n, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     calibrate.write_cache(key, entry, "optimizer")
     return entry
 
 
-def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = True) -> tuple[float | None, str]:
+def optimizer_proxy(cfg, peak: float | None, stages: tuple[int, int] | None = None) -> tuple | None:
+    """The (config, batch, checkpointing, precision, stages) of ``cfg``'s training-rate proxy, whose AdamW step is
+    timed after its backward (``optimizer_rate``); None without a peak or when too large to proxy."""
+    shape = proxy_shape(cfg, peak) if peak else None
+    return None if shape is None else (shape[0], shape[1], bool(cfg.train.activation_checkpointing),
+                                       cfg.train.precision, list(stages) if stages else None)
+
+
+def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = True, peak: float | None = None,
+                      stages: tuple[int, int] | None = None) -> tuple[float | None, str]:
     """The optimizer step of a rank that updates ``updated`` parameter elements: on CPU at this machine's measured
-    AdamW rate; on a GPU as 28 bytes of HBM traffic per element at ``projection.memory_GBps`` (else not
-    projected)."""
+    AdamW rate (on the model's proxy, after its backward: ``optimizer_proxy``, given the matmul ``peak``); on a GPU
+    as 28 bytes of HBM traffic per element at ``projection.memory_GBps`` (else not projected)."""
     if not updated:
         return None, "not projected (the parameters each rank updates are not known)"
     if projection_setting(cfg, "device") or torch.cuda.is_available():
@@ -400,13 +429,16 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
             return None, "not projected on a GPU without projection.memory_GBps"
         return 28 * updated / (bw * 1e9), f"28 B per element at config: projection.memory_GBps={bw}"
     threads, together = cpu_threads(layout.processes), at_once(layout)
-    r = optimizer_rate(threads, measure, together)
+    proxy = optimizer_proxy(cfg, peak, stages)
+    r = optimizer_rate(threads, measure, together, proxy=proxy)
     if r is None:
         return None, "no AdamW rate cached (not measured: measure=False)"
     each = f" in each of {together} processes at once" if together > 1 else ""
-    return updated * r["s_per_element"], (f"measured: clipped AdamW over {OPT_PROBE_ELEMENTS >> 20}M elements, "
-                                          f"{r['bytes_per_s'] / 1e9:.2g} GB/s, {threads} thread(s){each} "
-                                          f"({r['measured_at']})")
+    over = (f"the {proxy[0]['n_layer']}-block proxy's {r.get('elements', 0) / 1e6:.2g}M elements, each after its "
+            f"backward{f', as a {stages[0]}-stage CPU pipeline' if stages else ''}") if proxy else \
+        f"{OPT_PROBE_ELEMENTS >> 20}M elements"
+    return updated * r["s_per_element"], (f"measured: clipped AdamW over {over}, {r['bytes_per_s'] / 1e9:.2g} GB/s, "
+                                          f"{threads} thread(s){each} ({r['measured_at']})")
 
 
 RATES_FRESH_S = 600  # a sweep measures again the rates older than this (one host: 104 ms a proxy step, 116 an hour on)
@@ -434,7 +466,7 @@ def refresh_rates(cfgs: list) -> None:
         if peak:
             stages = plan.cls.proxy_stages(c, plan.opts, layout)
             proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, stages=stages)
-            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S)
+            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S, proxy=optimizer_proxy(c, peak, stages))
 
 
 def at_once(layout: Layout) -> int:
@@ -558,7 +590,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         comm = sum(by_kind.values()) if linked else None
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
-    opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure)
+    opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure, peak, stages)
     bubble = compute * fill / (chunks * m) if pipelined and compute is not None else 0.0
     exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
                   fwd or 0.0, bwd or 0.0, on_cpu)
