@@ -76,8 +76,15 @@ def refused(e: ConfigError, cfg: DictConfig, plan: RunPlan | None, out: Path, mu
 
 def predictions(plan: RunPlan, prediction: dict | None) -> dict:
     """The predictions written beside the measurements: made once, by rank 0 (under torchrun every rank plans;
-    a projection may benchmark collectives, which one process does for all)."""
-    return summary_fields(plan, prediction) if env_rank() == 0 else {}
+    a projection may benchmark collectives, which one process does for all), with this machine's training rates
+    measured again where they are older than a few minutes (not under torchrun: no second set of processes)."""
+    if env_rank() != 0:
+        return {}
+    if not os.environ.get("PARALLELKIT_NO_PREDICTION") and not under_torchrun():
+        from parallelkit.advisor.projection import refresh_rates
+
+        refresh_rates([plan.cfg])
+    return summary_fields(plan, prediction)
 
 
 def _run(plan: RunPlan, out: Path, multirun: bool, prediction: dict | None = None) -> str:

@@ -259,7 +259,7 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
         assert eff == pytest.approx(0.2) and (("busy" in source) == busy), source
     monkeypatch.undo()  # proxy_rate itself again; its measurement and re-check stood in for
     steps = iter([(0.3, 10), (0.2, 10)])  # a busy first measurement, a faster second one
-    monkeypatch.setattr(projection, "_alone", lambda *a: next(steps))
+    monkeypatch.setattr(projection, "_spawned", lambda *a: next(steps))
     monkeypatch.setattr(projection, "load_check", lambda *a: {"matmul_tflops": 0.05, "calibrated_tflops": 0.1})
     cfg = compose_run("model.n_layer=1", "train.micro_batch_size=1")
     r = projection.proxy_rate(cfg, 1, 1.0, processes=1)

@@ -62,6 +62,7 @@ PROXY_MAX_PARAMS = 30_000_000  # a larger proxy takes tens of seconds and gigaby
 PROXY_STEP_S = 1.0  # the efficiency proxy's step, at an assumed half of the peak
 PROXY_TRIAL_S = 0.5  # the proxy is timed for PROXY_TRIALS x this long, step by step: the median step (6 steps of
 PROXY_TRIALS, PROXY_MIN_STEPS = 4, 10  # a 2-process proxy varied by 20% from one measurement to the next)
+PROXY_SPAWNS = 3  # the proxy is stepped in this many sets of new processes, the median kept (``_spawned``)
 
 
 def group_size(layout: Layout) -> int:
@@ -274,6 +275,14 @@ def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False
     return _together(timer, args, threads, processes) if processes > 1 or apart else _alone(timer, args, threads)
 
 
+def _spawned(timer, args: tuple, threads: int, processes: int, spawns: int) -> tuple[float, int]:
+    """The median of ``_together``'s step over ``spawns`` sets of new processes, one after another (steps timed:
+    all of them). A process keeps a speed of its own (one set of 2 read 108-127 ms a step, the next within a
+    few seconds 10% apart): the median of 3 sets kept to 114-121."""
+    got = [_together(timer, args, threads, processes) for _ in range(spawns)]
+    return statistics.median(t for t, _ in got), sum(n for _, n in got)
+
+
 def fresh(entry: dict, max_age_s: float | None) -> bool:
     """Whether a cached measurement is younger than ``max_age_s`` (None: any age will do)."""
     if max_age_s is None:
@@ -307,7 +316,7 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, apart=bool(stages))
+        step, n = _spawned(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, PROXY_SPAWNS)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
@@ -441,14 +450,16 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
                                           f"{threads} thread(s){each} ({r['measured_at']})")
 
 
-RATES_FRESH_S = 600  # a sweep measures again the rates older than this (one host: 104 ms a proxy step, 116 an hour on)
+RATES_FRESH_S = 120  # a run measures again the rates older than this (one host: a 2-process proxy step of 94-113 ms
+# at 22:36 UTC, 108-127 ms ten minutes later; a sweep that had measured them at its start 10 minutes before its own
+# start projected all its 2-process runs 5-14% short)
 
 
 def refresh_rates(cfgs: list) -> None:
-    """Before a sweep's first job: measure again the training rates (the proxies and the optimizer's) its jobs
-    will project with, where the cached ones are older than RATES_FRESH_S. A shared machine's rate drifts by more
-    than the 10% a projection is asked to hold within an hour, so a sweep's projections use rates measured
-    beside it. On CPU only, where they are measured; a few seconds each."""
+    """Before a sweep's first job, a tune's predictions and each run's own: measure again the training rates (the
+    proxies and the optimizer's) they will project with, where the cached ones are older than RATES_FRESH_S. A
+    shared machine's rate drifts by more than the 10% a projection is asked to hold within minutes, so projections
+    use rates measured beside the runs. On CPU only, where they are measured; 5-15 s each."""
     from parallelkit.runtime.plan import build_plan
 
     if torch.cuda.is_available():
