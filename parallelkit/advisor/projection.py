@@ -62,7 +62,8 @@ PROXY_MAX_PARAMS = 30_000_000  # a larger proxy takes tens of seconds and gigaby
 PROXY_STEP_S = 1.0  # the efficiency proxy's step, at an assumed half of the peak
 PROXY_TRIAL_S = 0.5  # the proxy is timed for PROXY_TRIALS x this long, step by step: the median step (6 steps of
 PROXY_TRIALS, PROXY_MIN_STEPS = 4, 10  # a 2-process proxy varied by 20% from one measurement to the next)
-PROXY_SPAWNS = 3  # the proxy is stepped in this many sets of new processes, the median kept (``_spawned``)
+PROXY_SPAWNS = 3  # a proxy stepped in new processes (several, or a Pipe's) is stepped in this many sets of them,
+# the median kept (``_spawned``); one of a single process is stepped in this one
 
 
 def group_size(layout: Layout) -> int:
@@ -316,7 +317,8 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = _spawned(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, PROXY_SPAWNS)
+        step, n = _spawned(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, PROXY_SPAWNS) \
+            if processes > 1 or stages else _alone(_proxy_timer, (m, b, ckpt, prec), threads)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
