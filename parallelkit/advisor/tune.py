@@ -273,8 +273,11 @@ def trial(tune: dict, r: dict, n: int | str, left: float) -> None:
     with open(run / "run.log", "w") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=with_package_path(dict(os.environ)), start_new_session=True)
+        # the trial makes no predictions of its own: the tune has made them, and a run's would measure the
+        # training rates again beside it (RATES_FRESH_S), seconds of the budget between trials
+        env = with_package_path({**os.environ, "PARALLELKIT_NO_PREDICTION": "1"})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
         try:
             proc.wait(timeout=max(1.0, left))
         except subprocess.TimeoutExpired:  # its own timeout did not stop it in time: the budget is spent
