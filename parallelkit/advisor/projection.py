@@ -215,8 +215,10 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int]
 
 def _proxy_steps(first_s: float, share: float = 1.0) -> int:
     """Steps to time after a warm-up step of ``first_s``: PROXY_TRIALS trials' worth, PROXY_MIN_STEPS to 3 times
-    that (a median of 30 short steps is as steady as one of 100)."""
-    return min(3 * PROXY_MIN_STEPS, max(PROXY_MIN_STEPS, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S * share / first_s)))
+    that (a median of 30 short steps is as steady as one of 100); ``share`` of each for one of several sets of
+    processes (``_spawned``)."""
+    least = math.ceil(PROXY_MIN_STEPS * share)
+    return min(3 * least, max(least, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S * share / first_s)))
 
 
 def _alone(timer, args: tuple, threads: int) -> tuple[float, int]:
