@@ -81,9 +81,9 @@ def predictions(plan: RunPlan, prediction: dict | None) -> dict:
     if env_rank() != 0:
         return {}
     if not os.environ.get("PARALLELKIT_NO_PREDICTION") and not under_torchrun():
-        from parallelkit.advisor.projection import refresh_rates
+        from parallelkit.advisor.projection import refresh_plan_rates
 
-        refresh_rates([plan.cfg])
+        refresh_plan_rates(plan)
     return summary_fields(plan, prediction)
 
 

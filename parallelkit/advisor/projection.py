@@ -64,6 +64,7 @@ PROXY_TRIAL_S = 0.5  # the proxy is timed for PROXY_TRIALS x this long, step by 
 PROXY_TRIALS, PROXY_MIN_STEPS = 4, 10  # a 2-process proxy varied by 20% from one measurement to the next)
 PROXY_SPAWNS = 3  # a proxy stepped in new processes (several, or a Pipe's) is stepped in this many sets of them,
 # the median kept (``_spawned``); one of a single process is stepped in this one
+SPAWN_MORE_S = 0.02  # ... when its first set's step is at least this long
 
 
 def group_size(layout: Layout) -> int:
@@ -281,8 +282,11 @@ def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False
 def _spawned(timer, args: tuple, threads: int, processes: int, spawns: int) -> tuple[float, int]:
     """The median of ``_together``'s step over ``spawns`` sets of new processes, one after another (steps timed:
     all of them). A process keeps a speed of its own (one set of 2 read 108-127 ms a step, the next within a
-    few seconds 10% apart): the median of 3 sets kept to 114-121."""
-    got = [_together(timer, args, threads, processes, 1 / spawns) for _ in range(spawns)]  # a share of the steps
+    few seconds 10% apart): the median of 3 sets kept to 114-121. A step under SPAWN_MORE_S is mostly framework
+    time, which the narrow copy measures: one set, since starting a set costs seconds."""
+    got = [_together(timer, args, threads, processes, 1 / spawns)]  # each set a share of the steps
+    while len(got) < spawns and got[0][0] >= SPAWN_MORE_S:
+        got.append(_together(timer, args, threads, processes, 1 / spawns))
     return statistics.median(t for t, _ in got), sum(n for _, n in got)
 
 
@@ -461,32 +465,37 @@ RATES_FRESH_S = 120  # a run measures again the rates older than this (one host:
 
 
 def refresh_rates(cfgs: list) -> None:
-    """Before a sweep's first job, a tune's predictions and each run's own: measure again the training rates (the
-    proxies and the optimizer's) they will project with, where the cached ones are older than RATES_FRESH_S. A
-    shared machine's rate drifts by more than the 10% a projection is asked to hold within minutes, so projections
-    use rates measured beside the runs. On CPU only, where they are measured; 5-15 s each."""
+    """Before a sweep's first job and a tune's predictions: ``refresh_plan_rates`` of each composed config's plan
+    (jobs that share a rate find it fresh once the first has measured it)."""
     from parallelkit.runtime.plan import build_plan
 
     if torch.cuda.is_available():
         return
-    for cfg in cfgs:  # jobs that share a rate find it fresh once the first has measured it
+    for cfg in cfgs:
         try:
             plan = build_plan(cfg, quiet=True)
         except Exception:  # noqa: BLE001 - the job itself reports it
             continue
-        c, layout = plan.cfg, plan.layout
-        if projection_setting(c, "device") or projection_setting(c, "efficiency") is not None:
-            continue
-        try:
-            peak = device_peak(c, layout, True)[1]
-            threads, together = cpu_threads(layout.processes), at_once(layout)
-            if peak:
-                stages = plan.cls.proxy_stages(c, plan.opts, layout)
-                proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, stages=stages)
-                optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S,
-                               proxy=optimizer_proxy(c, peak, stages))
-        except Exception:  # noqa: BLE001 - a rate that cannot be measured: the projection says what it lacks
-            continue
+        refresh_plan_rates(plan)
+
+
+def refresh_plan_rates(plan) -> None:
+    """Measure again the training rates (the proxy's and the optimizer's) a plan will project with, where the
+    cached ones are older than RATES_FRESH_S: before a sweep's first job, a tune's predictions and each run's own.
+    A shared machine's rate drifts by more than the 10% a projection is asked to hold within minutes, so
+    projections use rates measured beside the runs. On CPU only, where they are measured; 5-15 s each."""
+    c, layout = plan.cfg, plan.layout
+    if torch.cuda.is_available() or projection_setting(c, "device") or projection_setting(c, "efficiency") is not None:
+        return
+    try:
+        peak = device_peak(c, layout, True)[1]
+        threads, together = cpu_threads(layout.processes), at_once(layout)
+        if peak:
+            stages = plan.cls.proxy_stages(c, plan.opts, layout)
+            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, stages=stages)
+            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S, proxy=optimizer_proxy(c, peak, stages))
+    except Exception:  # noqa: BLE001 - a rate that cannot be measured: the projection says what it lacks
+        return
 
 
 def at_once(layout: Layout) -> int:
