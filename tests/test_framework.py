@@ -31,7 +31,9 @@ def test_framework_time_is_measured_on_narrow_runs_per_step_and_per_micro_batch(
     for cfg, e in zip(cfgs, entries):
         assert "error" not in e, e
         (a1, t1, p1), (a2, t2, p2) = e["schedules"]
-        assert (a1, a2) == (1, 2) and t2 > t1 > 0 and p2 > p1 > 0
+        # the measured steps are not compared: 8 ms narrow steps, and the first run in a new process group can be
+        # the slower for its first seconds (t1 8.6 ms against t2 8.2 in one CI run): a timed assert
+        assert (a1, a2) == (1, 2) and t2 > 0 and t1 > 0 and p2 > p1 > 0
         assert e["per_step_s"] >= 0 and e["per_micro_batch_s"] >= 0
         seconds, source = framework.seconds(cfg, 2, measure=False)  # cached: no second measurement
         assert seconds == pytest.approx(e["per_step_s"] + 3 * e["per_micro_batch_s"]) and "measured" in source
