@@ -63,7 +63,7 @@ PROXY_STEP_S = 1.0  # the efficiency proxy's step, at an assumed half of the pea
 PROXY_TRIAL_S = 0.5  # the proxy is timed for PROXY_TRIALS x this long, step by step: the median step (6 steps of
 PROXY_TRIALS, PROXY_MIN_STEPS = 4, 10  # a 2-process proxy varied by 20% from one measurement to the next)
 PROXY_SPAWNS = 3  # a proxy stepped in new processes (several, or a Pipe's) is stepped in this many sets of them,
-# the median kept (``_spawned``); one of a single process is stepped in this one
+# the median kept (``_timed``); one of a single process is stepped in this one
 SPAWN_MORE_S = 0.02  # ... when its first set's step is at least this long
 
 
@@ -217,7 +217,7 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int]
 def _proxy_steps(first_s: float, share: float = 1.0) -> int:
     """Steps to time after a warm-up step of ``first_s``: PROXY_TRIALS trials' worth, PROXY_MIN_STEPS to 3 times
     that (a median of 30 short steps is as steady as one of 100); ``share`` of each for one of several sets of
-    processes (``_spawned``)."""
+    processes (``_timed``)."""
     least = math.ceil(PROXY_MIN_STEPS * share)
     return min(3 * least, max(least, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S * share / first_s)))
 
@@ -272,22 +272,25 @@ def _together(timer, args: tuple, threads: int, processes: int, share: float = 1
     return statistics.median(max(step) for step in zip(*got)), len(got[0])
 
 
-def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False) -> tuple[float, int]:
-    """``_together``, or ``_alone`` for one process, unless ``apart``: a timer that leaves threads behind (a Pipe's
-    worker, with its own intra-op threads) is timed in a process of its own, where they cannot slow what this
-    process measures next."""
-    return _together(timer, args, threads, processes) if processes > 1 or apart else _alone(timer, args, threads)
-
-
-def _spawned(timer, args: tuple, threads: int, processes: int, spawns: int) -> tuple[float, int]:
-    """The median of ``_together``'s step over ``spawns`` sets of new processes, one after another (steps timed:
-    all of them). A process keeps a speed of its own (one set of 2 read 108-127 ms a step, the next within a
-    few seconds 10% apart): the median of 3 sets kept to 114-121. A step under SPAWN_MORE_S is mostly framework
+def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False,
+           spawns: int = 1) -> tuple[float, int]:
+    """``_alone`` for one process, unless ``apart``: a timer that leaves threads behind (a Pipe's worker, with its
+    own intra-op threads) is timed in a process of its own, where they cannot slow what this process measures
+    next. Else the median of ``_together``'s step over ``spawns`` sets of new processes, one after another (steps
+    timed: all of them). A process keeps a speed of its own (one set of 2 read 108-127 ms a step, the next within
+    a few seconds 10% apart): the median of 3 sets kept to 114-121. A step under SPAWN_MORE_S is mostly framework
     time, which the narrow copy measures: one set, since starting a set costs seconds."""
+    if processes == 1 and not apart:
+        return _alone(timer, args, threads)
     got = [_together(timer, args, threads, processes, 1 / spawns)]  # each set a share of the steps
     while len(got) < spawns and got[0][0] >= SPAWN_MORE_S:
         got.append(_together(timer, args, threads, processes, 1 / spawns))
     return statistics.median(t for t, _ in got), sum(n for _, n in got)
+
+
+def _piped(stages) -> str:
+    """How a source names a rate measured as a one-process CPU pipeline."""
+    return f", as a {stages[0]}-stage CPU pipeline" if stages else ""
 
 
 def fresh(entry: dict, max_age_s: float | None) -> bool:
@@ -317,14 +320,12 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     if ((entry := calibrate.read_cache(key, "efficiency")) is not None and fresh(entry, max_age_s)) or not measure:
         return entry
     at_once = f", {processes} processes at once" if processes > 1 else ""
-    piped = f", as a {stages[0]}-stage CPU pipeline" if stages else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
-          f"({threads} thread(s){at_once}{piped}, {prec}; cached for later)", file=sys.stderr, flush=True)
+          f"({threads} thread(s){at_once}{_piped(stages)}, {prec}; cached for later)", file=sys.stderr, flush=True)
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = _spawned(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, PROXY_SPAWNS) \
-            if processes > 1 or stages else _alone(_proxy_timer, (m, b, ckpt, prec), threads)
+        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, bool(stages), PROXY_SPAWNS)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
@@ -373,7 +374,7 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
     p, ratio = r["key"]["proxy"], busy_ratio(r)
     busy = f"; busy then: matmul at {ratio:.0%} of its calibration, measured twice" if ratio else ""
     each = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
-    each += f", as a {stages[0]}-stage CPU pipeline" if stages else ""
+    each += _piped(stages)
     return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                           f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
                                           f"thread(s){each} ({r['measured_at']}{busy})")
@@ -453,7 +454,7 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
         return None, "no AdamW rate cached (not measured: measure=False)"
     each = f" in each of {together} processes at once" if together > 1 else ""
     over = (f"the {proxy[0]['n_layer']}-block proxy's {r.get('elements', 0) / 1e6:.2g}M elements, each after its "
-            f"backward{f', as a {stages[0]}-stage CPU pipeline' if stages else ''}") if proxy else \
+            f"backward{_piped(stages)}") if proxy else \
         f"{OPT_PROBE_ELEMENTS >> 20}M elements"
     return updated * r["s_per_element"], (f"measured: clipped AdamW over {over}, {r['bytes_per_s'] / 1e9:.2g} GB/s, "
                                           f"{threads} thread(s){each} ({r['measured_at']})")
