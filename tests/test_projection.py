@@ -290,11 +290,11 @@ def test_a_one_process_pipeline_proxy_steps_as_a_cpu_pipe_in_a_process_of_its_ow
     from parallelkit.strategies.fairscale.pipe import cpu_proxy
 
     plan = build_plan(compose_run("strategy=fairscale_pipe", "model.n_layer=2", "train.micro_batch_size=2"), quiet=True)
-    stages = plan.cls.proxy_stages(plan.cfg, plan.opts, plan.layout)
+    held = plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout)
     if torch.cuda.is_available():
-        assert stages is None  # on GPUs the stages are devices: a plain proxy
+        assert held is None  # on GPUs the stages are devices: a plain proxy
         pytest.skip("CPU pipelines only")
-    assert stages == (2, 2) and build_plan(compose_run("strategy=ddp"), quiet=True).cls.proxy_stages(
+    assert held == {"pipe": [2, 2]} and build_plan(compose_run("strategy=ddp"), quiet=True).cls.proxy_held(
         None, None, None) is None
     m = {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab_size": 64, "seq_len": 8, "tie_weights": True}
     x = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -310,8 +310,55 @@ def test_a_one_process_pipeline_proxy_steps_as_a_cpu_pipe_in_a_process_of_its_ow
                       "model.seq_len=8", "train.micro_batch_size=2")
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
     monkeypatch.setattr(projection, "PROXY_SPAWNS", 1)  # one set of new processes is enough to see it is one
-    r = projection.proxy_rate(cfg, 1, 1.0, processes=1, stages=(2, 2))
-    assert r["key"]["stages"] == [2, 2] and r["step_s"] > 0
+    r = projection.proxy_rate(cfg, 1, 1.0, processes=1, held=held)
+    assert r["key"]["held"] == held and r["step_s"] > 0
     assert threads is None or len(os.listdir("/proc/self/task")) == threads  # no worker left in this process
     plain_r = projection.proxy_rate(cfg, 1, 1.0, processes=1, measure=False)
-    assert plain_r is None or "stages" not in plain_r.get("key", {})  # cached apart from the plain proxy
+    assert plain_r is None or "held" not in plain_r.get("key", {})  # cached apart from the plain proxy
+
+
+def test_an_fsdp2_run_has_its_proxies_held_under_fsdp2_the_same_model_and_its_optimizer_over_its_shards(
+        tmp_path, monkeypatch):
+    """FSDP2 runs (fsdp_*, torch_nd's replicas and shards) spend time FLOPs and collectives do not show: copies into
+    and out of flat buffers, hooks, and AdamW over DTensors (1.4x plain AdamW over the same elements, measured), so
+    their proxies are held under ``fully_shard`` too: the forward and backward on a mesh of each process alone (no
+    collectives: the projection charges them apart), the same loss as the plain proxy; the optimizer over the
+    run's own mesh, its rate per element of the shard a process updates; both cached apart from the plain ones."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from parallelkit.advisor import projection
+    from parallelkit.models.gpt import build_model, lm_loss
+    from parallelkit.runtime.plan import build_plan
+
+    def held(*overrides):
+        plan = build_plan(compose_run(*overrides), quiet=True)
+        return plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout)
+
+    assert held("strategy=fsdp_zero2") == {"fsdp2": {"reshard": False, "mesh": [1, 2]}}
+    assert held("strategy=torch_nd_hsdp") == {"fsdp2": {"reshard": True, "mesh": [2, 1]}}
+    assert held("strategy=torch_nd_ring")["fsdp2"]["mesh"] == [1, 2]  # FSDP2 shards over dp_shard x cp
+    assert held("strategy=torch_nd") is None and held("strategy=zero3") is None  # TP 2 alone; DeepSpeed's own
+    m = {"n_layer": 2, "d_model": 32, "n_head": 2, "vocab_size": 64, "seq_len": 8, "tie_weights": True}
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain, sharded = build_model(m, seed=0), build_model(m, seed=0)
+        projection._shard_proxy(sharded, {"reshard": True, "mesh": [1, 2]}, optimizer=False)
+        assert all(type(p).__name__ == "DTensor" for p in sharded.parameters())
+        assert torch.allclose(lm_loss(plain(x), x), lm_loss(sharded(x), x), atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.setattr(projection, "PROXY_SPAWNS", 1)
+    cfg = compose_run(*(f"model.{k}={v}" for k, v in m.items()), "train.micro_batch_size=2")
+    fsdp = {"fsdp2": {"reshard": False, "mesh": [1, 2]}}
+    r = projection.optimizer_rate(1, True, 2, proxy=(m, 1, False, "fp32", fsdp))
+    assert r["elements"] == GPTConfig(**m).num_params() // 2 and r["s_per_element"] > 0  # a shard each
+    assert projection.optimizer_rate(1, False, 2, proxy=(m, 1, False, "fp32", None)) is None  # cached apart
+    e = projection.proxy_rate(cfg, 1, 1.0, processes=2, held=fsdp)
+    assert e["key"]["held"] == fsdp and e["step_s"] > 0
+    assert projection.proxy_rate(cfg, 1, 1.0, processes=2, measure=False) is None

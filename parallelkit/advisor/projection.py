@@ -176,24 +176,26 @@ def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int] | None:
     return m, b
 
 
-def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int] | None = None,
-                 optimizer: bool = False):
-    """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times; with
-    ``stages`` (stages, chunks), as a FairScale Pipe on CPU (``Strategy.proxy_stages``). ``optimizer``: instead,
-    seconds per clipped AdamW step over its parameters (``GPTConfig.num_params``: a Pipe's head copy is not
-    stepped), each right after a backward, as a run steps it: the backward leaves the caches cold (measured: 2.8-3
-    ns an element, against 1.9-2.3 for the same steps back to back)."""
+def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, held: dict | None = None, optimizer: bool = False):
+    """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times, held
+    as the run holds its model (``Strategy.proxy_held``): a FairScale Pipe on CPU, or FSDP2 (``_shard_proxy``).
+    ``optimizer``: instead, seconds per clipped AdamW step over its parameters (``GPTConfig.num_params``: a Pipe's
+    head copy is not stepped), each right after a backward, as a run steps it: the backward leaves the caches cold
+    (measured: 2.8-3 ns an element, against 1.9-2.3 for the same steps back to back)."""
     from parallelkit.models.gpt import build_model, lm_loss
     from parallelkit.strategies.shared.precision import Precision
 
     model = gpt = build_model(m, seed=0, activation_checkpointing=ckpt)
     precision = Precision(prec, torch.device("cpu"))
     autocast = precision.autocast
-    if stages:
+    pipe, fsdp = (held or {}).get("pipe"), (held or {}).get("fsdp2")
+    if pipe:
         from parallelkit.strategies.fairscale.pipe import cpu_proxy
 
-        model = cpu_proxy(gpt, stages[0], math.gcd(stages[1], b), precision.dtype)
-    stepped = [p for p in model.parameters() if not (stages and p is gpt.head.out.weight)]
+        model = cpu_proxy(gpt, pipe[0], math.gcd(pipe[1], b), precision.dtype)
+    if fsdp:
+        _shard_proxy(gpt, fsdp, optimizer)
+    stepped = [p for p in model.parameters() if not (pipe and p is gpt.head.out.weight)]
     opt = torch.optim.AdamW(stepped, lr=1e-4, weight_decay=0.1) if optimizer else None
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
@@ -212,6 +214,35 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, stages: tuple[int, int]
             model.zero_grad(set_to_none=True)
         return (spent if opt is not None else time.perf_counter() - t0) / n
     return steps
+
+
+def _optimizer_shards(held: dict | None, processes: int) -> int:
+    """Into how many shards the optimizer proxy's parameters are cut (``_shard_proxy``): FSDP2's shard degree when
+    the timing processes make its whole (replicate, shard) mesh, else 1."""
+    mesh = ((held or {}).get("fsdp2") or {}).get("mesh")
+    return mesh[1] if mesh and mesh[0] * mesh[1] == processes else 1
+
+
+def _shard_proxy(gpt, fsdp: dict, optimizer: bool) -> None:
+    """Wrap the proxy in FSDP2 as the strategies do (``fully_shard`` on each block, then on the root, gathered
+    until backward), in one of the timing processes (``_timed_rank``). Its forward and backward: on a mesh of this
+    process alone, so that FSDP2's copies into and out of its flat buffers and its hooks are timed, its collectives
+    not (the projection charges them apart). Its optimizer: on the run's own (replicate, shard) mesh over the
+    timing processes, where they make one (``_optimizer_shards``): AdamW over the DTensors' local shards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rep, shard = fsdp["mesh"]
+    if optimizer and 1 < rep * shard == dist.get_world_size():
+        mesh = init_device_mesh("cpu", (rep, shard), mesh_dim_names=("replicate", "shard")) if rep > 1 else \
+            init_device_mesh("cpu", (shard,))  # HSDP's 2-D mesh, or FSDP's
+    else:
+        own = [dist.new_group([r]) for r in range(dist.get_world_size())]  # every process makes every group
+        mesh = DeviceMesh.from_group(own[dist.get_rank()], "cpu")
+    for block in gpt.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=fsdp["reshard"])
+    fully_shard(gpt, mesh=mesh, reshard_after_forward=False)
 
 
 def _proxy_steps(first_s: float, share: float = 1.0) -> int:
@@ -288,9 +319,14 @@ def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False
     return statistics.median(t for t, _ in got), sum(n for _, n in got)
 
 
-def _piped(stages) -> str:
-    """How a source names a rate measured as a one-process CPU pipeline."""
-    return f", as a {stages[0]}-stage CPU pipeline" if stages else ""
+def _held(held: dict | None, optimizer: bool = False) -> str:
+    """How a source names a rate measured on a proxy held as the run holds its model (``Strategy.proxy_held``)."""
+    if (held or {}).get("pipe"):
+        return f", as a {held['pipe'][0]}-stage CPU pipeline"
+    if (fsdp := (held or {}).get("fsdp2")):
+        return (f", under FSDP2 over a ({fsdp['mesh'][0]}, {fsdp['mesh'][1]}) mesh" if optimizer else
+                f", under FSDP2 (its copies and hooks{', resharded after forward' if fsdp['reshard'] else ''})")
+    return ""
 
 
 def fresh(entry: dict, max_age_s: float | None) -> bool:
@@ -305,9 +341,9 @@ def fresh(entry: dict, max_age_s: float | None) -> bool:
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
-               max_age_s: float | None = None, stages: tuple[int, int] | None = None) -> dict | None:
+               max_age_s: float | None = None, held: dict | None = None) -> dict | None:
     """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads in each of ``processes``
-    processes stepping it at once (or as a one-process pipeline of ``stages``: ``_proxy_timer``): cached
+    processes stepping it at once, held as the run holds its model (``held``: ``_proxy_timer``): cached
     (younger than ``max_age_s``, if given), or measured now. No optimizer step: its cost is per parameter, not per
     token, and would swamp a proxy cut to few tokens."""
     if (shape := proxy_shape(cfg, peak_tflops)) is None:
@@ -316,16 +352,16 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {}),
-           **({"stages": list(stages)} if stages else {})}
+           **({"held": held} if held else {})}
     if ((entry := calibrate.read_cache(key, "efficiency")) is not None and fresh(entry, max_age_s)) or not measure:
         return entry
     at_once = f", {processes} processes at once" if processes > 1 else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
-          f"({threads} thread(s){at_once}{_piped(stages)}, {prec}; cached for later)", file=sys.stderr, flush=True)
+          f"({threads} thread(s){at_once}{_held(held)}, {prec}; cached for later)", file=sys.stderr, flush=True)
     flops = GPTConfig(**m).flops_per_token() * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, stages), threads, processes, bool(stages), PROXY_SPAWNS)
+        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, held), threads, processes, bool(held), PROXY_SPAWNS)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
@@ -356,7 +392,7 @@ def busy_ratio(entry: dict) -> float | None:
 
 
 def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
-               stages: tuple[int, int] | None = None) -> tuple[float | None, str]:
+               held: dict | None = None) -> tuple[float | None, str]:
     if (given := projection_setting(cfg, "efficiency")) is not None:
         return given, "config: projection.efficiency"
     if projection_setting(cfg, "device") or torch.cuda.is_available():
@@ -368,13 +404,13 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
                                 f"set projection.efficiency)")
-    r = proxy_rate(cfg, threads, peak, measure, at_once(layout), stages=stages)
+    r = proxy_rate(cfg, threads, peak, measure, at_once(layout), held=held)
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, ratio = r["key"]["proxy"], busy_ratio(r)
     busy = f"; busy then: matmul at {ratio:.0%} of its calibration, measured twice" if ratio else ""
     each = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
-    each += _piped(stages)
+    each += _held(held)
     return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                           f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
                                           f"thread(s){each} ({r['measured_at']}{busy})")
@@ -407,10 +443,12 @@ def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_a
     parameter, gradient and both moments and writes three of them back, about 28 bytes per fp32 element) with
     ``threads`` threads in each of ``processes`` processes stepping at once (as a run's ranks do: they share the
     memory bandwidth), the median of the slowest: cached (younger than ``max_age_s``, if given), or measured now
-    (a few seconds). ``proxy``: the training-rate proxy's (config, batch, checkpointing, precision, stages), whose
-    own parameters are stepped after each backward (``_proxy_timer``); None: OPT_PROBE_ELEMENTS back to back."""
-    elements = GPTConfig(**proxy[0]).num_params() if proxy else OPT_PROBE_ELEMENTS
-    what = {"after_backward": dict(zip(("proxy", "batch", "checkpointing", "precision", "stages"), proxy))} \
+    (a few seconds). ``proxy``: the training-rate proxy's (config, batch, checkpointing, precision, held), whose
+    own parameters (their shards under FSDP2: ``_optimizer_shards``) are stepped after each backward
+    (``_proxy_timer``); None: OPT_PROBE_ELEMENTS back to back."""
+    elements = GPTConfig(**proxy[0]).num_params() // _optimizer_shards(proxy[4], processes) if proxy \
+        else OPT_PROBE_ELEMENTS
+    what = {"after_backward": dict(zip(("proxy", "batch", "checkpointing", "precision", "held"), proxy))} \
         if proxy else {"adamw_elements": OPT_PROBE_ELEMENTS}
     key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), **what,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
@@ -426,17 +464,17 @@ def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_a
     return entry
 
 
-def optimizer_proxy(cfg, peak: float | None, stages: tuple[int, int] | None = None) -> tuple | None:
-    """The (config, batch, checkpointing, precision, stages) of ``cfg``'s training-rate proxy whose AdamW step is
+def optimizer_proxy(cfg, peak: float | None, held: dict | None = None) -> tuple | None:
+    """The (config, batch, checkpointing, precision, held) of ``cfg``'s training-rate proxy whose AdamW step is
     timed after its backward (``optimizer_rate``), at batch 1 without checkpointing: the rate is per parameter
     (on `small`'s proxy 4.4-4.7 ns an element after a backward of 1, 2, 4 or 8 rows), so the micro-batch sizes a
     tune tries share it; None without a peak or when too large to proxy."""
     shape = proxy_shape(cfg, peak) if peak else None
-    return None if shape is None else (shape[0], 1, False, cfg.train.precision, list(stages) if stages else None)
+    return None if shape is None else (shape[0], 1, False, cfg.train.precision, held)
 
 
 def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = True, peak: float | None = None,
-                      stages: tuple[int, int] | None = None) -> tuple[float | None, str]:
+                      held: dict | None = None) -> tuple[float | None, str]:
     """The optimizer step of a rank that updates ``updated`` parameter elements: on CPU at this machine's measured
     AdamW rate (on the model's proxy, after its backward: ``optimizer_proxy``, given the matmul ``peak``); on a GPU
     as 28 bytes of HBM traffic per element at ``projection.memory_GBps`` (else not projected)."""
@@ -448,13 +486,13 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
             return None, "not projected on a GPU without projection.memory_GBps"
         return 28 * updated / (bw * 1e9), f"28 B per element at config: projection.memory_GBps={bw}"
     threads, together = cpu_threads(layout.processes), at_once(layout)
-    proxy = optimizer_proxy(cfg, peak, stages)
+    proxy = optimizer_proxy(cfg, peak, held)
     r = optimizer_rate(threads, measure, together, proxy=proxy)
     if r is None:
         return None, "no AdamW rate cached (not measured: measure=False)"
     each = f" in each of {together} processes at once" if together > 1 else ""
     over = (f"the {proxy[0]['n_layer']}-block proxy's {r.get('elements', 0) / 1e6:.2g}M elements, each after its "
-            f"backward{_piped(stages)}") if proxy else \
+            f"backward{_held(held, True)}") if proxy else \
         f"{OPT_PROBE_ELEMENTS >> 20}M elements"
     return updated * r["s_per_element"], (f"measured: clipped AdamW over {over}, {r['bytes_per_s'] / 1e9:.2g} GB/s, "
                                           f"{threads} thread(s){each} ({r['measured_at']})")
@@ -492,9 +530,9 @@ def refresh_plan_rates(plan) -> None:
         peak = device_peak(c, layout, True)[1]
         threads, together = cpu_threads(layout.processes), at_once(layout)
         if peak:
-            stages = plan.cls.proxy_stages(c, plan.opts, layout)
-            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, stages=stages)
-            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S, proxy=optimizer_proxy(c, peak, stages))
+            held = plan.cls.proxy_held(c, plan.opts, layout)
+            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, held=held)
+            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S, proxy=optimizer_proxy(c, peak, held))
     except Exception:  # noqa: BLE001 - a rate that cannot be measured: the projection says what it lacks
         return
 
@@ -577,7 +615,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
             updated_params: int | None = None, overlap: dict[str, str] | None = None,
             micro_batches: int | None = None, framework: bool = True,
             shares: tuple[list[float], int] | None = None, share: float = 1.0,
-            calls: dict[str, float] | None = None, stages: tuple[int, int] | None = None) -> dict:
+            calls: dict[str, float] | None = None, held: dict | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
@@ -590,14 +628,14 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     is the classic bubble, (pp-1)/(v·m) of its compute. ``share``: the busiest rank's FLOPs over an even split
     (``Strategy.compute_share``). ``calls``: the collective calls per step by kind (default: those the narrow copy
     counted, scaled to the run's micro-batches; none: a message per ``BUCKET``); with the compute between two
-    of them, they set what each call costs (``comm_seconds``). ``stages``: a one-process pipeline on CPU
-    (``Strategy.proxy_stages``), which its training-rate proxy is stepped as."""
+    of them, they set what each call costs (``comm_seconds``). ``held``: how the run holds its model where that
+    changes a step's time (``Strategy.proxy_held``): its proxies are held the same way."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
     flops = c.flops_per_token() * tokens / (layout.processes if on_cpu else layout.world) * share
     device, peak, peak_src = device_peak(cfg, layout, measure)
-    eff, eff_src = efficiency(cfg, layout, peak, measure, stages)
+    eff, eff_src = efficiency(cfg, layout, peak, measure, held)
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
     pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
     m, chunks, fill = micro_batches or cfg.train.grad_accum, 1, layout.pp - 1
@@ -620,7 +658,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         comm = sum(by_kind.values()) if linked else None
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
-    opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure, peak, stages)
+    opt, opt_src = optimizer_seconds(cfg, layout, updated_params, measure, peak, held)
     bubble = compute * fill / (chunks * m) if pipelined and compute is not None else 0.0
     exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
                   fwd or 0.0, bwd or 0.0, on_cpu)
@@ -654,7 +692,7 @@ def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None
                    plan.cls.overlap(plan.cfg, plan.opts), framework=framework,
                    shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout),
                    share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout), calls=calls,
-                   stages=plan.cls.proxy_stages(plan.cfg, plan.opts, plan.layout))
+                   held=plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout))
 
 
 def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:

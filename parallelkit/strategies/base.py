@@ -180,9 +180,12 @@ class Strategy:
         return None
 
     @classmethod
-    def proxy_stages(cls, cfg, o: Options, layout: Layout) -> tuple[int, int] | None:
-        """(stages, chunks) where one process steps the model as a pipeline on this machine's CPU, for the
-        projection's training-rate proxy, stepped the same way. None: a plain forward and backward."""
+    def proxy_held(cls, cfg, o: Options, layout: Layout) -> dict | None:
+        """How the run holds its model where that changes the time of a step beyond its FLOPs, bytes and
+        collectives, for the projection's proxies (the training rate's and the optimizer's), held the same way:
+        ``{"pipe": [stages, chunks]}`` where one process steps the model as a pipeline on this machine's CPU;
+        ``{"fsdp2": {"reshard": bool, "mesh": [replicate, shard]}}`` for FSDP2's ``fully_shard`` (its copies into
+        and out of the flat buffers, its hooks, and an optimizer over DTensors). None: a plain model."""
         return None
 
     # ---- in the worker: the template ----

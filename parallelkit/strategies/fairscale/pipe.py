@@ -158,11 +158,11 @@ class FairScalePipeStrategy(Strategy):
         return {}  # one process drives every stage: activations move between devices, not between ranks
 
     @classmethod
-    def proxy_stages(cls, cfg, o, layout):
+    def proxy_held(cls, cfg, o, layout):
         """On CPU, Pipe runs every stage's forward on one worker thread (it keeps a worker a device), chunk by
         chunk, beside the caller's intra-op threads, and the backward on the caller's: 1.4-1.6x the FLOP time
         of a plain step of the micro-batch, so the projection's proxy is stepped as a Pipe too."""
-        return None if cuda_available() else (o.pp_size, o.chunks)
+        return None if cuda_available() else {"pipe": [o.pp_size, o.chunks]}
 
     def build_model(self, build):
         gpt = build(device="cpu")  # Pipe moves each stage to its device

@@ -86,6 +86,10 @@ class FSDPStrategy(Strategy):
     def overlap(cls, cfg, o):
         return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # prefetch; per-block reduce
 
+    @classmethod
+    def proxy_held(cls, cfg, o, layout):
+        return {"fsdp2": {"reshard": o.reshard_after_forward, "mesh": [1, layout.dp]}}
+
     @property
     def autocast_forward(self) -> bool:
         return self.opts.autocast

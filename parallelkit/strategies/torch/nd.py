@@ -173,6 +173,13 @@ class TorchNDStrategy(TorchPipeStrategy):
             return {}
         return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # FSDP2's prefetch and reduce
 
+    @classmethod
+    def proxy_held(cls, cfg, o, layout):
+        shard = dp_shard_of(layout, o) * layout.cp  # FSDP2 shards over dp_shard x cp (``wrap``)
+        if o.dp_replicate == 1 and shard == 1:
+            return None
+        return {"fsdp2": {"reshard": o.reshard_after_forward and layout.pp == 1, "mesh": [o.dp_replicate, shard]}}
+
     # ---- in the worker ----
     @property
     def pipelined(self) -> bool:
