@@ -324,7 +324,6 @@ def test_an_fsdp2_run_has_its_proxies_held_under_fsdp2_the_same_model_and_its_op
     their proxies are held under ``fully_shard`` too: the forward and backward on a mesh of each process alone (no
     collectives: the projection charges them apart), the same loss as the plain proxy; the optimizer over the
     run's own mesh, its rate per element of the shard a process updates; both cached apart from the plain ones."""
-    import os
 
     import torch
     import torch.distributed as dist

@@ -43,6 +43,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from parallelkit.config.errors import ConfigError
+from parallelkit.models.gpt import GPTConfig
 from parallelkit.strategies.base import Options, Strategy
 from parallelkit.strategies.shared.by_name import check_names
 from parallelkit.strategies.shared.fsdp import fsdp2_no_sync, fsdp_comm, fsdp_memory, stage_label
@@ -85,6 +86,12 @@ class FSDPStrategy(Strategy):
     @classmethod
     def overlap(cls, cfg, o):
         return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # prefetch; per-block reduce
+
+    @classmethod
+    def optimizer_elements(cls, cfg, o, parts):
+        """Each rank steps its 1/world shard of every parameter; cpu_offload moves the shards, not the work (its
+        offloaded state is parameters, gradients and moments: the base rule would count it twice)."""
+        return -(-GPTConfig.from_cfg(cfg.model).num_params() // int(cfg.world_size))
 
     @classmethod
     def proxy_held(cls, cfg, o, layout):
