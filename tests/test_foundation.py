@@ -153,6 +153,16 @@ def test_bad_config_is_one_line_before_any_worker(override, message):
     assert err is not None and message in err, (override, err)
 
 
+def test_a_sweep_over_a_hydra_setting_is_one_line_naming_the_key_to_sweep():
+    """Hydra refuses to sweep its own settings, but only once the sweep starts (after the sweep's calibrations,
+    minutes): the checks say it first, with the override that does what was meant."""
+    from parallelkit.config.compose import check_keys
+
+    err = check_keys(["-m", "hydra.sweeper.params.strategy=ddp,zero2"])
+    assert err is not None and err.startswith("hydra.sweeper.params.strategy:") and "strategy=ddp,zero2" in err
+    assert check_keys(["-m", "hydra.sweep.dir=/tmp/x", "strategy=ddp,zero2"]) is None  # a setting, not swept
+
+
 def test_bad_config_exit_code_contract(tmp_path):
     """The CLI's side of a bad config: exit 2, one line on stderr, a failed summary, nothing of the user's lost,
     no worker started. A single run and a sweep (a misspelt key) alike."""

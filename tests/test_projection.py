@@ -359,5 +359,27 @@ def test_an_fsdp2_run_has_its_proxies_held_under_fsdp2_the_same_model_and_its_op
     assert r["elements"] == GPTConfig(**m).num_params() // 2 and r["s_per_element"] > 0  # a shard each
     assert projection.optimizer_rate(1, False, 2, proxy=(m, 1, False, "fp32", None)) is None  # cached apart
     e = projection.proxy_rate(cfg, 1, 1.0, processes=2, held=fsdp)
-    assert e["key"]["held"] == fsdp and e["step_s"] > 0
+    assert e["key"]["held"] == {"fsdp2": {"reshard": False}} and e["step_s"] > 0  # one process's mesh: any run's
     assert projection.proxy_rate(cfg, 1, 1.0, processes=2, measure=False) is None
+    other_mesh = projection.proxy_rate(cfg, 1, 1.0, False, 2, held={"fsdp2": {"reshard": False, "mesh": [2, 1]}})
+    assert other_mesh["step_s"] == e["step_s"]
+
+
+def test_an_offloaded_deepspeed_optimizer_is_timed_as_deepspeeds_cpu_adam_over_the_partition_it_steps():
+    """ZeRO with an offloaded optimizer steps DeepSpeedCPUAdam (4x torch's AdamW on this machine), over the
+    rank's partition: the offloaded state (master copy, moments, a host gradient) is one element's, not three."""
+    from parallelkit.advisor import projection
+    from parallelkit.runtime.plan import build_plan
+
+    plan = build_plan(compose_run("strategy=zero2_offload"), quiet=True)
+    held = plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout)
+    parts = plan.cls.memory(plan.cfg, plan.opts, plan.layout, None)
+    assert held == {"cpu_adam": True} and projection._stepped_as(held) is None  # its forward: a plain one's
+    psi = GPTConfig.from_cfg(plan.cfg.model).num_params()
+    assert plan.cls.optimizer_elements(plan.cfg, plan.opts, parts) == psi // 2
+    plain = build_plan(compose_run("strategy=zero2"), quiet=True)
+    assert plain.cls.proxy_held(plain.cfg, plain.opts, plain.layout) is None
+    m = {"n_layer": 1, "d_model": 32, "n_head": 2, "vocab_size": 64, "seq_len": 8, "tie_weights": True}
+    r = projection.optimizer_rate(1, True, 1, proxy=(m, 1, False, "fp32", held))
+    assert r["s_per_element"] > 0 and r["elements"] == GPTConfig(**m).num_params()  # no shards: one process
+    assert projection.optimizer_rate(1, False, 1, proxy=(m, 1, False, "fp32", None)) is None  # cached apart

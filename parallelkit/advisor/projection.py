@@ -180,8 +180,9 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, held: dict | None = Non
     """``steps(n)``: seconds per forward + backward of the proxy model (config ``m``, batch ``b``), n times, held
     as the run holds its model (``Strategy.proxy_held``): a FairScale Pipe on CPU, or FSDP2 (``_shard_proxy``).
     ``optimizer``: instead, seconds per clipped AdamW step over its parameters (``GPTConfig.num_params``: a Pipe's
-    head copy is not stepped), each right after a backward, as a run steps it: the backward leaves the caches cold
-    (measured: 2.8-3 ns an element, against 1.9-2.3 for the same steps back to back)."""
+    head copy is not stepped; DeepSpeed's CPU Adam for an offloaded optimizer), each right after a backward, as a
+    run steps it: the backward leaves the caches cold (measured: 2.8-3 ns an element, against 1.9-2.3 for the
+    same steps back to back)."""
     from parallelkit.models.gpt import build_model, lm_loss
     from parallelkit.strategies.shared.precision import Precision
 
@@ -196,7 +197,13 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, held: dict | None = Non
     if fsdp:
         _shard_proxy(gpt, fsdp, optimizer)
     stepped = [p for p in model.parameters() if not (pipe and p is gpt.head.out.weight)]
-    opt = torch.optim.AdamW(stepped, lr=1e-4, weight_decay=0.1) if optimizer else None
+    opt = None
+    if optimizer and (held or {}).get("cpu_adam"):  # DeepSpeed's, for an offloaded optimizer
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(stepped, lr=1e-4, weight_decay=0.1, adamw_mode=True)
+    elif optimizer:
+        opt = torch.optim.AdamW(stepped, lr=1e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, m["vocab_size"], (b, m["seq_len"]), generator=g) for _ in range(2))
 
@@ -233,7 +240,7 @@ def _shard_proxy(gpt, fsdp: dict, optimizer: bool) -> None:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    rep, shard = fsdp["mesh"]
+    rep, shard = fsdp.get("mesh", (1, 1))
     if optimizer and 1 < rep * shard == dist.get_world_size():
         mesh = init_device_mesh("cpu", (rep, shard), mesh_dim_names=("replicate", "shard")) if rep > 1 else \
             init_device_mesh("cpu", (shard,))  # HSDP's 2-D mesh, or FSDP's
@@ -319,6 +326,17 @@ def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False
     return statistics.median(t for t, _ in got), sum(n for _, n in got)
 
 
+def _stepped_as(held: dict | None) -> dict | None:
+    """What of ``held`` the forward and backward see: not the optimizer's CPU Adam, nor FSDP2's mesh (the proxy's
+    forward and backward are on a mesh of each process alone), so that runs which differ only there share one
+    measurement."""
+    if not held or "cpu_adam" in held:
+        return None
+    if "fsdp2" in held:
+        return {"fsdp2": {"reshard": held["fsdp2"]["reshard"]}}
+    return held
+
+
 def _held(held: dict | None, optimizer: bool = False) -> str:
     """How a source names a rate measured on a proxy held as the run holds its model (``Strategy.proxy_held``)."""
     if (held or {}).get("pipe"):
@@ -326,7 +344,7 @@ def _held(held: dict | None, optimizer: bool = False) -> str:
     if (fsdp := (held or {}).get("fsdp2")):
         return (f", under FSDP2 over a ({fsdp['mesh'][0]}, {fsdp['mesh'][1]}) mesh" if optimizer else
                 f", under FSDP2 (its copies and hooks{', resharded after forward' if fsdp['reshard'] else ''})")
-    return ""
+    return ", DeepSpeed's CPU Adam" if optimizer and (held or {}).get("cpu_adam") else ""
 
 
 def fresh(entry: dict, max_age_s: float | None) -> bool:
@@ -349,7 +367,7 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     if (shape := proxy_shape(cfg, peak_tflops)) is None:
         return None
     m, b = shape
-    ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
+    ckpt, prec, held = bool(cfg.train.activation_checkpointing), cfg.train.precision, _stepped_as(held)
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {}),
            **({"held": held} if held else {})}

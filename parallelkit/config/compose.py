@@ -84,6 +84,11 @@ def check_keys(argv: list[str]) -> str | None:
 
     overrides = [a for a in argv if "=" in a and not a.startswith(("hydra.", "hydra/", "-"))]
     if any(a in ("-m", "--multirun") for a in argv):
+        for a in argv:
+            if a.startswith("hydra.") and "=" in a and _first_job([a]) != [a]:  # Hydra refuses it, after the
+                key, value = a.split("=", 1)  # sweep's calibrations: say so first
+                return (f"{key}: a sweep over Hydra's own settings is not supported; sweep the key itself: "
+                        f"{key.removeprefix('hydra.sweeper.params.')}={value}")
         overrides = _first_job(overrides)
         if overrides is None:
             return None

@@ -179,10 +179,24 @@ class DeepSpeedStrategy(Strategy):
 
     @classmethod
     def optimizer_elements(cls, cfg, o, parts):
-        """Stages 1-3 keep an fp32 master copy beside the moments, in fp32 training too: 12 bytes per element."""
-        stage = build_config(cfg)[0]["zero_optimization"].get("stage", o.zero_stage)
-        per = 12 if stage > 0 or cfg.train.precision != "fp32" else 8
-        return int((parts.get("optimizer", 0) + parts.get("offloaded", 0)) // per) or None
+        """Stages 1-3 keep an fp32 master copy beside the moments, in fp32 training too: 12 bytes per element.
+        Offloaded, an element's state is that, a host fp32 gradient (4 bytes) and, with offload_param, its
+        parameter (``zero_state_bytes``)."""
+        zero = build_config(cfg)[0]["zero_optimization"]
+        stage, fp32 = zero.get("stage", o.zero_stage), cfg.train.precision == "fp32"
+        per = 12 if stage > 0 or not fp32 else 8
+        off = 0
+        if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+            params = zero.get("offload_param", {}).get("device", "none") != "none" and stage == 3
+            off = parts.get("offloaded", 0) // (per + 4 + ((4 if fp32 else 2) if params else 0))
+        return int(parts.get("optimizer", 0) // per + off) or None
+
+    @classmethod
+    def proxy_held(cls, cfg, o, layout):
+        """An offloaded optimizer is DeepSpeed's own CPU Adam (``make_optimizer``): 4x torch's AdamW here."""
+        ds = build_config(cfg)[0]
+        offloaded = ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+        return {"cpu_adam": True} if offloaded and "optimizer" not in ds else None
 
     @classmethod
     def overlap(cls, cfg, o):
