@@ -20,7 +20,9 @@ measured on a narrow copy of the run). See docs/step_time.md.
   then the sequence, cut while a step would take over ~1 s) over the peak, cached; stepped in as many
   processes at once as the run has here (up to the cores), since processes that compute at once share
   caches, memory bandwidth and clocks, and timed as a run is: the median step, each waiting for the
-  slowest process (the best of a few trials ran about 10% faster than that). The CPU projection is then FLOPs / the proxy's rate (the peak cancels). A proxy of
+  slowest process (the best of a few trials ran about 10% faster than that); held as the run holds its model
+  (``Strategy.proxy_held``: a one-process CPU Pipe, FSDP2's ``fully_shard``). The CPU projection is then FLOPs /
+  the proxy's rate (the peak cancels). A proxy of
   over ``PROXY_MAX_PARAMS`` (gpt_125m and up) would take tens of seconds and gigabytes to measure:
   those get ``CPU_EFFICIENCY``, an assumption from the MFU measured in results/.
 - comm_s = sum over kinds of the alpha-beta time (bench_comm.coefficients: ring all-reduce,
