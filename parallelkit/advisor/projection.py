@@ -280,6 +280,7 @@ def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str, share: fl
 
     from parallelkit.runtime.processes import INIT_METHOD
 
+    os.dup2(2, 1)  # what the backends print (DeepSpeed's logger) goes to stderr: a caller's stdout may be its JSON
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
                             init_method=os.environ[INIT_METHOD])
     torch.set_num_threads(threads)
