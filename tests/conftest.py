@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(tempfile.mkdtemp(prefix="parallelkit-test-cache-"))
 os.environ["PARALLELKIT_CACHE"] = str(CACHE)
 os.environ.pop("PARALLELKIT_RECALIBRATE", None)
+os.environ["PARALLELKIT_RATES_FRESH_S"] = "86400"  # the session's runs project with the rates measured first: the
+# projections tested are not timed against a drifting machine, and each run would measure them again (minutes)
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 # The processes the tests spawn in-process (train_ranks, jobs_in_one_group) fork from one server process that

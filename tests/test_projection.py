@@ -383,3 +383,14 @@ def test_an_offloaded_deepspeed_optimizer_is_timed_as_deepspeeds_cpu_adam_over_t
     r = projection.optimizer_rate(1, True, 1, proxy=(m, 1, False, "fp32", held))
     assert r["s_per_element"] > 0 and r["elements"] == GPTConfig(**m).num_params()  # no shards: one process
     assert projection.optimizer_rate(1, False, 1, proxy=(m, 1, False, "fp32", None)) is None  # cached apart
+
+
+def test_how_long_rates_stay_fresh_is_two_minutes_unless_the_environment_says(monkeypatch):
+    from parallelkit.advisor import projection
+
+    monkeypatch.delenv(projection.RATES_FRESH_ENV, raising=False)
+    assert projection.rates_fresh_s() == projection.RATES_FRESH_S == 120
+    monkeypatch.setenv(projection.RATES_FRESH_ENV, "3600")
+    assert projection.rates_fresh_s() == 3600
+    monkeypatch.setenv(projection.RATES_FRESH_ENV, "soon")  # not a number: the default, not a crash mid-sweep
+    assert projection.rates_fresh_s() == 120

@@ -522,6 +522,16 @@ def optimizer_seconds(cfg, layout: Layout, updated: int | None, measure: bool = 
 RATES_FRESH_S = 120  # a run measures again the rates older than this (one host: a 2-process proxy step of 94-113 ms
 # at 22:36 UTC, 108-127 ms ten minutes later; a sweep that had measured them at its start 10 minutes before its own
 # start projected all its 2-process runs 5-14% short)
+RATES_FRESH_ENV = "PARALLELKIT_RATES_FRESH_S"  # seconds, to keep them longer (a quiet machine of one's own; the tests)
+
+
+def rates_fresh_s() -> float:
+    """How old a cached training rate may be before a run, sweep or tune measures it again: RATES_FRESH_S, or the
+    seconds in $PARALLELKIT_RATES_FRESH_S."""
+    try:
+        return float(os.environ.get(RATES_FRESH_ENV) or RATES_FRESH_S)
+    except ValueError:
+        return RATES_FRESH_S
 
 
 def refresh_rates(cfgs: list) -> None:
@@ -541,7 +551,7 @@ def refresh_rates(cfgs: list) -> None:
 
 def refresh_plan_rates(plan) -> None:
     """Measure again the training rates (the proxy's and the optimizer's) a plan will project with, where the
-    cached ones are older than RATES_FRESH_S: before a sweep's first job, a tune's predictions and each run's own.
+    cached ones are older than ``rates_fresh_s()``: before a sweep's first job, a tune's predictions and each run's own.
     A shared machine's rate drifts by more than the 10% a projection is asked to hold within minutes, so
     projections use rates measured beside the runs. On CPU only, where they are measured; 5-15 s each."""
     c, layout = plan.cfg, plan.layout
@@ -552,8 +562,9 @@ def refresh_plan_rates(plan) -> None:
         threads, together = cpu_threads(layout.processes), at_once(layout)
         if peak:
             held = plan.cls.proxy_held(c, plan.opts, layout)
-            proxy_rate(c, threads, peak, True, together, max_age_s=RATES_FRESH_S, held=held)
-            optimizer_rate(threads, True, together, max_age_s=RATES_FRESH_S, proxy=optimizer_proxy(c, peak, held))
+            fresh_s = rates_fresh_s()
+            proxy_rate(c, threads, peak, True, together, max_age_s=fresh_s, held=held)
+            optimizer_rate(threads, True, together, max_age_s=fresh_s, proxy=optimizer_proxy(c, peak, held))
     except Exception:  # noqa: BLE001 - a rate that cannot be measured: the projection says what it lacks
         return
 
