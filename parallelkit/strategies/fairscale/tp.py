@@ -129,11 +129,6 @@ class FairScaleTPStrategy(Strategy):
         return f"fairscale tp{o.tp_size}"
 
     @classmethod
-    def proxy_held(cls, cfg, o, layout):
-        """Each rank computes half-width (1/tp) layers: its proxy too (projection._tp_proxy)."""
-        return {"tp": [layout.tp, bool(o.vocab_parallel)]} if layout.tp > 1 else None
-
-    @classmethod
     def rank_params(cls, cfg, o, layout) -> float:
         """Parameters one rank holds: the block matmuls (and with vocab_parallel the embedding and head) split
         over tp, the rest replicated."""

@@ -175,15 +175,10 @@ class TorchNDStrategy(TorchPipeStrategy):
 
     @classmethod
     def proxy_held(cls, cfg, o, layout):
-        """FSDP2 over its replicas and shards; 1/tp of each block on a tensor-parallel rank, the head whole (as
-        ``compute_share`` counts it; a pipeline's stages are counted by its shares instead)."""
-        held = {}
         shard = dp_shard_of(layout, o) * layout.cp  # FSDP2 shards over dp_shard x cp (``wrap``)
-        if o.dp_replicate > 1 or shard > 1:
-            held["fsdp2"] = {"reshard": o.reshard_after_forward and layout.pp == 1, "mesh": [o.dp_replicate, shard]}
-        if layout.tp > 1 and layout.pp == 1:
-            held["tp"] = [layout.tp, False]
-        return held or None
+        if o.dp_replicate == 1 and shard == 1:
+            return None
+        return {"fsdp2": {"reshard": o.reshard_after_forward and layout.pp == 1, "mesh": [o.dp_replicate, shard]}}
 
     # ---- in the worker ----
     @property
