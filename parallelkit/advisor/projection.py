@@ -225,11 +225,17 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, held: dict | None = Non
     return steps
 
 
-def _optimizer_shards(held: dict | None, processes: int) -> int:
-    """Into how many shards the optimizer proxy's parameters are cut (``_shard_proxy``): FSDP2's shard degree when
-    the timing processes make its whole (replicate, shard) mesh, else 1."""
+def _whole_mesh(held: dict | None, processes: int) -> list[int] | None:
+    """FSDP2's (replicate, shard) mesh when the timing processes make all of it (its optimizer proxy is stepped on
+    it: ``_shard_proxy``), else None."""
     mesh = ((held or {}).get("fsdp2") or {}).get("mesh")
-    return mesh[1] if mesh and mesh[0] * mesh[1] == processes else 1
+    return mesh if mesh and mesh[0] * mesh[1] == processes else None
+
+
+def _optimizer_shards(held: dict | None, processes: int) -> int:
+    """Into how many shards the optimizer proxy's parameters are cut: FSDP2's shard degree on its whole mesh."""
+    mesh = _whole_mesh(held, processes)
+    return mesh[1] if mesh else 1
 
 
 def _shard_proxy(gpt, fsdp: dict, optimizer: bool) -> None:
@@ -242,8 +248,9 @@ def _shard_proxy(gpt, fsdp: dict, optimizer: bool) -> None:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    rep, shard = fsdp.get("mesh", (1, 1))
-    if optimizer and 1 < rep * shard == dist.get_world_size():
+    whole = _whole_mesh({"fsdp2": fsdp}, dist.get_world_size()) if optimizer else None
+    if whole:
+        rep, shard = whole
         mesh = init_device_mesh("cpu", (rep, shard), mesh_dim_names=("replicate", "shard")) if rep > 1 else \
             init_device_mesh("cpu", (shard,))  # HSDP's 2-D mesh, or FSDP's
     else:
@@ -333,11 +340,10 @@ def _stepped_as(held: dict | None) -> dict | None:
     """What of ``held`` the forward and backward see: not the optimizer's CPU Adam, nor FSDP2's mesh (the proxy's
     forward and backward are on a mesh of each process alone), so that runs which differ only there share one
     measurement."""
-    if not held or "cpu_adam" in held:
-        return None
-    if "fsdp2" in held:
-        return {"fsdp2": {"reshard": held["fsdp2"]["reshard"]}}
-    return held
+    out = {k: v for k, v in (held or {}).items() if k == "pipe"}
+    if "fsdp2" in (held or {}):
+        out["fsdp2"] = {"reshard": held["fsdp2"]["reshard"]}
+    return out or None
 
 
 def _held(held: dict | None, optimizer: bool = False) -> str:
