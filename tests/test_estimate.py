@@ -133,7 +133,9 @@ def test_stage_split_balances_parameters():
 
 
 def test_cli_table_json_and_one_line_errors(tmp_path, capsys):
-    p = run_cli(tmp_path, "model=tiny", "--json", NO_FRAMEWORK, module="parallelkit.estimate", predict=True)
+    # FAST's micro-batch: the CPU rates measured for every preset here are the ones test_ddp_model_state reads
+    p = run_cli(tmp_path, "model=tiny", "train.micro_batch_size=2", "--json", NO_FRAMEWORK,
+                module="parallelkit.estimate", predict=True)
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)  # stdout is the JSON alone (backends' import chatter goes to stderr)
     assert rep["params"] == 136_960 and {"ddp", "fsdp", "single"} <= {r["strategy"] for r in rep["rows"]}
