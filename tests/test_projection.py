@@ -394,3 +394,36 @@ def test_how_long_rates_stay_fresh_is_two_minutes_unless_the_environment_says(mo
     assert projection.rates_fresh_s() == 3600
     monkeypatch.setenv(projection.RATES_FRESH_ENV, "soon")  # not a number: the default, not a crash mid-sweep
     assert projection.rates_fresh_s() == 120
+
+
+def test_a_tensor_parallel_rank_has_its_proxy_cut_to_its_share_of_the_layers_rated_per_flop_of_that_share():
+    """A tensor-parallel rank computes 1/tp of each block (and of the head where the vocabulary is split): its
+    proxy is cut the same way, and its rate is per FLOP of that share, the share the projection gives the rank."""
+    import torch
+
+    from parallelkit.advisor import projection
+    from parallelkit.models.gpt import build_model, lm_loss
+    from parallelkit.runtime.plan import build_plan
+
+    def plan_of(*overrides):
+        return build_plan(compose_run(*overrides), quiet=True)
+
+    fs = plan_of("strategy=fairscale_tp")
+    held = fs.cls.proxy_held(fs.cfg, fs.opts, fs.layout)
+    assert held == {"tp": [2, True]} and projection.optimizer_proxy(fs.cfg, 1.0, held)[4] is None  # vocab-parallel
+    m = {k: fs.cfg.model[k] for k in ("n_layer", "n_head", "d_model", "vocab_size", "seq_len", "tie_weights")}
+    flops = GPTConfig(**m).flops_per_token()
+    assert projection._rank_flops_per_token(m, held) == pytest.approx(flops / 2)  # as project() counts it
+    whole = plan_of("strategy=fairscale_tp", "strategy.vocab_parallel=false")  # the head whole on each rank
+    assert whole.cls.proxy_held(whole.cfg, whole.opts, whole.layout) == {"tp": [2, False]}
+    assert projection._rank_flops_per_token(m, {"tp": [2, False]}) == \
+        pytest.approx(flops / 2 * whole.cls.compute_share(whole.cfg, whole.opts, whole.layout))
+    gpt = build_model(m, seed=0)
+    projection._tp_proxy(gpt, 2, True)
+    assert gpt.blocks[0].attn.qkv.out_features == 3 * m["d_model"] // 2 and gpt.head.out.out_features == m["vocab_size"] // 2
+    assert gpt.embed.tok.num_embeddings == m["vocab_size"] // 2  # FairScale's vocab-parallel embedding, tied as
+    assert (gpt.embed.tok.weight is gpt.head.out.weight) == m["tie_weights"]  # the model ties it
+    x = torch.randint(0, m["vocab_size"] // 2, (2, m["seq_len"]))
+    logits = gpt(x)
+    assert logits.shape[-1] == m["vocab_size"] // 2
+    lm_loss(logits, x % (m["vocab_size"] // 2)).backward()

@@ -129,6 +129,23 @@ class FairScaleTPStrategy(Strategy):
         return f"fairscale tp{o.tp_size}"
 
     @classmethod
+    def compute_share(cls, cfg, o, layout):
+        """With vocab_parallel=false every tensor-parallel rank computes the whole head: (tp x head + L x block) /
+        (head + L x block) of an even split, as torch_nd's (``nd_compute_share``)."""
+        if o.vocab_parallel or layout.tp == 1:
+            return 1.0
+        from parallelkit.strategies.shared.pipeline import block_flops
+
+        c = GPTConfig.from_cfg(cfg.model)
+        model, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
+        return (layout.tp * (model - blocks) + blocks) / model
+
+    @classmethod
+    def proxy_held(cls, cfg, o, layout):
+        """Each rank computes half-width (1/tp) layers: its proxy too (projection._tp_proxy)."""
+        return {"tp": [layout.tp, bool(o.vocab_parallel)]} if layout.tp > 1 else None
+
+    @classmethod
     def rank_params(cls, cfg, o, layout) -> float:
         """Parameters one rank holds: the block matmuls (and with vocab_parallel the embedding and head) split
         over tp, the rest replicated."""
