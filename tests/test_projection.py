@@ -55,6 +55,20 @@ def test_a_call_after_compute_costs_its_run_like_time_once_per_wait():
     assert waits(comm, calls, {"all_gather": "forward+backward", "reduce_scatter": "backward"}, 4, 1) == {
         "all_gather": 12, "reduce_scatter": 6, "all_reduce": 2}
     assert waits(comm, None, {}, 4, 1) == {k: 1 for k in calls}  # uncounted: a message per bucket
+    assert waits(comm, calls, {}, 4, 1, bursts={"all_gather": 0.5})["all_gather"] == 20.5  # half follow compute
+
+
+def test_ulysses_all_to_alls_come_in_bursts_and_only_their_first_waits_on_compute():
+    """DeepSpeed-Ulysses all-to-alls q, k and v one after another: half of its calls follow compute
+    (``Strategy.bursts``), and the other half are projected at their back-to-back time."""
+    from parallelkit.runtime.plan import build_plan
+
+    def bursts(*overrides):
+        p = build_plan(compose_run(*overrides), quiet=True)
+        return p.cls.bursts(p.cfg, p.opts, p.layout)
+
+    assert bursts("strategy=torch_nd_ulysses") == {"all_to_all": 0.5}
+    assert bursts("strategy=torch_nd_ring") == {} and bursts("strategy=ddp") == {}
 
 
 def test_group_size_from_layout():

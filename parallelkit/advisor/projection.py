@@ -116,16 +116,17 @@ def _run_like(between: dict, on_cpu: bool, pipelined: bool) -> dict | None:
 
 
 def waits(comm_by_kind: dict[str, float], calls: dict[str, float] | None, overlap: dict[str, str] | None,
-          n_layer: int, micro_batches: int, bucket: int = BUCKET) -> dict[str, float]:
+          n_layer: int, micro_batches: int, bucket: int = BUCKET,
+          bursts: dict[str, float] | None = None) -> dict[str, float]:
     """Per kind, the calls after which a rank has computed and waits for its peer: every call of a kind the backend
-    waits for where it calls it (counted ones, else a message per ``bucket``); a kind it runs under compute
-    (``overlap``) is issued from hooks in bursts, one wait per block (and the embedding and the head) per pass it
-    runs under, per micro-batch."""
+    waits for where it calls it (counted ones, else a message per ``bucket``), or the share of them that follow
+    compute (``bursts``: ``Strategy.bursts``); a kind it runs under compute (``overlap``) is issued from hooks in
+    bursts, one wait per block (and the embedding and the head) per pass it runs under, per micro-batch."""
     passes = {"backward": 1, "forward+backward": 2}
     out = {}
     for k, v in comm_by_kind.items():
         if v > 0:
-            out[k] = _calls(k, v, calls, bucket)
+            out[k] = _calls(k, v, calls, bucket) * (bursts or {}).get(k, 1.0)
             if k in (overlap or {}):
                 out[k] = min(out[k], passes.get(overlap[k], 1) * (n_layer + 2) * micro_batches)
     return out
@@ -698,7 +699,8 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
             updated_params: int | None = None, overlap: dict[str, str] | None = None,
             micro_batches: int | None = None, framework: bool = True,
             shares: tuple[list[float], int] | None = None, share: float = 1.0,
-            calls: dict[str, float] | None = None, held: dict | None = None) -> dict:
+            calls: dict[str, float] | None = None, held: dict | None = None,
+            bursts: dict[str, float] | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
@@ -712,7 +714,8 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     (``Strategy.compute_share``). ``calls``: the collective calls per step by kind (default: those the narrow copy
     counted, scaled to the run's micro-batches; none: a message per ``BUCKET``); with the compute between two
     of them, they set what each call costs (``comm_seconds``). ``held``: how the run holds its model where that
-    changes a step's time (``Strategy.proxy_held``): its proxies are held the same way."""
+    changes a step's time (``Strategy.proxy_held``): its proxies are held the same way. ``bursts``: the share of a
+    kind's calls that follow compute (``Strategy.bursts``)."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
@@ -734,7 +737,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     by_kind, comm, gap = {}, 0.0, None
     if any(v > 0 for v in comm_by_kind.values()):  # no calibration to be had: no comm time, no step
         linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
-        w = waits(comm_by_kind, calls, overlap, c.n_layer, m)
+        w = waits(comm_by_kind, calls, overlap, c.n_layer, m, bursts=bursts)
         gap = None if compute is None else compute / sum(w.values())
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls,
                                between=_run_like(ln["between"], on_cpu, pipelined), gap=gap, waits=w) if linked else {}
@@ -775,7 +778,8 @@ def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None
                    plan.cls.overlap(plan.cfg, plan.opts), framework=framework,
                    shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout),
                    share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout), calls=calls,
-                   held=plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout))
+                   held=plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout),
+                   bursts=plan.cls.bursts(plan.cfg, plan.opts, plan.layout))
 
 
 def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:

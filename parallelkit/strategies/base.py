@@ -203,6 +203,13 @@ class Strategy:
         hide under ("backward", or "forward+backward" for a prefetch). {}: it waits for all of it."""
         return {}
 
+    @classmethod
+    def bursts(cls, cfg, o: Options, layout: Layout) -> dict[str, float]:
+        """Per kind, the share of its calls that follow compute, for the projection; the others follow another
+        call of the same burst at once, and cost their back-to-back time (``projection.waits``). {}: every call
+        follows compute."""
+        return {}
+
     def setup(self, ctx: Context, build: ModelBuilder) -> None:
         self.ctx = ctx
         self.precision = Precision(ctx.precision, ctx.device, self.scaler_class)

@@ -174,6 +174,13 @@ class TorchNDStrategy(TorchPipeStrategy):
         return {"all_gather": "forward+backward", "reduce_scatter": "backward"}  # FSDP2's prefetch and reduce
 
     @classmethod
+    def bursts(cls, cfg, o, layout):
+        """DeepSpeed-Ulysses all-to-alls q, k and v one after another: of a block's 4 calls a pass, 2 follow
+        compute (q's, after the projection, and the output's, after attention; backward the same). A ring's
+        batched sends and receives are each waited on: every call."""
+        return {"all_to_all": 0.5} if layout.cp > 1 and o.cp_mode == "ulysses" else {}
+
+    @classmethod
     def proxy_held(cls, cfg, o, layout):
         """FSDP2 over its replicas and shards. A tensor-parallel rank's proxy stays whole-width (FairScale's is cut
         to its share): DTensor's ops cost more than the FLOPs a narrower layer saves (compare_all's tp2+sp computes
