@@ -280,7 +280,7 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
     assert r["step_s"] == 0.2 and next(steps, None) is None  # measured twice, the faster kept
     # a sweep's rates are measured beside it: a cached one younger than the limit is kept, an older one measured again
     assert projection.proxy_rate(cfg, 1, 1.0, processes=1, max_age_s=600)["step_s"] == 0.2
-    stale = {k: v for k, v in r.items() if k != "key"}
+    stale = {k: v for k, v in r.items() if k not in ("key", "samples")}  # measured long ago
     calibrate.write_cache(r["key"], {**stale, "measured_at": "2026-01-01T00:00:00+00:00"}, "efficiency")
     assert projection.proxy_rate(cfg, 1, 1.0, processes=1)["step_s"] == 0.2  # without a limit: any age
     steps = iter([(0.25, 10)])
@@ -408,6 +408,23 @@ def test_how_long_rates_stay_fresh_is_two_minutes_unless_the_environment_says(mo
     assert projection.rates_fresh_s() == 3600
     monkeypatch.setenv(projection.RATES_FRESH_ENV, "soon")  # not a number: the default, not a crash mid-sweep
     assert projection.rates_fresh_s() == 120
+
+
+def test_a_rate_measured_again_is_the_median_of_its_recent_measurements():
+    """A proxy measured again is the median of its last RATE_SAMPLES measurements within RATE_HISTORY_S: a slow
+    measurement by chance moves the projection by less, a drift is followed within a few."""
+    from datetime import datetime, timedelta, timezone
+
+    from parallelkit.advisor import projection
+
+    now = datetime.now(timezone.utc)
+    at = lambda s: (now - timedelta(seconds=s)).isoformat(timespec="seconds")  # noqa: E731
+    assert projection._recent(None, 0.3) == (0.3, [[projection._recent(None, 0.3)[1][0][0], 0.3]])
+    old = {"measured_at": at(100), "step_s": 1.0, "samples": [[at(900), 5.0], [at(200), 1.2], [at(100), 1.0]]}
+    step, samples = projection._recent(old, 1.4)  # the one 15 minutes old is left out
+    assert step == 1.2 and [v for _, v in samples] == [1.2, 1.0, 1.4]
+    assert projection._recent({"measured_at": at(60), "step_s": 2.0}, 1.0)[0] == 1.5  # an entry of before: its own
+    assert projection._recent({"measured_at": at(700), "step_s": 2.0}, 1.0)[0] == 1.0  # too old to count
 
 
 def test_a_tensor_parallel_rank_has_its_proxy_cut_to_its_share_of_the_layers_rated_per_flop_of_that_share():

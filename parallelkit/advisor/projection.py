@@ -412,6 +412,22 @@ def fresh(entry: dict, max_age_s: float | None) -> bool:
     return (datetime.now(timezone.utc) - then).total_seconds() <= max_age_s
 
 
+RATE_SAMPLES, RATE_HISTORY_S = 3, 600  # a rate measured again is the median of its last 3 measurements within
+# 10 minutes: one measurement of a 2-process proxy (itself the median of 3 sets of processes) read 17% slower than
+# the one 16 minutes before it while the runs it projected stepped 7-10% slower (compare_all, 04:05 and 04:21 UTC)
+
+
+def _recent(old: dict | None, step: float) -> tuple[float, list]:
+    """(the median step of ``step`` and the steps ``old`` was measured at within RATE_HISTORY_S, the last
+    RATE_SAMPLES of them; those samples as [time, step]): a rate that drifts is followed within a few
+    measurements, and one that is off by chance moves the projection by less."""
+    now = datetime.now(timezone.utc)
+    kept = [] if old is None else old.get("samples") or [[old.get("measured_at"), old.get("step_s")]]
+    kept = [s for s in kept if s[1] and fresh({"measured_at": s[0]}, RATE_HISTORY_S)]
+    samples = [*kept[-(RATE_SAMPLES - 1):], [now.isoformat(timespec="seconds"), step]]
+    return statistics.median(v for _, v in samples), samples
+
+
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
                max_age_s: float | None = None, held: dict | None = None) -> dict | None:
     """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads in each of ``processes``
@@ -425,8 +441,8 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {}),
            **({"held": held} if held else {})}
-    if ((entry := calibrate.read_cache(key, "efficiency")) is not None and fresh(entry, max_age_s)) or not measure:
-        return entry
+    if ((old := calibrate.read_cache(key, "efficiency")) is not None and fresh(old, max_age_s)) or not measure:
+        return old
     at_once = f", {processes} processes at once" if processes > 1 else ""
     print(f"parallelkit: measuring this CPU's training rate on a proxy of {cfg.model.get('name', 'the model')} "
           f"({threads} thread(s){at_once}{_held(held)}, {prec}; cached for later)", file=sys.stderr, flush=True)
@@ -441,6 +457,8 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
                      "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if busy_ratio(entry) is None:
             break
+    step, entry["samples"] = _recent(old, entry["step_s"])
+    entry.update(step_s=step, tflops=flops / step / 1e12)
     calibrate.write_cache(key, entry, "efficiency")
     return {"key": key, **entry}
 
@@ -524,14 +542,16 @@ def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_a
         if proxy else {"adamw_elements": OPT_PROBE_ELEMENTS}
     key = {**calibrate.cache_key("fp32", threads, torch.device("cpu")), **what,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {})}
-    if ((entry := calibrate.read_cache(key, "optimizer")) is not None and fresh(entry, max_age_s)) or not measure:
-        return entry
+    if ((old := calibrate.read_cache(key, "optimizer")) is not None and fresh(old, max_age_s)) or not measure:
+        return old
     if proxy:
         step, n = _timed(_proxy_timer, (*proxy, True), threads, processes, apart=bool(proxy[4]))
     else:
         step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
+    step, samples = _recent(old if old and old.get("elements") == elements else None, step)
     entry = {"s_per_element": step / elements, "bytes_per_s": 28 * elements / step, "elements": elements,
-             "steps_timed": n, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+             "steps_timed": n, "step_s": step, "samples": samples,
+             "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     calibrate.write_cache(key, entry, "optimizer")
     return entry
 
