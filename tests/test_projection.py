@@ -1,8 +1,10 @@
 """The step-time projection (projection.py), the collective benchmark (bench_comm.py) and estimate's columns."""
 import json
 import math
+import time
 
 import pytest
+import torch
 from conftest import compose_run
 
 from parallelkit.advisor import bench_comm
@@ -296,8 +298,6 @@ def test_a_one_process_pipeline_proxy_steps_as_a_cpu_pipe_in_a_process_of_its_ow
     (and its intra-op threads) outlive the step and would slow what the caller measures next."""
     import os
 
-    import torch
-
     from parallelkit.advisor import projection
     from parallelkit.models.gpt import build_model, lm_loss
     from parallelkit.runtime.plan import build_plan
@@ -339,7 +339,6 @@ def test_an_fsdp2_run_has_its_proxies_held_under_fsdp2_the_same_model_and_its_op
     collectives: the projection charges them apart), the same loss as the plain proxy; the optimizer over the
     run's own mesh, its rate per element of the shard a process updates; both cached apart from the plain ones."""
 
-    import torch
     import torch.distributed as dist
 
     from parallelkit.advisor import projection
@@ -410,6 +409,20 @@ def test_how_long_rates_stay_fresh_is_two_minutes_unless_the_environment_says(mo
     assert projection.rates_fresh_s() == 120
 
 
+def test_a_rate_a_refresh_measured_stays_fresh_for_the_rest_of_that_refresh(monkeypatch):
+    """refresh_rates (a sweep's start, a tune's): each plan's rates may be as old as the refresh itself, so a proxy
+    its first configs share is not measured again for its last ones."""
+    from parallelkit.advisor import projection
+
+    if torch.cuda.is_available():
+        pytest.skip("rates are measured on CPU only")
+    ages = []
+    monkeypatch.setattr(projection, "refresh_plan_rates", lambda plan, max_age_s=None: (ages.append(max_age_s),
+                                                                                        time.sleep(0.05)))
+    projection.refresh_rates([compose_run("strategy=ddp"), compose_run("strategy=zero2")])
+    assert len(ages) == 2 and projection.rates_fresh_s() <= ages[0] < ages[1] - 0.04
+
+
 def test_a_rate_measured_again_is_the_median_of_its_recent_measurements():
     """A proxy measured again is the median of its last RATE_SAMPLES measurements within RATE_HISTORY_S: a slow
     measurement by chance moves the projection by less, a drift is followed within a few."""
@@ -430,7 +443,6 @@ def test_a_rate_measured_again_is_the_median_of_its_recent_measurements():
 def test_a_tensor_parallel_rank_has_its_proxy_cut_to_its_share_of_the_layers_rated_per_flop_of_that_share():
     """A tensor-parallel rank computes 1/tp of each block (and of the head where the vocabulary is split): its
     proxy is cut the same way, and its rate is per FLOP of that share, the share the projection gives the rank."""
-    import torch
 
     from parallelkit.advisor import projection
     from parallelkit.models.gpt import build_model, lm_loss

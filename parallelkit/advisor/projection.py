@@ -613,19 +613,23 @@ def refresh_rates(cfgs: list) -> None:
 
     if torch.cuda.is_available():
         return
+    start = time.monotonic()
     for cfg in cfgs:
         try:
             plan = build_plan(cfg, quiet=True)
         except Exception:  # noqa: BLE001 - the job itself reports it
             continue
-        refresh_plan_rates(plan)
+        # a rate this refresh has measured is fresh for the rest of it (a tune's took 300 s, and measured the
+        # proxy its first candidates shared again for its last ones)
+        refresh_plan_rates(plan, rates_fresh_s() + time.monotonic() - start)
 
 
-def refresh_plan_rates(plan) -> None:
+def refresh_plan_rates(plan, max_age_s: float | None = None) -> None:
     """Measure again the training rates (the proxy's and the optimizer's) a plan will project with, where the
     cached ones are older than ``rates_fresh_s()``: before a sweep's first job, a tune's predictions and each run's own.
     A shared machine's rate drifts by more than the 10% a projection is asked to hold within minutes, so
-    projections use rates measured beside the runs. On CPU only, where they are measured; 5-15 s each."""
+    projections use rates measured beside the runs. On CPU only, where they are measured; 5-15 s each.
+    ``max_age_s``: instead of ``rates_fresh_s()``."""
     c, layout = plan.cfg, plan.layout
     if torch.cuda.is_available() or projection_setting(c, "device") or projection_setting(c, "efficiency") is not None:
         return
@@ -634,7 +638,7 @@ def refresh_plan_rates(plan) -> None:
         threads, together = cpu_threads(layout.processes), at_once(layout)
         if peak:
             held = plan.cls.proxy_held(c, plan.opts, layout)
-            fresh_s = rates_fresh_s()
+            fresh_s = rates_fresh_s() if max_age_s is None else max_age_s
             proxy_rate(c, threads, peak, True, together, max_age_s=fresh_s, held=held)
             optimizer_rate(threads, True, together, max_age_s=fresh_s, proxy=optimizer_proxy(c, peak, held))
     except Exception:  # noqa: BLE001 - a rate that cannot be measured: the projection says what it lacks
