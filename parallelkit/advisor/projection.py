@@ -267,17 +267,15 @@ def _tp_proxy(gpt, tp: int, head: bool) -> None:
 
 def _rank_flops_per_token(m: dict, held: dict | None) -> float:
     """The training FLOPs per token of the proxy (config ``m``) that one process computes, held as ``held``: all of
-    them, or one tensor-parallel rank's share (``_tp_proxy``): the blocks' 1/tp, and the rest's (the head) too
-    where the vocabulary is split, as the projection counts a rank's (``Strategy.compute_share``)."""
-    from parallelkit.strategies.shared.pipeline import block_flops
+    them, or one tensor-parallel rank's share (``_tp_proxy``): 1/tp, or where the head is kept whole on every rank
+    that x ``whole_head_share``, as the projection counts a rank's (``Strategy.compute_share``)."""
+    from parallelkit.strategies.shared.pipeline import whole_head_share
 
     c = GPTConfig(**m)
-    total = c.flops_per_token()
     if not (held or {}).get("tp"):
-        return total
+        return c.flops_per_token()
     tp, head = held["tp"]
-    blocks = c.n_layer * block_flops(c)
-    return blocks / tp + (total - blocks) / (tp if head else 1)
+    return c.flops_per_token() / tp * (1.0 if head else whole_head_share(c, tp))
 
 
 def _shard_proxy(gpt, fsdp: dict, optimizer: bool) -> None:
@@ -392,12 +390,11 @@ def _held(held: dict | None, optimizer: bool = False) -> str:
     """How a source names a rate measured on a proxy held as the run holds its model (``Strategy.proxy_held``)."""
     if (held or {}).get("pipe"):
         return f", as a {held['pipe'][0]}-stage CPU pipeline"
-    tp = f", as one of {held['tp'][0]} tensor-parallel ranks" if (held or {}).get("tp") and not optimizer else ""
+    if (held or {}).get("tp") and not optimizer:  # the optimizer's rate is per element: its proxy is not cut
+        return f", as one of {held['tp'][0]} tensor-parallel ranks"
     if (fsdp := (held or {}).get("fsdp2")):
-        return tp + (f", under FSDP2 over a ({fsdp['mesh'][0]}, {fsdp['mesh'][1]}) mesh" if optimizer else
-                     f", under FSDP2 (its copies and hooks{', resharded after forward' if fsdp['reshard'] else ''})")
-    if tp:
-        return tp
+        return (f", under FSDP2 over a ({fsdp['mesh'][0]}, {fsdp['mesh'][1]}) mesh" if optimizer else
+                f", under FSDP2 (its copies and hooks{', resharded after forward' if fsdp['reshard'] else ''})")
     return ", DeepSpeed's CPU Adam" if optimizer and (held or {}).get("cpu_adam") else ""
 
 

@@ -130,15 +130,12 @@ class FairScaleTPStrategy(Strategy):
 
     @classmethod
     def compute_share(cls, cfg, o, layout):
-        """With vocab_parallel=false every tensor-parallel rank computes the whole head: (tp x head + L x block) /
-        (head + L x block) of an even split, as torch_nd's (``nd_compute_share``)."""
+        """With vocab_parallel=false every tensor-parallel rank computes the whole head (``whole_head_share``)."""
         if o.vocab_parallel or layout.tp == 1:
             return 1.0
-        from parallelkit.strategies.shared.pipeline import block_flops
+        from parallelkit.strategies.shared.pipeline import whole_head_share
 
-        c = GPTConfig.from_cfg(cfg.model)
-        model, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
-        return (layout.tp * (model - blocks) + blocks) / model
+        return whole_head_share(GPTConfig.from_cfg(cfg.model), layout.tp)
 
     @classmethod
     def proxy_held(cls, cfg, o, layout):

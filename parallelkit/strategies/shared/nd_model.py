@@ -145,14 +145,12 @@ def nd_compute_share(cfg, o, layout) -> float:
     """The tensor-parallel ranks split the blocks' FLOPs but each computes the whole head (the embedding and the tied
     head stay whole): (tp x head + L x block) / (head + L x block) of an even split (pipelines: 1, their stages'
     shares are the projection's)."""
-    from parallelkit.strategies.shared.pipeline import block_flops
+    from parallelkit.strategies.shared.pipeline import whole_head_share
 
     tp = _degrees(o, layout)[3]
     if tp == 1 or layout.pp > 1 or one_process(layout):
         return 1.0
-    c = GPTConfig.from_cfg(cfg.model)
-    model, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
-    return (tp * (model - blocks) + blocks) / model
+    return whole_head_share(GPTConfig.from_cfg(cfg.model), tp)
 
 
 def _pipeline_comm(cfg, o, layout) -> dict[str, float]:

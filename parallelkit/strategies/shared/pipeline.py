@@ -42,6 +42,13 @@ def block_flops(c) -> float:
     return 6 * c.block_params() + 12 * c.d_model * c.seq_len
 
 
+def whole_head_share(c, tp: int) -> float:
+    """A tensor-parallel rank's FLOPs over an even 1/tp split when it splits the blocks but computes the whole head
+    (the embedding and the tied head kept whole on every rank): (tp x head + L x block) / (head + L x block)."""
+    model, blocks = c.flops_per_token(), c.n_layer * block_flops(c)
+    return (tp * (model - blocks) + blocks) / model
+
+
 def rank_shares(flops: list[float], balance: list[int], pp: int) -> list[float]:
     """Each pipeline rank's share of the model's FLOPs: ``flops`` per layer, ``balance`` layers per stage, rank r
     holding stages r, r + pp, ... (interleaved schedules)."""
