@@ -9,7 +9,7 @@ from conftest import compose_run
 
 from parallelkit.advisor import bench_comm
 from parallelkit.advisor.estimate import main
-from parallelkit.advisor.projection import comm_seconds, group_size, project
+from parallelkit.advisor.projection import SHORT_GAP_S, comm_seconds, group_size, project
 from parallelkit.config.errors import ConfigError
 from parallelkit.config.layout import Layout
 from parallelkit.measure import calibrate
@@ -51,6 +51,15 @@ def test_a_call_after_compute_costs_its_run_like_time_once_per_wait():
     faster = {"all_reduce": [(0.002, A / 10, B * 10)]}
     assert comm_seconds({"all_reduce": s}, n, A, B, between=faster, gap=0.01)["all_reduce"] == pytest.approx(
         bench_comm.model_time("all_reduce", s, n, A, B))
+    # a calibration with a short gap (bench_comm's BETWEEN_S): a wait after less compute than that costs its time,
+    # not back to back (a narrow copy's calls come a fraction of a millisecond apart)
+    short = {"all_reduce": [(0.0002, 4 * A, B), *between["all_reduce"]]}
+    at_short = bench_comm.model_time("all_reduce", s, n, 4 * A, B, 4)
+    on = lambda g: comm_seconds({"all_reduce": s}, n, A, B, calls={"all_reduce": 4}, between=short,  # noqa: E731
+                                gap=g, waits={"all_reduce": 4})["all_reduce"]
+    assert b2b < at_short < first
+    assert on(0.0) == pytest.approx(at_short) and on(0.0001) == pytest.approx(at_short)
+    assert on(0.0011) == pytest.approx((at_short + first) / 2) and on(0.002) == pytest.approx(first)
     calls = {"all_gather": 41, "reduce_scatter": 13, "all_reduce": 2}
     comm = {k: 1e6 for k in calls}
     assert waits(comm, calls, {}, 4, 1) == calls  # each waited where it is called
@@ -131,10 +140,12 @@ def test_bench_comm_quick_calibration(tmp_path, monkeypatch):
         ratios = [p["fit_s"] / p["median_s"] for p in f["points"]]
         assert all(len(p["trials_s"]) == bench_comm.TRIALS for p in f["points"])
         assert all(1 / 20 < r < 20 for r in ratios) and 1 / 3 < math.prod(ratios) ** (1 / len(ratios)) < 3, (kind, f)
-    # the run-like timing: each collective after ~2 and ~16 ms of compute, fitted per kind and compute
+    # the run-like timing: each collective after ~0.2, ~2 and ~16 ms of compute, fitted per kind and compute
     assert set(saved["between"]) == set(bench_comm.RUN_KINDS) == set(bench_comm.KINDS)
     for kind, runs in saved["between"].items():
-        assert [0.5 < r["between_s"] / g < 2 for r, g in zip(runs, bench_comm.BETWEEN_S)] == [True, True], (kind, runs)
+        short, *rest = runs  # the short gap: one small matmul, below what the projection takes as short
+        assert short["between_s"] < SHORT_GAP_S < rest[0]["between_s"], (kind, runs)
+        assert [0.5 < r["between_s"] / g < 2 for r, g in zip(rest, bench_comm.BETWEEN_S[1:])] == [True, True], runs
         for r in runs:
             assert r["alpha_s"] >= 0 and r["bandwidth_Bps"] > 0
             assert [p["bytes"] for p in r["points"]] == list(bench_comm.QUICK_RUN_SIZES)

@@ -47,7 +47,10 @@ TRIALS = 5
 TRIAL_S = 0.02  # a trial repeats a call until it lasts this long: small messages are timed in batches
 # the run-like timing: each call after this much compute on every rank, as a run calls its collectives between
 # layers (gloo's threads idle, the buffers out of cache, the ranks arriving apart)
-BETWEEN_S = (0.002, 0.016)
+# (and after a short one, as a narrow model's layers leave between calls: even then a call costs more than back to
+# back, e.g. a 27 KiB all_reduce 0.75-0.85 ms after 0.1-0.4 ms of compute, 0.6 back to back; 1.05 after 0.8 ms)
+BETWEEN_S = (0.0002, 0.002, 0.016)
+SHORT_ROWS = 32  # the short gap's matmul: (32 x 256) x (256 x 1024)
 RUN_KINDS = KINDS
 RUN_SIZES, QUICK_RUN_SIZES = (256 * 2**10, 8 * 2**20), (256 * 2**10, 4 * 2**20)
 RUN_TRIALS, QUICK_RUN_TRIALS = 5, 2
@@ -122,10 +125,10 @@ def _slowest(seconds: float, device: torch.device | None = None) -> float:
     return float(t)
 
 
-def _chunk():
-    """A slice of a run's compute, as a layer's: a (256 x 256) x (256 x 1024) matmul, cycling through 8 MiB of
+def _chunk(rows: int = 256):
+    """A slice of a run's compute, as a layer's: a (rows x 256) x (256 x 1024) matmul, cycling through 8 MiB of
     weights (more than a core's caches: a collective after it finds its buffers cold, as in a run)."""
-    weights, x, turn = [torch.randn(256, 1024) for _ in range(8)], torch.randn(256, 256), [0]
+    weights, x, turn = [torch.randn(256, 1024) for _ in range(8)], torch.randn(rows, 256), [0]
 
     def chunk():
         turn[0] = (turn[0] + 1) % len(weights)
@@ -137,18 +140,21 @@ def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float, m
     """The run-like timing on every rank: {kind: [{between_s, points: [{bytes, median_s, trials_s, calls}]}]}. A
     trial times k calls each after ``between`` of compute, and the same compute alone (each the slowest rank's,
     after a barrier); a call's run-like time is their difference over k: the call, its cold buffers, and the wait
-    for the rank that computed longer."""
+    for the rank that computed longer. The trials go round every point in turn, so that a burst of the host's
+    other load falls on one trial of many points, not on every trial of one (their median leaves it out)."""
     import torch.distributed as dist
 
-    chunk = _chunk()
-    for _ in range(5):
-        chunk()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        chunk()
-    chunk_s = _slowest((time.perf_counter() - t0) / 20)
+    def timed(chunk):
+        for _ in range(5):
+            chunk()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            chunk()
+        return chunk, _slowest((time.perf_counter() - t0) / 20)
 
-    def loop(call, reps: int, k: int) -> float:
+    layer, short = timed(_chunk()), timed(_chunk(SHORT_ROWS))  # a short gap: a slice of a narrow layer's
+
+    def loop(chunk, call, reps: int, k: int) -> float:
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(k):
@@ -158,18 +164,25 @@ def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float, m
                 call()
         return _slowest(time.perf_counter() - t0)
 
-    out = {}
+    points = []  # (kind, between, chunk, reps, call, bytes, legs, calls per trial, trials)
     for kind in RUN_KINDS:
-        out[kind] = []
         for between in BETWEEN_S:
-            reps, pts = max(1, round(between / chunk_s)), []
+            chunk, chunk_s = short if between < layer[1] else layer
+            reps = max(1, round(between / chunk_s))
             for size in sizes:
                 call, nbytes, legs = _op(kind, size, rank, n)
-                one = loop(call, 0, 1)  # warms up; sets the calls per trial
+                one = loop(chunk, call, 0, 1)  # warms up; sets the calls per trial
                 k = max(min_calls, math.ceil(trial_s / (reps * chunk_s + one)))
-                ts = [(loop(call, reps, k) - loop(None, reps, k)) / k / legs for _ in range(trials)]
-                pts.append({"bytes": nbytes, "median_s": statistics.median(ts), "trials_s": ts, "calls": k})
-            out[kind].append({"between_s": reps * chunk_s, "points": pts})
+                points.append((kind, reps * chunk_s, chunk, reps, call, nbytes, legs, k, []))
+    for _ in range(trials):
+        for _, _, chunk, reps, call, _, legs, k, ts in points:
+            ts.append((loop(chunk, call, reps, k) - loop(chunk, None, reps, k)) / k / legs)
+    out: dict = {kind: [] for kind in RUN_KINDS}
+    for kind, between_s, _, _, _, nbytes, _, k, ts in points:
+        runs = out[kind]
+        if not runs or runs[-1]["between_s"] != between_s:
+            runs.append({"between_s": between_s, "points": []})
+        runs[-1]["points"].append({"bytes": nbytes, "median_s": statistics.median(ts), "trials_s": ts, "calls": k})
     return out
 
 

@@ -78,6 +78,9 @@ def group_size(layout: Layout) -> int:
     return 2 if layout.pp > 1 else layout.world
 
 
+SHORT_GAP_S = 0.001  # bench_comm's shortest run-like gap, if below this: a call after less compute costs what it timed
+
+
 def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth: float,
                  per_kind: dict[str, tuple[float, float]] | None = None, bucket: int = BUCKET,
                  calls: dict[str, float] | None = None, between: dict | None = None,
@@ -86,8 +89,9 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
     ``bucket``-sized messages; never fewer), each paying the latency, at (α, B), or at the kind's own fit in
     ``per_kind``. ``between`` (bench_comm's run-like fits, kind -> [(compute before a call, α, B)]), ``gap`` (the
     compute between two of the run's waits) and ``waits`` (kind -> its calls that follow compute, ``waits``): each
-    of those costs what the run-like timing measured after that much compute, interpolated (from back to back at
-    none), never less than back to back; the others cost their back-to-back time."""
+    of those costs what the run-like timing measured after that much compute, interpolated between the gaps it
+    timed and flat below the shortest (a call after any compute costs more than back to back: bench_comm), never
+    less than back to back; the others cost their back-to-back time."""
     out = {}
     for kind, nbytes in comm_by_kind.items():
         if nbytes > 0:
@@ -95,8 +99,9 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
             m = _calls(kind, nbytes, calls, bucket)
             t = bench_comm.model_time(kind, nbytes, n, a, b, m)
             if between and kind in between and gap is not None:
-                anchors = [(0.0, t)] + [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m))
-                                        for g, ga, gb in between[kind]]
+                anchors = [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m)) for g, ga, gb in between[kind]]
+                if anchors[0][0] > SHORT_GAP_S:  # a calibration without the short gap: from back to back at none
+                    anchors.insert(0, (0.0, t))
                 t += max(0.0, _interpolate(anchors, gap) - t) * min(1.0, (waits or {}).get(kind, m) / m)
             out[kind] = t
     return out
