@@ -140,8 +140,7 @@ def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float, m
     """The run-like timing on every rank: {kind: [{between_s, points: [{bytes, median_s, trials_s, calls}]}]}. A
     trial times k calls each after ``between`` of compute, and the same compute alone (each the slowest rank's,
     after a barrier); a call's run-like time is their difference over k: the call, its cold buffers, and the wait
-    for the rank that computed longer. The trials go round every point in turn, so that a burst of the host's
-    other load falls on one trial of many points, not on every trial of one (their median leaves it out)."""
+    for the rank that computed longer."""
     import torch.distributed as dist
 
     def timed(chunk):
@@ -164,25 +163,19 @@ def _between(rank: int, n: int, sizes: list[int], trials: int, trial_s: float, m
                 call()
         return _slowest(time.perf_counter() - t0)
 
-    points = []  # (kind, between, chunk, reps, call, bytes, legs, calls per trial, trials)
+    out: dict = {}
     for kind in RUN_KINDS:
+        out[kind] = []
         for between in BETWEEN_S:
             chunk, chunk_s = short if between < layer[1] else layer
-            reps = max(1, round(between / chunk_s))
+            reps, pts = max(1, round(between / chunk_s)), []
             for size in sizes:
                 call, nbytes, legs = _op(kind, size, rank, n)
                 one = loop(chunk, call, 0, 1)  # warms up; sets the calls per trial
                 k = max(min_calls, math.ceil(trial_s / (reps * chunk_s + one)))
-                points.append((kind, reps * chunk_s, chunk, reps, call, nbytes, legs, k, []))
-    for _ in range(trials):
-        for _, _, chunk, reps, call, _, legs, k, ts in points:
-            ts.append((loop(chunk, call, reps, k) - loop(chunk, None, reps, k)) / k / legs)
-    out: dict = {kind: [] for kind in RUN_KINDS}
-    for kind, between_s, _, _, _, nbytes, _, k, ts in points:
-        runs = out[kind]
-        if not runs or runs[-1]["between_s"] != between_s:
-            runs.append({"between_s": between_s, "points": []})
-        runs[-1]["points"].append({"bytes": nbytes, "median_s": statistics.median(ts), "trials_s": ts, "calls": k})
+                ts = [(loop(chunk, call, reps, k) - loop(chunk, None, reps, k)) / k / legs for _ in range(trials)]
+                pts.append({"bytes": nbytes, "median_s": statistics.median(ts), "trials_s": ts, "calls": k})
+            out[kind].append({"between_s": reps * chunk_s, "points": pts})
     return out
 
 
