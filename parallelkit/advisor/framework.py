@@ -80,12 +80,16 @@ def narrow(cfg, accum: int | None = None):
 
 def key(cfg, processes: int) -> dict:
     """What the measurement depends on: the machine and versions, the strategy and the run's schedule."""
+    from parallelkit.advisor import bench_comm
     from parallelkit.measure.host import versions
     from parallelkit.measure.metrics import cpu_threads
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     t, m = cfg.train, cfg.model
+    comm = bench_comm.load_calibration(processes) if processes > 1 and device.type == "cpu" else None
     return {**calibrate.cache_key(t.precision, cpu_threads(processes), device), "versions": versions(),
+            # the residual is taken from a projection with these collective timings: new ones measure it again
+            "comm_measured_at": (comm or {}).get("measured_at"),
             "strategy": OmegaConf.to_container(cfg.strategy, resolve=True), "world_size": int(cfg.world_size),
             "arch": m.get("arch") or "gpt", "n_layer": int(m.n_layer), "n_head": int(m.n_head),
             "n_kv_head": m.get("n_kv_head"), "tie_weights": bool(m.get("tie_weights", True)),
