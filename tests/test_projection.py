@@ -481,3 +481,8 @@ def test_a_tensor_parallel_rank_has_its_proxy_cut_to_its_share_of_the_layers_rat
     logits = gpt(x)
     assert logits.shape[-1] == m["vocab_size"] // 2
     lm_loss(logits, x % (m["vocab_size"] // 2)).backward()
+    # the proxy's batch is cut to what one process computes: a rank's share fits a batch the whole model would halve
+    tokens = fs.cfg.train.micro_batch_size * m["seq_len"]
+    peak = 2 * tokens * (flops + flops / 2) / 2 / 1e12 / projection.PROXY_STEP_S  # between the two
+    assert projection.proxy_shape(fs.cfg, peak)[1] == fs.cfg.train.micro_batch_size // 2
+    assert projection.proxy_shape(fs.cfg, peak, held)[1] == fs.cfg.train.micro_batch_size

@@ -167,15 +167,16 @@ def device_peak(cfg, layout: Layout, measure: bool = True) -> tuple[str, float |
     return device, c["tflops"], f"matmul calibration, {prec}, {threads} thread(s) ({c['measured_at']})"
 
 
-def proxy_shape(cfg, peak_tflops: float) -> tuple[dict, int] | None:
+def proxy_shape(cfg, peak_tflops: float, held: dict | None = None) -> tuple[dict, int] | None:
     """The efficiency proxy's model config and batch: the configured model with at most 2 blocks, the batch and
-    then the sequence halved while a step would take over PROXY_STEP_S at half the peak; None when the
-    proxy itself has over PROXY_MAX_PARAMS parameters (too slow to build and step here)."""
+    then the sequence halved while a step of the FLOPs one process computes (held as ``held``: a tensor-parallel
+    rank's share) would take over PROXY_STEP_S at half the peak; None when the proxy itself has over
+    PROXY_MAX_PARAMS parameters (too slow to build and step here)."""
     m = {k: cfg.model[k] for k in GPTConfig.__dataclass_fields__ if k in cfg.model}
     m["n_layer"], b = min(m["n_layer"], 2), cfg.train.micro_batch_size
     if GPTConfig(**m).num_params() > PROXY_MAX_PARAMS:
         return None
-    flops = lambda: GPTConfig(**m).flops_per_token() * b * m["seq_len"]  # noqa: E731
+    flops = lambda: _rank_flops_per_token(m, held) * b * m["seq_len"]  # noqa: E731
     while flops() > peak_tflops * 1e12 / 2 * PROXY_STEP_S and (b > 1 or m["seq_len"] > 16):
         if b > 1:
             b //= 2
@@ -436,10 +437,11 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     processes stepping it at once, held as the run holds its model (``held``: ``_proxy_timer``): cached
     (younger than ``max_age_s``, if given), or measured now. No optimizer step: its cost is per parameter, not per
     token, and would swamp a proxy cut to few tokens."""
-    if (shape := proxy_shape(cfg, peak_tflops)) is None:
+    held = _stepped_as(held)
+    if (shape := proxy_shape(cfg, peak_tflops, held)) is None:
         return None
     m, b = shape
-    ckpt, prec, held = bool(cfg.train.activation_checkpointing), cfg.train.precision, _stepped_as(held)
+    ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {}),
            **({"held": held} if held else {})}
