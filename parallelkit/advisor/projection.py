@@ -167,15 +167,22 @@ def device_peak(cfg, layout: Layout, measure: bool = True) -> tuple[str, float |
     return device, c["tflops"], f"matmul calibration, {prec}, {threads} thread(s) ({c['measured_at']})"
 
 
-def proxy_shape(cfg, peak_tflops: float, held: dict | None = None) -> tuple[dict, int] | None:
-    """The efficiency proxy's model config and batch: the configured model with at most 2 blocks, the batch and
-    then the sequence halved while a step of the FLOPs one process computes (held as ``held``: a tensor-parallel
-    rank's share) would take over PROXY_STEP_S at half the peak; None when the proxy itself has over
-    PROXY_MAX_PARAMS parameters (too slow to build and step here)."""
+def proxy_shape(cfg, peak_tflops: float, held: dict | None = None, split: int = 1) -> tuple[dict, int] | None:
+    """The efficiency proxy's model config and batch: the configured model with at most 2 blocks, at the tokens
+    one rank computes in a pass (``split``: the ranks a micro-batch's sequences are split over, context
+    parallelism: the batch, else the sequence, divided by it), then the batch and the sequence halved while a step
+    of the FLOPs one process computes (held as ``held``: a tensor-parallel rank's share) would take over
+    PROXY_STEP_S at half the peak; None when the proxy itself has over PROXY_MAX_PARAMS parameters (too slow to
+    build and step here)."""
     m = {k: cfg.model[k] for k in GPTConfig.__dataclass_fields__ if k in cfg.model}
     m["n_layer"], b = min(m["n_layer"], 2), cfg.train.micro_batch_size
     if GPTConfig(**m).num_params() > PROXY_MAX_PARAMS:
         return None
+    if split > 1:  # a pass's per-rank costs (FSDP2's copies and hooks) come once per tokens/split, not per tokens
+        if b % split == 0:
+            b //= split
+        else:
+            m["seq_len"] = max(1, m["seq_len"] // split)
     flops = lambda: _rank_flops_per_token(m, held) * b * m["seq_len"]  # noqa: E731
     while flops() > peak_tflops * 1e12 / 2 * PROXY_STEP_S and (b > 1 or m["seq_len"] > 16):
         if b > 1:
@@ -432,13 +439,13 @@ def _recent(old: dict | None, step: float) -> tuple[float, list]:
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
-               max_age_s: float | None = None, held: dict | None = None) -> dict | None:
+               max_age_s: float | None = None, held: dict | None = None, split: int = 1) -> dict | None:
     """TFLOP/s (model FLOPs) of the proxy's forward and backward with ``threads`` threads in each of ``processes``
     processes stepping it at once, held as the run holds its model (``held``: ``_proxy_timer``): cached
     (younger than ``max_age_s``, if given), or measured now. No optimizer step: its cost is per parameter, not per
     token, and would swamp a proxy cut to few tokens."""
     held = _stepped_as(held)
-    if (shape := proxy_shape(cfg, peak_tflops, held)) is None:
+    if (shape := proxy_shape(cfg, peak_tflops, held, split)) is None:
         return None
     m, b = shape
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
@@ -498,7 +505,7 @@ def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
                                 f"set projection.efficiency)")
-    r = proxy_rate(cfg, threads, peak, measure, at_once(layout), held=held)
+    r = proxy_rate(cfg, threads, peak, measure, at_once(layout), held=held, split=layout.cp)
     if r is None:
         return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, ratio = r["key"]["proxy"], busy_ratio(r)
@@ -643,7 +650,7 @@ def refresh_plan_rates(plan, max_age_s: float | None = None) -> None:
         if peak:
             held = plan.cls.proxy_held(c, plan.opts, layout)
             fresh_s = rates_fresh_s() if max_age_s is None else max_age_s
-            proxy_rate(c, threads, peak, True, together, max_age_s=fresh_s, held=held)
+            proxy_rate(c, threads, peak, True, together, max_age_s=fresh_s, held=held, split=layout.cp)
             optimizer_rate(threads, True, together, max_age_s=fresh_s, proxy=optimizer_proxy(c, peak, held))
     except Exception:  # noqa: BLE001 - a rate that cannot be measured: the projection says what it lacks
         return
