@@ -50,8 +50,10 @@ def test_sweep_shows_a_job_too_big_as_a_row(tmp_path):
 
 def test_predictions_hold_for_the_runs_in_results():
     """Pre-flight never refuses a configuration that ran in results/: no run's peak is over-predicted by more
-    than the margin pre-flight allows (predicted <= measured x (1 + MARGIN) <= available x (1 + MARGIN))."""
-    rep = predict.check_results(ROOT / "results")
+    than the margin pre-flight allows (predicted <= measured x (1 + MARGIN) <= available x (1 + MARGIN)). The runs
+    that recorded the worker footprint they were predicted with (a tune's trials did not: measuring one for each
+    backend would take about 40 s)."""
+    rep = predict.check_results(ROOT / "results", measure=False)
     rows = [r for r in rep["rows"] if "peak_ratio" in r]
     assert len(rows) >= 20, rep["rows"][:3]
     worst = max(rows, key=lambda r: r["peak_ratio"])

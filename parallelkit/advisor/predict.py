@@ -442,9 +442,11 @@ def preflight(plan: RunPlan) -> dict | None:
                      f"will not fit; presets that fit, largest margin first: {names}; preflight=false runs it anyway")
 
 
-def check_results(root: Path) -> dict:
+def check_results(root: Path, measure: bool = True) -> dict:
     """Predicted over measured peak and model state for every ok run under ``root`` (its saved config): the
-    evidence behind MARGIN, and the check that pre-flight would have refused none of them."""
+    evidence behind MARGIN, and the check that pre-flight would have refused none of them. A run that recorded no
+    worker footprint (a tune's trial) is predicted with this machine's, measured if missing; ``measure=False``
+    leaves such a run out (a row with its reason), measuring nothing."""
 
     rows = []
     for s_path in sorted(root.rglob("summary.json")):
@@ -453,6 +455,9 @@ def check_results(root: Path) -> dict:
         if s.get("status") != "ok" or not c_path.exists() or not s.get("peak_mem_bytes"):
             continue
         recorded = (s.get("prediction") or {}).get("process_baseline_bytes")
+        if recorded is None and not measure:
+            rows.append({"run": str(s_path.parent), "error": "no worker footprint recorded (not measured here)"})
+            continue
         try:  # the footprint the run was predicted with, where it recorded one (the prediction as it was made)
             plan = RunPlan.of(OmegaConf.load(c_path))  # a plan of that run, not of this process's
             p = predict(plan, baseline=recorded is None, projection=False)
