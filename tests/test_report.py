@@ -194,7 +194,8 @@ def test_repeats_become_one_row_with_the_median_range_and_n(tmp_path):
                                                  ("single", 1, 0.021), ("ddp", 2, 0.011)]):
         label = {"single": "single", "ddp": "ddp"}[strategy]
         write_run(tmp_path, f"{job}_{strategy}", strategy=strategy, label=label, world_size=2 if strategy == "ddp" else 1,
-                  **measured([step] * 10, repeat=rep, step_time_s=step, tokens_per_s=256 / step))
+                  **measured([step] * 10, repeat=rep, step_time_s=step, tokens_per_s=256 / step,
+                             predicted_step_time_s=step * (1.5 if rep == 0 else 1.0)))
     write_run(tmp_path, "5_single", strategy="single", label="single", world_size=1, status="timeout",
               error="run exceeded train.timeout_s=9 s and was stopped", repeat=2)
     r = build(load(tmp_path)).set_index("strategy")
@@ -203,6 +204,8 @@ def test_repeats_become_one_row_with_the_median_range_and_n(tmp_path):
     assert ddp["n"] == 3 and ddp["step_time_s"] == pytest.approx(0.011) and ddp["run"] == "0_ddp, 2_ddp, 4_ddp"
     assert ddp["tokens_per_s_lo"] == pytest.approx(256 / 0.012) and ddp["tokens_per_s_hi"] == pytest.approx(256 / 0.010)
     assert ddp["spread"] == pytest.approx(1.2) and ddp["spread_of"] == "min-max of 3 repeats" and not ddp["noisy"]
+    # beside the median step, the median of the repeats' projections (0.015, 0.012, 0.011), not the first one's
+    assert ddp["predicted_step_time_s"] == pytest.approx(0.012) and ddp["step_time_err"] == pytest.approx(1 / 11)
     assert single["n"] == 2 and single["status"] == "ok" and "1 of 3 repeats not ok: repeat 2: timeout" in single["note"]
     text = terminal_report(build(load(tmp_path)))
     assert text.startswith("2 run(s)") and "n=3" in text and "n=2" in text

@@ -63,8 +63,8 @@ def _merge(group: list[dict]) -> dict:
              if len(ok) < len(group) else [])
     if not ok:
         return m
-    for k in ("tokens_per_s", "step_time_s", "tflops", "mfu"):
-        vals = [s[k] for s in ok if s.get(k) is not None]
+    for k in ("tokens_per_s", "step_time_s", "tflops", "mfu", "predicted_step_time_s"):  # each repeat projected
+        vals = [s[k] for s in ok if s.get(k) is not None]  # its own step, with rates measured beside it
         m[k] = statistics.median(vals) if vals else None
     steps = [s["step_time_s"] for s in ok if s.get("step_time_s")]
     tps = [s["tokens_per_s"] for s in ok if s.get("tokens_per_s")]
