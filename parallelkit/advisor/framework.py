@@ -12,10 +12,14 @@ layers, tensors and calls, which the width leaves alone. So they are measured on
   untimed) at two schedules, a and 2a micro-batches per step (a: 1, or the pipeline's stages), all in one process
   group (``measure_all``: many strategies share one start-up, as ``tune`` and ``python -m parallelkit.calibrate
   --framework`` need);
-- at each schedule the framework time is the median timed step less the projection of that narrow run without
-  this term; the two give a part per step (the optimizer's bookkeeping, a once-a-step gather) and a part per
-  micro-batch (hooks and dispatch in forward and backward), each clamped at 0, so a run with m micro-batches per
-  step gets per_step + m x per_micro_batch;
+- at each schedule the residual is the median timed step less the projection of that narrow run without this
+  term; the two give a part per step (the optimizer's bookkeeping, a once-a-step gather) and a part per
+  micro-batch (hooks and dispatch in forward and backward), so a run with m micro-batches per step has a residual
+  of per_step + m x per_micro_batch, the line through the two schedules. Where it is positive, that is the run's
+  framework time. Where it is negative, the projection charged the narrow copy more than it took: its
+  collective waits (the calls a narrow copy makes are the run's, at the run's count), up to the narrow copy's
+  projected exposed communication, are taken back from the run's (``overcharge``; ring attention's send/recv,
+  projected 24-36% over its narrow copy's steps);
 - it is cached per strategy, world size, depth and machine (versions included), as the other calibrations are,
   and added as is to the projection of the full-width run.
 
@@ -47,7 +51,7 @@ from parallelkit.config.compose import CONF_DIR
 STEPS, UNTIMED = 12, 3  # the narrow run's steps: 9 timed, after the warm-up steps
 NARROW = {"vocab_size": 512, "seq_len": 64, "micro_batch_size": 2}
 JOB_S = 60  # the spawn's deadline: a start-up allowance and this much per narrow run
-PROJECTED_BY = 17  # the version of the projection its residuals are taken from: a new one measures them again
+PROJECTED_BY = 18  # the version of the projection its residuals are taken from: a new one measures them again
 
 
 def narrow(cfg, accum: int | None = None):
@@ -118,11 +122,38 @@ def seconds(cfg, processes: int, measure: bool = True, project=None) -> tuple[fl
         return None, f"its narrow run failed: {entry['error']}"
     m = int(cfg.train.grad_accum)
     (a1, t1, p1), (a2, t2, p2) = entry["schedules"]
-    return entry["per_step_s"] + m * entry["per_micro_batch_s"], (
+    net = entry["per_step_s"] + m * entry["per_micro_batch_s"]
+    over = _overcharge(entry, m)
+    return max(0.0, net), (
         f"measured: {entry['per_step_s'] * 1e3:.1f} ms a step + {entry['per_micro_batch_s'] * 1e3:.1f} ms a "
         f"micro-batch, from a narrow copy ({entry['d_model']} wide, {entry['n_layer']} layers) stepped in "
         f"{t1 * 1e3:.1f} and {t2 * 1e3:.1f} ms at {a1} and {a2} micro-batches, projected without it "
-        f"{p1 * 1e3:.1f} and {p2 * 1e3:.1f} ms ({entry['measured_at']})")
+        f"{p1 * 1e3:.1f} and {p2 * 1e3:.1f} ms ({entry['measured_at']})"
+        + (f"; below its projection: {over * 1e3:.1f} ms of its collective waits taken back from the run's exposed "
+           f"communication" if over else ""))
+
+
+def _line(entry: dict, values: list[float], m: int) -> float:
+    """The value at m micro-batches on the line through the narrow copy's two schedules."""
+    (a1, *_), (a2, *_) = entry["schedules"]
+    return values[0] + (m - a1) * (values[1] - values[0]) / (a2 - a1)
+
+
+def _overcharge(entry: dict, m: int) -> float:
+    """Seconds of collective waits the projection charges a run of m micro-batches beyond what they take, as its
+    narrow copy showed: its residual's negative part, at most the narrow copy's projected exposed communication."""
+    net = entry["per_step_s"] + m * entry["per_micro_batch_s"]
+    if net >= 0 or not entry.get("narrow_comm_s"):
+        return 0.0
+    return min(-net, max(0.0, _line(entry, entry["narrow_comm_s"], m)))
+
+
+def overcharge(cfg, processes: int) -> float:
+    """``_overcharge`` of the cached narrow copy of this run (0 when there is none)."""
+    entry = cached(cfg, processes) if narrow(cfg) is not None else None
+    if not entry or entry.get("error") or "schedules" not in entry:
+        return 0.0
+    return _overcharge(entry, int(cfg.train.grad_accum))
 
 
 def calls(cfg, processes: int) -> dict[str, float] | None:
@@ -265,19 +296,20 @@ def measure_all(cfgs: list, project, quiet: bool = False) -> list[dict | None]:
 
 def _entry(jobs: list, runs: list[dict], project) -> dict:
     """The cache entry of one config from its two narrow runs: the framework time per step and per micro-batch."""
-    sched, counts = [], []
+    sched, counts, comm_s = [], [], []
     for (_, plan, _), s in zip(jobs, runs):
         comm = plan.cls.comm(plan.cfg, plan.opts, plan.layout) or {}
         parts = plan.cls.memory(plan.cfg, plan.opts, plan.layout, None)
         counts.append(counted_calls(s))
         proj = project(plan, {kind: v for kind, v in comm.items() if v}, parts, framework=False, calls=counts[-1])
         sched.append((int(plan.cfg.train.grad_accum), statistics.median(s["step_times_s"]), proj["step_s"] or 0.0))
+        comm_s.append(proj["parts_s"]["exposed_comm"] or 0.0)
     (a1, t1, p1), (a2, t2, p2) = sched
-    r1, r2 = t1 - p1, t2 - p2  # what the projection leaves out at each schedule
-    per_mb = max(0.0, (r2 - r1) / (a2 - a1))
+    r1, r2 = t1 - p1, t2 - p2  # what the projection leaves out at each schedule (below 0: what it charges over)
+    per_mb = (r2 - r1) / (a2 - a1)
     plan = jobs[0][1]
-    return {"per_step_s": max(0.0, r1 - a1 * per_mb), "per_micro_batch_s": per_mb, "schedules": sched, "calls": counts,
-            "d_model": int(plan.cfg.model.d_model), "n_layer": int(plan.cfg.model.n_layer)}
+    return {"per_step_s": r1 - a1 * per_mb, "per_micro_batch_s": per_mb, "schedules": sched, "calls": counts,
+            "narrow_comm_s": comm_s, "d_model": int(plan.cfg.model.d_model), "n_layer": int(plan.cfg.model.n_layer)}
 
 
 def _run_group(jobs: list, procs: int) -> list[dict]:

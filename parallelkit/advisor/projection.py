@@ -783,6 +783,9 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     bubble = compute * fill / (chunks * m) if pipelined and compute is not None else 0.0
     exp = exposed({k: v for k, v in by_kind.items() if not (pipelined and k == "send_recv")}, overlap,
                   fwd or 0.0, bwd or 0.0, on_cpu)
+    if fw is not None and (over := framework_overcharge(cfg, layout)) and sum(exp.values()) > 0:
+        keep = max(0.0, 1 - over / sum(exp.values()))  # what the narrow copy showed its waits charged over
+        exp = {k: v * keep for k, v in exp.items()}
     idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
     parts = {"forward": fwd, "backward": bwd, "optimizer": opt,
              "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle, "framework": fw}
@@ -828,6 +831,14 @@ def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float 
     if cfg.get("world_size") is None:
         return None, "not projected (no world size yet)"
     return framework.seconds(cfg, layout.processes, measure, project_plan)
+
+
+def framework_overcharge(cfg, layout: Layout) -> float:
+    """Seconds of collective waits the projection charges this run beyond what its narrow copy showed they take
+    (framework.py's ``overcharge``), once its framework time is projected."""
+    from parallelkit.advisor import framework
+
+    return framework.overcharge(cfg, layout.processes)
 
 
 def framework_calls(cfg, layout: Layout) -> dict[str, float] | None:
