@@ -367,5 +367,7 @@ def main(argv: list[str], project) -> None:
         e = fresh.get(name) if name in todo else cached(p.cfg, p.layout.processes)
         got = "no narrow copy" if e is None else e.get("error") or _parts(e)
         print(f"  {name}: {got}{'' if name in todo else ' (cached)'}")
+    print("  (the line through the narrow copy's residuals at its two schedules; where a run's micro-batches put it "
+          "below 0, no framework time, and that much of its collective waits is taken back)")
     print(f"parallelkit: framework time of {len(plans)} strategies, {len(todo)} measured now in "
           f"{time.perf_counter() - t0:.0f} s (--force: all of them)")
