@@ -122,9 +122,8 @@ def seconds(cfg, processes: int, measure: bool = True, project=None) -> tuple[fl
         return None, f"its narrow run failed: {entry['error']}"
     m = int(cfg.train.grad_accum)
     (a1, t1, p1), (a2, t2, p2) = entry["schedules"]
-    net = entry["per_step_s"] + m * entry["per_micro_batch_s"]
     over = _overcharge(entry, m)
-    return max(0.0, net), (
+    return max(0.0, _net(entry, m)), (
         f"measured: {_parts(entry)}, from a narrow copy ({entry['d_model']} wide, {entry['n_layer']} layers) stepped in "
         f"{t1 * 1e3:.1f} and {t2 * 1e3:.1f} ms at {a1} and {a2} micro-batches, projected without it "
         f"{p1 * 1e3:.1f} and {p2 * 1e3:.1f} ms ({entry['measured_at']})"
@@ -144,10 +143,15 @@ def _line(entry: dict, values: list[float], m: int) -> float:
     return values[0] + (m - a1) * (values[1] - values[0]) / (a2 - a1)
 
 
+def _net(entry: dict, m: int) -> float:
+    """The narrow copy's residual at m micro-batches: per step + m x per micro-batch."""
+    return entry["per_step_s"] + m * entry["per_micro_batch_s"]
+
+
 def _overcharge(entry: dict, m: int) -> float:
     """Seconds of collective waits the projection charges a run of m micro-batches beyond what they take, as its
     narrow copy showed: its residual's negative part, at most the narrow copy's projected exposed communication."""
-    net = entry["per_step_s"] + m * entry["per_micro_batch_s"]
+    net = _net(entry, m)
     if net >= 0 or not entry.get("narrow_comm_s"):
         return 0.0
     return min(-net, max(0.0, _line(entry, entry["narrow_comm_s"], m)))
@@ -168,11 +172,9 @@ def calls(cfg, processes: int) -> dict[str, float] | None:
     entry = cached(cfg, processes)
     if not entry or entry.get("error") or not entry.get("calls"):
         return None
-    (a1, *_), (a2, *_) = entry["schedules"]
     c1, c2 = entry["calls"]
     m = int(cfg.train.grad_accum)
-    return {k: max(0.0, c1.get(k, 0) + (m - a1) * (c2.get(k, 0) - c1.get(k, 0)) / (a2 - a1))
-            for k in set(c1) | set(c2)}
+    return {k: max(0.0, _line(entry, [c1.get(k, 0), c2.get(k, 0)], m)) for k in set(c1) | set(c2)}
 
 
 def counted_calls(summary: dict) -> dict[str, int]:
