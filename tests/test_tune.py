@@ -75,6 +75,24 @@ def test_rank_correlation():
     assert order_agreement(rows) == "predicted vs measured step time: Spearman rank correlation -0.50 over 3 measured candidates"
 
 
+def test_a_trial_starts_only_when_its_timeout_can_see_it_to_its_end():
+    """The spread tune's ulysses mb=4 (predicted 1.87 s a step) was started with 31 s left, got train.timeout_s=21
+    and was stopped after 9 of 10 steps: the budget must cover its steps at the predicted time, with the start-up
+    the finished trials showed, and still leave the launch allowance the timeout keeps back."""
+    from parallelkit.advisor.tune import FIRST_TRIAL_S, LAUNCH_S, STEP_MARGIN, need
+
+    done = [{"status": "ok", "trial_s": 18.8, "step_time_s": 1.23}, {"status": "ok", "trial_s": 20.1, "step_time_s": 1.35},
+            {"status": "failed", "trial_s": 3.0, "step_time_s": None}]
+    ulysses = {"status": "todo", "step_time_s": None, "predicted_step_time_s": 1.87}
+    got = need(ulysses, done, 10)
+    beyond = (18.8 - 12.3 + 20.1 - 13.5) / 2  # start-up and end of the two that ended ok; the failed one is no guide
+    assert got == pytest.approx(LAUNCH_S + beyond + 10 * 1.87 * STEP_MARGIN)
+    assert got > 31 and got - LAUNCH_S >= beyond + 10 * 1.87  # not started at 31 s; started, its timeout covers it
+    assert need({**ulysses, "step_time_s": 1.5}, done, 10) < got  # a re-measurement: its own measured step
+    assert need({"predicted_step_time_s": None}, done, 10) == pytest.approx(18.8)  # no prediction: the median trial
+    assert need(ulysses, [], 10) == FIRST_TRIAL_S
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device judges against itself")
 def test_gpu_memory_plans_for_the_gpu(tmp_path, capsys):
     """With gpu_memory on a machine without CUDA, the device bytes are judged against it; budget 0: the plan only."""

@@ -12,8 +12,10 @@
    context; otherwise the predicted peak against what this machine gives a rank (predict.available_per_rank).
 3. Measured: each survivor as its own ``python -m parallelkit.run`` (the same launcher: fresh processes and
    process group), ``tune.steps`` steps of which 2 untimed, ``train.timeout_s`` = the smaller of
-   ``tune.trial_timeout_s`` and the budget left, ``preflight=false`` (judged above). Likely best first (ORDER),
-   and no trial is started once the budget left is under the median of the finished trials' durations.
+   ``tune.trial_timeout_s`` and the budget left less LAUNCH_S, ``preflight=false`` (judged above). Likely best
+   first (ORDER), and no trial is started that the budget left cannot see to its end (``need``: its steps at its
+   predicted step time, plus what the finished trials took beyond their steps), so that none is stopped by its
+   timeout a step short of a measurement.
 4. Written to the tune dir (``hydra.run.dir=DIR``, default outputs/tune/<time>): a folder per trial, the sweep
    report of the measured trials (report.write_report: comparison.md, .csv, .html, plots) and tune.md /
    tune.csv with every candidate and the winner as a ready-to-run command.
@@ -67,8 +69,10 @@ from parallelkit.runtime.plan import build_plan
 from parallelkit.util.units import gib
 
 UNTIMED = 2  # untimed steps per trial
-LAUNCH_S = 10  # allowance for a trial's start and end outside train.timeout_s (Python, Hydra, the checks)
-FIRST_TRIAL_S = 20  # the least budget left to start the first trial (later ones: the median of those done)
+LAUNCH_S = 5  # allowance for a trial's start and end outside train.timeout_s (Python, Hydra, the checks): 3.1 s
+# measured (a trial stopped by train.timeout_s=21 took 24.1 s)
+FIRST_TRIAL_S = 20  # the least budget left to start the first trial (later ones: ``need``)
+STEP_MARGIN = 1.1  # a trial's steps are allowed its predicted step time and this much more (the projection's 10%)
 ORDER = ("predicted step time, fastest first",
          "no step-time prediction, so: activation checkpointing off first (it recomputes the forward), then nothing "
          "offloaded, then fewer micro-batches per step (grad_accum), then fewer predicted communication bytes per "
@@ -300,22 +304,36 @@ def trial(tune: dict, r: dict, n: int | str, left: float) -> None:
                      comm_bytes_per_step=_max(s.get("comm_bytes_per_step")))
 
 
+def need(r: dict, done: list[dict], steps: int) -> float:
+    """Seconds of budget a trial of ``r`` needs to end within its timeout: LAUNCH_S, what the finished trials took
+    beyond their steps (start-up, the untimed steps' warm-up, the end: their median), and ``steps`` at ``r``'s step
+    time (measured, else predicted) x STEP_MARGIN. Without a step time or a trial that ended ok: the median of
+    the finished trials' durations (FIRST_TRIAL_S before the first)."""
+    ok = [d for d in done if d["status"] == "ok" and d.get("step_time_s") and d.get("trial_s")]
+    step = r.get("step_time_s") or r.get("predicted_step_time_s")
+    if step and ok:
+        beyond = statistics.median(d["trial_s"] - steps * d["step_time_s"] for d in ok)
+        return LAUNCH_S + max(0.0, beyond) + steps * step * STEP_MARGIN
+    durations = [d["trial_s"] for d in done if d.get("trial_s")]
+    return statistics.median(durations) if durations else FIRST_TRIAL_S
+
+
 def measure(tune: dict, rows: list[dict], deadline: float) -> None:
-    """Trials in row order until the budget cannot hold another; the rest: 'budget: not measured'."""
+    """Trials in row order until the budget cannot see the next to its end (``need``; rows are ordered fastest
+    predicted first, so neither could the later ones); the rest: 'budget: not measured'."""
     todo = [r for r in rows if r["status"] == "todo"]
-    durations: list[float] = []
+    done: list[dict] = []
     reason = "budget: not measured"
     try:
         for n, r in enumerate(todo, 1):
             left = deadline - time.monotonic()
-            need = statistics.median(durations) if durations else FIRST_TRIAL_S
-            if left < need:
-                print(f"tune: {max(0, left):.0f} s of budget left, a trial takes about {need:.0f} s: "
+            if left < (need_s := need(r, done, tune["steps"])):
+                print(f"tune: {max(0, left):.0f} s of budget left, the next trial needs about {need_s:.0f} s: "
                       f"{len(todo) - n + 1} candidate(s) not measured", file=sys.stderr, flush=True)
                 break
             print(f"trial {n}/{len(todo)}: {_name(r)} ...", end=" ", file=sys.stderr, flush=True)
             trial(tune, r, n, left)
-            durations.append(r["trial_s"])
+            done.append(r)
             result = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else r["why"][:120]
             print(f"{r['status']} {result} ({r['trial_s']:.0f} s); {max(0, deadline - time.monotonic()):.0f} s of "
                   f"budget left", file=sys.stderr, flush=True)
@@ -337,13 +355,12 @@ def remeasure(tune: dict, rows: list[dict], deadline: float) -> None:
         r["samples"] = [r["tokens_per_s"]]
     if len(finalists) < 2 or not tune["repeats"]:
         return
-    need = statistics.median(r["trial_s"] for r in finalists)
     print(f"tune: measuring the {len(finalists)} fastest again, {tune['repeats']} round(s), interleaved",
           file=sys.stderr, flush=True)
     for k in range(1, tune["repeats"] + 1):
         for i, r in enumerate(finalists, 1):
             left = deadline - time.monotonic()
-            if left < need:
+            if left < need(r, finalists, tune["steps"]):
                 print(f"tune: budget left for no more re-measurement ({max(0, left):.0f} s)", file=sys.stderr)
                 return _settle(finalists)
             again = dict(r)
