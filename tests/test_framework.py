@@ -1,5 +1,7 @@
 """The projection's framework time (advisor/framework.py): narrow copies of a run, trained for real, and the
 projection's other model terms this stop added (a pipeline's slowest stage, DTensor's unseen collectives)."""
+import statistics
+
 import pytest
 from conftest import compose_plan, compose_run
 
@@ -58,6 +60,18 @@ def test_framework_time_is_measured_on_narrow_runs_per_step_and_per_micro_batch(
     assert project(off, {"all_reduce": 1e6}, lay, measure=False)["parts_s"]["framework"] is None
     with pytest.raises(ConfigError, match="projection.framework='often': must be true or false"):
         compose_run("projection.framework=often")
+
+
+def test_a_narrow_pair_that_steps_faster_with_more_work_is_measured_again_and_pooled():
+    """zero1's narrow copy once stepped in 32.7 ms at one micro-batch and 27.4 at two: the host's noise, which made
+    its framework time 7 ms over zero2's. Such a pair is trained again and each schedule's steps pooled."""
+    run = lambda *ms: {"status": "ok", "step_times_s": [m / 1e3 for m in ms]}  # noqa: E731
+    assert framework._slower_with_more([run(26, 27, 25), run(31, 30, 32)])
+    assert not framework._slower_with_more([run(33, 32, 34), run(27, 28, 27)])
+    assert framework._slower_with_more([run(33), {"status": "failed", "error": "x"}])  # nothing to measure again
+    pooled = framework._pooled(run(33, 32, 34), run(25, 26, 24))
+    assert statistics.median(pooled["step_times_s"]) == pytest.approx(0.029)  # between the runs (32 and 25)
+    assert framework._pooled(run(33), {"status": "failed"})["step_times_s"] == [0.033]
 
 
 def test_a_pipeline_is_paced_by_its_slowest_stage():
