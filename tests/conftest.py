@@ -18,13 +18,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # One cache folder per test run, never the user's (~/.cache/parallelkit): the matmul and collective calibrations
 # and the worker footprints a test needs are measured into it, so no test depends on what a machine measured
-# before, and no test changes what the user's runs read. Every process the tests start inherits it.
-CACHE = Path(tempfile.mkdtemp(prefix="parallelkit-test-cache-"))
+# before, and no test changes what the user's runs read. Every process the tests start inherits it; one that
+# imports this module again (a worker unpickling a test's function) keeps it, where it made a folder of its own
+# that nothing removed (100-300 empty folders left in /tmp by each run of the suite).
+_OWN = os.environ.get("PARALLELKIT_TEST_CACHE")
+CACHE = Path(_OWN) if _OWN and Path(_OWN).is_dir() else Path(tempfile.mkdtemp(prefix="parallelkit-test-cache-"))
+if str(CACHE) != _OWN:  # the pytest process: it made the folder, and removes it at its exit
+    os.environ["PARALLELKIT_TEST_CACHE"] = str(CACHE)
+    atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 os.environ["PARALLELKIT_CACHE"] = str(CACHE)
 os.environ.pop("PARALLELKIT_RECALIBRATE", None)
 os.environ["PARALLELKIT_RATES_FRESH_S"] = "86400"  # the session's runs project with the rates measured first: the
 # projections tested are not timed against a drifting machine, and each run would measure them again (minutes)
-atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 # The processes the tests spawn in-process (train_ranks, jobs_in_one_group) fork from one server process that
 # imported torch and the backends once (runtime.processes.spawn's forkserver), not each from a fresh interpreter:
