@@ -82,6 +82,31 @@ def test_ulysses_all_to_alls_come_in_bursts_and_only_their_first_waits_on_comput
     assert bursts("strategy=torch_nd_ring") == {} and bursts("strategy=ddp") == {}
 
 
+def test_waits_placed_where_the_backend_makes_them_cost_the_run_like_time_of_their_own_gap():
+    """``Strategy.wait_gaps``: a kind's waits after their own share of a micro-batch's compute, the rest after the
+    mean gap. A wait after longer compute costs more, but less than in proportion: FairScale's tensor parallelism
+    waits 16 times after a few ms of a block and a few times after tens of ms of `small`'s head, which costs less
+    than 21 waits after their mean gap."""
+    from parallelkit.runtime.plan import build_plan
+
+    s, n = 1e6, 2
+    between = {"all_reduce": [(0.0002, 4 * A, B), (0.002, 10 * A, B), (0.016, 30 * A, B)]}
+    at = lambda gaps, g=0.005: comm_seconds({"all_reduce": s}, n, A, B, calls={"all_reduce": 4},  # noqa: E731
+                                            between=between, gap=g, waits={"all_reduce": 4}, gaps=gaps)["all_reduce"]
+    assert at({"all_reduce": [(4, 0.005)]}) == pytest.approx(at(None))  # placed at the mean gap: the same
+    assert at({"all_reduce": [(2, 0.005)]}) == pytest.approx(at(None))  # the rest after the mean gap
+    assert at({"all_reduce": [(3, 0.002), (1, 0.014)]}) < at(None)  # the same compute, unevenly: less
+    assert at({"all_reduce": [(8, 0.1)]}) == pytest.approx(at(None, g=0.1))  # more than the run waits: scaled
+    p = build_plan(compose_run("strategy=fairscale_tp", "model=small"), quiet=True)
+    placed = p.cls.wait_gaps(p.cfg, p.opts, p.layout)["all_reduce"]
+    assert sum(k for k, _ in placed) == 4 * 4 + 5 and sum(k * g for k, g in placed) == pytest.approx(1.0)
+    assert max(g for _, g in placed) > 0.4 > 0.02 > min(g for k, g in placed if g)  # the head's: most of it
+    whole = build_plan(compose_run("strategy=fairscale_tp", "model=small", "strategy.vocab_parallel=false"),
+                       quiet=True)
+    assert sum(k for k, _ in whole.cls.wait_gaps(whole.cfg, whole.opts, whole.layout)["all_reduce"]) == 4 * 4
+    assert build_plan(compose_run("strategy=ddp"), quiet=True).cls.wait_gaps(None, None, None) == {}
+
+
 def test_group_size_from_layout():
     assert group_size(Layout.data_parallel(8)) == 8
     assert group_size(Layout.model_parallel(8, tp=2, pp=2)) == 2
@@ -280,12 +305,12 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
     for check, busy in ((None, False), ({"matmul_tflops": 0.09, "calibrated_tflops": 0.1}, False),
                         ({"matmul_tflops": 0.05, "calibrated_tflops": 0.1}, True)):
         monkeypatch.setattr(projection, "proxy_rate", lambda *a, **k: {**entry, "load_check": check})
-        eff, source = projection.efficiency(cfg, Layout.data_parallel(2), 0.1)
+        eff, source, _ = projection.efficiency(cfg, Layout.data_parallel(2), 0.1)
         if "measured" not in source:  # a GPU here: the efficiency is assumed, not measured
             pytest.skip(source)
         assert eff == pytest.approx(0.2) and (("busy" in source) == busy), source
     monkeypatch.undo()  # proxy_rate itself again; its measurement and re-check stood in for
-    steps = iter([(0.3, 10), (0.2, 10)])  # a busy first measurement, a faster second one
+    steps = iter([(0.3, 10, 0.3), (0.2, 10, 0.2)])  # a busy first measurement, a faster second one
     monkeypatch.setattr(projection, "_alone", lambda *a: next(steps))
     monkeypatch.setattr(projection, "load_check", lambda *a: {"matmul_tflops": 0.05, "calibrated_tflops": 0.1})
     cfg = compose_run("model.n_layer=1", "train.micro_batch_size=1")
@@ -296,7 +321,7 @@ def test_a_proxy_measured_on_a_busy_machine_is_measured_again_not_scaled(monkeyp
     stale = {k: v for k, v in r.items() if k not in ("key", "samples")}  # measured long ago
     calibrate.write_cache(r["key"], {**stale, "measured_at": "2026-01-01T00:00:00+00:00"}, "efficiency")
     assert projection.proxy_rate(cfg, 1, 1.0, processes=1)["step_s"] == 0.2  # without a limit: any age
-    steps = iter([(0.25, 10)])
+    steps = iter([(0.25, 10, 0.25)])
     monkeypatch.setattr(projection, "load_check", lambda *a: None)  # a quiet machine: measured once
     assert projection.proxy_rate(cfg, 1, 1.0, processes=1, max_age_s=600)["step_s"] == 0.25
     assert next(steps, None) is None
@@ -451,6 +476,35 @@ def test_a_rate_measured_again_is_the_median_of_its_recent_measurements():
     assert projection._recent({"measured_at": at(700), "step_s": 2.0}, 1.0)[0] == 1.0  # too old to count
 
 
+def test_the_wait_for_the_slower_rank_is_counted_once_in_the_compute_or_in_the_waits(monkeypatch):
+    """A proxy stepped in 2 processes keeps its slowest process's step and their mean's (``skew``). A run that waits
+    for its peer between many collectives has that wait charged in its calls' run-like times: its compute is the
+    mean rank's, plus only what of the lag those waits leave; one that waits once a step keeps the slowest's."""
+    from parallelkit.advisor import projection
+
+    assert projection.skew(None) == 0 and projection.skew({"samples": [["t", 1.0]]}) == 0  # no mean kept
+    assert projection.skew({"samples": [["t", 1.1, 1.0], ["t", 1.2, 1.0], ["t", 1.0, 1.0]]}) == pytest.approx(0.1)
+    assert projection._recent(None, 1.1, 1.0)[1][0][1:] == [1.1, 1.0]
+    once = projection.counted_once
+    assert once(1.1, 0.1, 0.5) == pytest.approx(1.0)  # waits charged 0.5 s beyond back to back: the mean rank's
+    assert once(1.1, 0.1, 0.04) == pytest.approx(1.06)  # they cover 0.04 s of the 0.1 s lag: the rest stays
+    assert once(1.1, 0.1, 0.0) == once(1.1, 0.0, 0.5) == pytest.approx(1.1)  # no waits charged, or no lag
+    cfg, layout = compose_run("train.micro_batch_size=1", "strategy=ddp"), Layout.data_parallel(2)
+    between = {"all_reduce": [(0.0002, 1e-3, B), (0.016, 3e-3, B)]}  # a call after compute: 1-3 ms, not 5 us
+    monkeypatch.setattr(projection, "link", lambda *a: {"alpha_s": A, "bandwidth_Bps": B, "source": "by hand",
+                                                        "per_kind": {"all_reduce": (A, B)}, "between": between})
+    monkeypatch.setattr(projection, "device_peak", lambda *a: ("CPU", 1.0, "by hand"))
+    monkeypatch.setattr(projection, "optimizer_seconds", lambda *a: (0.0, "by hand"))
+    flops = GPTConfig.from_cfg(cfg.model).flops_per_token() * cfg.train.micro_batch_size * cfg.train.grad_accum \
+        * cfg.model.seq_len  # a rank's: 1 s at the efficiency below
+    for lag, calls, lo, hi in ((0.0, 40, 1.0, 1.0), (0.1, 1, 0.99, 0.999), (0.1, 40, 1 / 1.1, 1 / 1.1)):
+        monkeypatch.setattr(projection, "efficiency", lambda *a, lag=lag: (flops / 1e12, "by hand", lag))
+        p = project(cfg, {"all_reduce": 4e6}, layout, framework=False, calls={"all_reduce": calls})
+        # 1 s of compute at the slowest process; one wait of 3 ms covers 3 ms of its lag, 40 waits all of it
+        assert lo - 1e-9 <= p["compute_s"] <= hi + 1e-9, (lag, calls, p["compute_s"])
+        assert p["parts_s"]["forward"] + p["parts_s"]["backward"] == pytest.approx(p["compute_s"])
+
+
 def test_a_tensor_parallel_rank_has_its_proxy_cut_to_its_share_of_the_layers_rated_per_flop_of_that_share():
     """A tensor-parallel rank computes 1/tp of each block (and of the head where the vocabulary is split): its
     proxy is cut the same way, and its rate is per FLOP of that share, the share the projection gives the rank."""
@@ -486,6 +540,35 @@ def test_a_tensor_parallel_rank_has_its_proxy_cut_to_its_share_of_the_layers_rat
     peak = 2 * tokens * (flops + flops / 2) / 2 / 1e12 / projection.PROXY_STEP_S  # between the two
     assert projection.proxy_shape(fs.cfg, peak)[1] == fs.cfg.train.micro_batch_size // 2
     assert projection.proxy_shape(fs.cfg, peak, held)[1] == fs.cfg.train.micro_batch_size
+
+
+def test_a_vocab_parallel_proxy_starts_as_the_run_and_computes_its_loss_as_fairscale_does(monkeypatch, tmp_path):
+    """The cut layers get the model's initial values (torch's defaults made the logits span ~160 and the loss's
+    exp() underflow, 40% of the step), and the loss is FairScale's vocab_parallel_cross_entropy as the run's (on a
+    group of the timing process alone): the same value as cross_entropy over the slice, by other ops."""
+    import fairscale.nn.model_parallel.cross_entropy as ce
+    import torch.distributed as dist
+
+    from parallelkit.advisor import projection
+    from parallelkit.models.gpt import build_model, lm_loss
+
+    m = {"n_layer": 1, "n_head": 4, "d_model": 64, "vocab_size": 512, "seq_len": 16, "tie_weights": True}
+    gpt = build_model(m, seed=0)
+    projection._tp_proxy(gpt, 2, True)
+    for w in (gpt.embed.tok.weight, gpt.blocks[0].mlp.fc.weight):
+        assert float(w.std()) == pytest.approx(0.02, rel=0.2)  # GPT-2's N(0, 0.02), not torch's N(0, 1) or Kaiming
+    assert projection._vocab_parallel_loss() is lm_loss  # no process group: the plain loss
+    for name in ("get_model_parallel_group", "get_model_parallel_rank", "get_model_parallel_world_size"):
+        monkeypatch.setattr(ce, name, getattr(ce, name))  # restored after the test
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        loss_fn = projection._vocab_parallel_loss()
+        x = torch.randint(0, 256, (2, 16))
+        logits = gpt(x)
+        assert loss_fn is not lm_loss
+        assert float(loss_fn(logits.clone(), x)) == pytest.approx(float(lm_loss(logits, x)), rel=1e-5)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_context_parallel_rank_has_its_proxy_at_the_tokens_it_computes_in_a_pass():

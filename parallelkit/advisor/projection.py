@@ -34,7 +34,8 @@ measured on a narrow copy of the run). See docs/step_time.md.
   and ``projection.bandwidth_GBps`` where given, else bench_comm's calibration of this machine
   (per-kind fits; measured now if none is cached). On CPU, each call after which a rank waits for its
   peer having computed (``waits``) costs bench_comm's run-like time at the compute between waits
-  (``comm_seconds``).
+  (``comm_seconds``), or before each where the backend places them (``Strategy.wait_gaps``); the wait for the
+  slower process is then not counted again in the compute (``counted_once``).
 """
 from __future__ import annotations
 
@@ -84,14 +85,16 @@ SHORT_GAP_S = 0.001  # bench_comm's shortest run-like gap, if below this: a call
 def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth: float,
                  per_kind: dict[str, tuple[float, float]] | None = None, bucket: int = BUCKET,
                  calls: dict[str, float] | None = None, between: dict | None = None,
-                 gap: float | None = None, waits: dict[str, float] | None = None) -> dict[str, float]:
+                 gap: float | None = None, waits: dict[str, float] | None = None,
+                 gaps: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, float]:
     """Seconds per kind: its bytes on n ranks (send_recv: point to point) in ``calls`` calls where counted (else
     ``bucket``-sized messages; never fewer), each paying the latency, at (α, B), or at the kind's own fit in
     ``per_kind``. ``between`` (bench_comm's run-like fits, kind -> [(compute before a call, α, B)]), ``gap`` (the
     compute between two of the run's waits) and ``waits`` (kind -> its calls that follow compute, ``waits``): each
     of those costs what the run-like timing measured after that much compute, interpolated between the gaps it
     timed and flat below the shortest (a call after any compute costs more than back to back: bench_comm), never
-    less than back to back; the others cost their back-to-back time."""
+    less than back to back; the others cost their back-to-back time. ``gaps`` (kind -> [(waits, compute before
+    each)], ``Strategy.wait_gaps``): those of a kind's waits after their own compute, the rest after ``gap``."""
     out = {}
     for kind, nbytes in comm_by_kind.items():
         if nbytes > 0:
@@ -102,7 +105,12 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
                 anchors = [(g, bench_comm.model_time(kind, nbytes, n, ga, gb, m)) for g, ga, gb in between[kind]]
                 if anchors[0][0] > SHORT_GAP_S:  # a calibration without the short gap: from back to back at none
                     anchors.insert(0, (0.0, t))
-                t += max(0.0, _interpolate(anchors, gap) - t) * min(1.0, (waits or {}).get(kind, m) / m)
+                w = min(float(m), (waits or {}).get(kind, m))
+                placed = [(n, g) for n, g in (gaps or {}).get(kind, []) if n > 0]
+                if (total := sum(n for n, _ in placed)) > w:  # more placed than the run waits: scaled to them
+                    placed = [(n * w / total, g) for n, g in placed]
+                placed.append((max(0.0, w - sum(n for n, _ in placed)), gap))
+                t += sum(max(0.0, _interpolate(anchors, g) - t) * n / m for n, g in placed)
             out[kind] = t
     return out
 
@@ -225,12 +233,13 @@ def _proxy_timer(m: dict, b: int, ckpt: bool, prec: str, held: dict | None = Non
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, n, (b, m["seq_len"]), generator=g)
             for n in (gpt.embed.tok.num_embeddings, gpt.head.out.out_features))
+    loss_fn = _vocab_parallel_loss() if tp and tp[1] else lm_loss
 
     def steps(n: int) -> float:
         t0, spent = time.perf_counter(), 0.0
         for _ in range(n):
             with autocast():
-                loss = lm_loss(model(x), y)
+                loss = loss_fn(model(x), y)
             loss.backward()
             if opt is not None:
                 t1 = time.perf_counter()
@@ -276,6 +285,29 @@ def _tp_proxy(gpt, tp: int, head: bool) -> None:
         gpt.embed.tok = torch.nn.Embedding(tok.num_embeddings // tp, tok.embedding_dim)
         if tied:
             gpt.head.out.weight = gpt.embed.tok.weight
+    gpt.init_weights(0)  # the cut layers as the run's start: torch's defaults made `small`'s logits span some
+    # 160 (an embedding of N(0, 1)), and most of the loss's exp() underflowed: 0.38 s of a 0.82-s step
+
+
+def _vocab_parallel_loss():
+    """The loss of a tensor-parallel rank whose head is cut to its vocabulary slice, as the run computes it:
+    FairScale's ``vocab_parallel_cross_entropy`` (its max, exp and sums over the slice, the softmax kept for
+    backward), on a group of this timing process alone (its three all-reduces: the projection charges them apart).
+    Its ops cost less than ``cross_entropy``'s over the same logits: FairScale's 4-block `small` at batch 4 computed
+    539-563 ms a micro-batch with it and 571-599 with ``cross_entropy`` (2 processes); the 2-block proxy 483-506
+    against 525-541 (one). Outside a process group: ``lm_loss``."""
+    import torch.distributed as dist
+
+    from parallelkit.models.gpt import lm_loss
+
+    if not dist.is_initialized():
+        return lm_loss
+    import fairscale.nn.model_parallel.cross_entropy as ce
+
+    own = [dist.new_group([r]) for r in range(dist.get_world_size())]  # every process makes every group
+    ce.get_model_parallel_group = lambda: own[dist.get_rank()]  # a timing process of its own: nothing else uses it
+    ce.get_model_parallel_rank, ce.get_model_parallel_world_size = (lambda: 0), (lambda: 1)
+    return lambda logits, y: ce.vocab_parallel_cross_entropy(logits.float(), y).mean()
 
 
 def _rank_flops_per_token(m: dict, held: dict | None) -> float:
@@ -322,12 +354,14 @@ def _proxy_steps(first_s: float, share: float = 1.0) -> int:
     return min(3 * least, max(least, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S * share / first_s)))
 
 
-def _alone(timer, args: tuple, threads: int) -> tuple[float, int]:
-    """(median seconds per step, steps timed) of ``timer(*args)``'s steps in this process, alone."""
+def _alone(timer, args: tuple, threads: int) -> tuple[float, int, float]:
+    """(median seconds per step, steps timed, the same again: ``_together``'s mean rank) of ``timer(*args)``'s
+    steps in this process, alone."""
     with calibrate._threads(threads):
         steps = timer(*args)
         n = _proxy_steps(steps(1))  # the first step also warms up
-        return statistics.median(steps(1) for _ in range(n)), n
+        t = statistics.median(steps(1) for _ in range(n))
+        return t, n, t
 
 
 def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str, share: float = 1.0) -> None:
@@ -358,10 +392,12 @@ def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str, share: fl
     dist.destroy_process_group()
 
 
-def _together(timer, args: tuple, threads: int, processes: int, share: float = 1.0) -> tuple[float, int]:
-    """(median over steps of the slowest process's step, steps timed) with ``processes`` processes stepping
-    ``timer(*args)`` at once, as the run's processes compute at once (they share caches, memory bandwidth and
-    clocks), and the statistic a run reports (its median step, which waits for its slowest rank)."""
+def _together(timer, args: tuple, threads: int, processes: int, share: float = 1.0) -> tuple[float, int, float]:
+    """(median over steps of the slowest process's step, steps timed, median over steps of the processes' mean
+    step) with ``processes`` processes stepping ``timer(*args)`` at once, as the run's processes compute at once
+    (they share caches, memory bandwidth and clocks), and the statistic a run reports (its median step, which
+    waits for its slowest rank). The mean rank's is what a rank computes between two waits for its peer
+    (``skew``)."""
     import json
     import tempfile
 
@@ -370,23 +406,26 @@ def _together(timer, args: tuple, threads: int, processes: int, share: float = 1
     with tempfile.TemporaryDirectory(prefix="parallelkit-timed-") as out:
         spawn(_timed_rank, processes, timer, args, threads, out, share, timeout=300)
         got = [json.loads(open(os.path.join(out, f"{r}.json")).read()) for r in range(processes)]
-    return statistics.median(max(step) for step in zip(*got)), len(got[0])
+    return (statistics.median(max(step) for step in zip(*got)), len(got[0]),
+            statistics.median(sum(step) / len(step) for step in zip(*got)))
 
 
 def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False,
-           spawns: int = 1) -> tuple[float, int]:
+           spawns: int = 1) -> tuple[float, int, float]:
     """``_alone`` for one process, unless ``apart``: a timer that leaves threads behind (a Pipe's worker, with its
     own intra-op threads) is timed in a process of its own, where they cannot slow what this process measures
     next. Else the median of ``_together``'s step over ``spawns`` sets of new processes, one after another (steps
     timed: all of them). A process keeps a speed of its own (one set of 2 read 108-127 ms a step, the next within
     a few seconds 10% apart): the median of 3 sets kept to 114-121. A step under SPAWN_MORE_S is mostly framework
-    time, which the narrow copy measures: one set, since starting a set costs seconds."""
+    time, which the narrow copy measures: one set, since starting a set costs seconds. The third figure: the
+    median over sets of ``_together``'s mean rank."""
     if processes == 1 and not apart:
         return _alone(timer, args, threads)
     got = [_together(timer, args, threads, processes, 1 / spawns)]  # each set a share of the steps
     while len(got) < spawns and got[0][0] >= SPAWN_MORE_S:
         got.append(_together(timer, args, threads, processes, 1 / spawns))
-    return statistics.median(t for t, _ in got), sum(n for _, n in got)
+    return (statistics.median(t for t, _, _ in got), sum(n for _, n, _ in got),
+            statistics.median(v for _, _, v in got))
 
 
 def _stepped_as(held: dict | None) -> dict | None:
@@ -427,15 +466,25 @@ RATE_SAMPLES, RATE_HISTORY_S = 3, 600  # a rate measured again is the median of 
 # the one 16 minutes before it while the runs it projected stepped 7-10% slower (compare_all, 04:05 and 04:21 UTC)
 
 
-def _recent(old: dict | None, step: float) -> tuple[float, list]:
+def _recent(old: dict | None, step: float, mean: float | None = None) -> tuple[float, list]:
     """(the median step of ``step`` and the steps ``old`` was measured at within RATE_HISTORY_S, the last
-    RATE_SAMPLES of them; those samples as [time, step]): a rate that drifts is followed within a few
-    measurements, and one that is off by chance moves the projection by less."""
+    RATE_SAMPLES of them; those samples as [time, step] or, with the mean rank's step ``mean``, [time, step,
+    mean]): a rate that drifts is followed within a few measurements, and one that is off by chance moves the
+    projection by less."""
     now = datetime.now(timezone.utc)
     kept = [] if old is None else old.get("samples") or [[old.get("measured_at"), old.get("step_s")]]
     kept = [s for s in kept if s[1] and fresh({"measured_at": s[0]}, RATE_HISTORY_S)]
-    samples = [*kept[-(RATE_SAMPLES - 1):], [now.isoformat(timespec="seconds"), step]]
-    return statistics.median(v for _, v in samples), samples
+    samples = [*kept[-(RATE_SAMPLES - 1):], [now.isoformat(timespec="seconds"), step, *([mean] if mean else [])]]
+    return statistics.median(v[1] for v in samples), samples
+
+
+def skew(entry: dict | None) -> float:
+    """How much longer the slowest of a proxy's processes took than their mean, over the mean (its samples'
+    medians; 0 for one process, or a measurement that did not keep the mean)."""
+    samples = (entry or {}).get("samples") or []
+    if not samples or not all(len(v) > 2 and v[2] for v in samples):
+        return 0.0
+    return max(0.0, statistics.median(v[1] for v in samples) / statistics.median(v[2] for v in samples) - 1)
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
@@ -451,7 +500,8 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     ckpt, prec = bool(cfg.train.activation_checkpointing), cfg.train.precision
     key = {**calibrate.cache_key(prec, threads, torch.device("cpu")), "proxy": m, "batch": b, "checkpointing": ckpt,
            "statistic": "median step", **({"processes": processes} if processes > 1 else {}),
-           **({"held": held} if held else {})}
+           **({"held": held} if held else {}),
+           **({"loss": "vocab_parallel_cross_entropy"} if (held or {}).get("tp", [1, False])[1] else {})}
     if ((old := calibrate.read_cache(key, "efficiency")) is not None and fresh(old, max_age_s)) or not measure:
         return old
     at_once = f", {processes} processes at once" if processes > 1 else ""
@@ -460,15 +510,15 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     flops = _rank_flops_per_token(m, held) * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, held), threads, processes, bool(held), PROXY_SPAWNS)
+        step, n, mean = _timed(_proxy_timer, (m, b, ckpt, prec, held), threads, processes, bool(held), PROXY_SPAWNS)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
-            entry = {"tflops": flops / step / 1e12, "step_s": step, "steps_timed": n, "load_check": load,
-                     "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            entry = {"tflops": flops / step / 1e12, "step_s": step, "mean_step_s": mean, "steps_timed": n,
+                     "load_check": load, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if busy_ratio(entry) is None:
             break
-    step, entry["samples"] = _recent(old, entry["step_s"])
+    step, entry["samples"] = _recent(old, entry["step_s"], entry.pop("mean_step_s"))
     entry.update(step_s=step, tflops=flops / step / 1e12)
     calibrate.write_cache(key, entry, "efficiency")
     return {"key": key, **entry}
@@ -493,28 +543,29 @@ def busy_ratio(entry: dict) -> float | None:
 
 
 def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
-               held: dict | None = None) -> tuple[float | None, str]:
+               held: dict | None = None) -> tuple[float | None, str, float]:
+    """(achieved / peak FLOP/s, where it comes from, the proxy's ``skew``: 0 where it is not measured)."""
     if (given := projection_setting(cfg, "efficiency")) is not None:
-        return given, "config: projection.efficiency"
+        return given, "config: projection.efficiency", 0.0
     if projection_setting(cfg, "device") or torch.cuda.is_available():
-        return GPU_EFFICIENCY, f"assumed {GPU_EFFICIENCY} on a GPU (set projection.efficiency)"
+        return GPU_EFFICIENCY, f"assumed {GPU_EFFICIENCY} on a GPU (set projection.efficiency)", 0.0
     if peak is None:
-        return None, "no peak to measure against"
+        return None, "no peak to measure against", 0.0
     threads = cpu_threads(layout.processes)
     if proxy_shape(cfg, peak) is None:
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
-                                f"set projection.efficiency)")
+                                f"set projection.efficiency)"), 0.0
     r = proxy_rate(cfg, threads, peak, measure, at_once(layout), held=held, split=layout.cp)
     if r is None:
-        return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
+        return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)", 0.0
     p, ratio = r["key"]["proxy"], busy_ratio(r)
     busy = f"; busy then: matmul at {ratio:.0%} of its calibration, measured twice" if ratio else ""
     each = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
     each += _held(held)
     return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                           f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
-                                          f"thread(s){each} ({r['measured_at']}{busy})")
+                                          f"thread(s){each} ({r['measured_at']}{busy})"), skew(r)
 
 
 # ---- the optimizer: memory traffic, per parameter it updates ----
@@ -556,9 +607,9 @@ def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_a
     if ((old := calibrate.read_cache(key, "optimizer")) is not None and fresh(old, max_age_s)) or not measure:
         return old
     if proxy:
-        step, n = _timed(_proxy_timer, (*proxy, True), threads, processes, apart=bool(proxy[4]))
+        step, n, _ = _timed(_proxy_timer, (*proxy, True), threads, processes, apart=bool(proxy[4]))
     else:
-        step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
+        step, n, _ = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
     step, samples = _recent(old if old and old.get("elements") == elements else None, step)
     entry = {"s_per_element": step / elements, "bytes_per_s": 28 * elements / step, "elements": elements,
              "steps_timed": n, "step_s": step, "samples": samples,
@@ -716,6 +767,18 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
 OVERLAP_ON_CPU = 0.0  # gloo's threads reduce on the cores the compute runs on: nothing is hidden (measured: see docs)
 
 
+def counted_once(compute: float, lag: float, waited: float) -> float:
+    """The compute of a step whose proxy's slowest process took ``lag`` longer than their mean (``skew``): the
+    proxy's step waits for its slowest process, as a run's step does, but where the run waits for its peer
+    between its collectives the projection already charges that wait (``waited``: the exposed time its calls
+    take as a run makes them, beyond back to back), so the step's compute is the mean rank's plus only what of
+    the lag those waits do not cover. E.g. FairScale's tensor parallelism waits some 20 times a micro-batch:
+    its compute measured 135 ms a micro-batch, the proxy's slowest process 145 and their mean 135; DDP waits
+    once a step: all of its proxy's lag is its own."""
+    mean = compute / (1 + lag)
+    return max(mean, compute - max(0.0, waited))
+
+
 def exposed(by_kind: dict[str, float], overlap: dict[str, str] | None, fwd: float, bwd: float,
             cpu: bool) -> dict[str, float]:
     """Seconds of each kind the rank waits for: a kind the backend overlaps (``Strategy.overlap``: kind -> the
@@ -735,7 +798,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
             micro_batches: int | None = None, framework: bool = True,
             shares: tuple[list[float], int] | None = None, share: float = 1.0,
             calls: dict[str, float] | None = None, held: dict | None = None,
-            bursts: dict[str, float] | None = None) -> dict:
+            bursts: dict[str, float] | None = None, wait_gaps: dict | None = None) -> dict:
     """The projected step time of ``cfg`` (a resolved config) on ``layout`` moving ``comm_by_kind`` bytes per rank
     per step (see the module doc), by part, as measure/breakdown.py measures them: forward, backward, optimizer
     (``updated_params``: elements this rank's optimizer updates), exposed communication by kind (``overlap``: the
@@ -750,13 +813,14 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     counted, scaled to the run's micro-batches; none: a message per ``BUCKET``); with the compute between two
     of them, they set what each call costs (``comm_seconds``). ``held``: how the run holds its model where that
     changes a step's time (``Strategy.proxy_held``): its proxies are held the same way. ``bursts``: the share of a
-    kind's calls that follow compute (``Strategy.bursts``)."""
+    kind's calls that follow compute (``Strategy.bursts``). ``wait_gaps``: where a kind's waits sit in a
+    micro-batch (``Strategy.wait_gaps``)."""
     c = GPTConfig.from_cfg(cfg.model)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * layout.data_ranks * c.seq_len
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
     flops = c.flops_per_token() * tokens / (layout.processes if on_cpu else layout.world) * share
     device, peak, peak_src = device_peak(cfg, layout, measure)
-    eff, eff_src = efficiency(cfg, layout, peak, measure, held)
+    eff, eff_src, lag = efficiency(cfg, layout, peak, measure, held)
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
     pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
     m, chunks, fill = micro_batches or cfg.train.grad_accum, 1, layout.pp - 1
@@ -774,8 +838,11 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
         w = waits(comm_by_kind, calls, overlap, c.n_layer, m, bursts=bursts)
         gap = None if compute is None else compute / sum(w.values())
+        placed = None if compute is None else {k: [(k_n * m, share * compute / m) for k_n, share in v]
+                                                for k, v in (wait_gaps or {}).items()}
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls,
-                               between=_run_like(ln["between"], on_cpu, pipelined), gap=gap, waits=w) if linked else {}
+                               between=_run_like(ln["between"], on_cpu, pipelined), gap=gap, waits=w,
+                               gaps=placed) if linked else {}
         comm = sum(by_kind.values()) if linked else None
     fwd_share = 1 / 4 if cfg.train.activation_checkpointing else 1 / 3  # recomputation: a second forward
     fwd, bwd = (None, None) if compute is None else (compute * fwd_share, compute * (1 - fwd_share))
@@ -786,6 +853,12 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     if fw is not None and (over := framework_overcharge(cfg, layout)) and sum(exp.values()) > 0:
         keep = max(0.0, 1 - over / sum(exp.values()))  # what the narrow copy showed its waits charged over
         exp = {k: v * keep for k, v in exp.items()}
+    if lag and compute is not None and by_kind:  # the wait for the slower rank, counted once (``counted_once``)
+        plain = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls)
+        was = compute
+        compute = counted_once(compute, lag, sum(exp.values()) - sum(exposed(plain, overlap, 0, 0, on_cpu).values()))
+        fwd, bwd = fwd * compute / was, bwd * compute / was
+        bubble *= compute / was
     idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
     parts = {"forward": fwd, "backward": bwd, "optimizer": opt,
              "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle, "framework": fw}
@@ -794,7 +867,8 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
                    f"alpha {_g(ln['alpha_s'], 1e6)} us, B {_g(ln['bandwidth_Bps'], 1e-9)} GB/s"
                    f"{' (per-kind fits)' if ln['per_kind'] else ''}, ring/tree costs on {n} ranks, a latency per "
                    f"{'call (counted on the narrow copy)' if calls else str(BUCKET // 2**20) + ' MiB message'}"
-                   f"{f', each wait for a peer as a run makes it, after {gap * 1e3:.1f} ms of compute' if gap is not None and ln['between'] and on_cpu else ''}; "
+                   f"{f', each wait for a peer as a run makes it, after {gap * 1e3:.1f} ms of compute' if gap is not None and ln['between'] and on_cpu else ''}"
+                   f"{' on average, each where the backend places it' if wait_gaps and gap is not None and ln['between'] and on_cpu else ''}; "
                    f"{'no overlap on CPU (gloo shares the cores)' if on_cpu else 'no overlap' if not overlap else 'overlap: ' + ', '.join(f'{k} under {v}' for k, v in overlap.items())}; "
                    f"{'the slowest stage computes, and waits while the others fill and drain; ' if pipelined else ''}"
                    f"optimizer: {opt_src}; "
@@ -817,7 +891,8 @@ def project_plan(plan, comm_by_kind: dict[str, float], parts: dict | None = None
                    shares=plan.cls.pipeline_shares(plan.cfg, plan.opts, plan.layout),
                    share=plan.cls.compute_share(plan.cfg, plan.opts, plan.layout), calls=calls,
                    held=plan.cls.proxy_held(plan.cfg, plan.opts, plan.layout),
-                   bursts=plan.cls.bursts(plan.cfg, plan.opts, plan.layout))
+                   bursts=plan.cls.bursts(plan.cfg, plan.opts, plan.layout),
+                   wait_gaps=plan.cls.wait_gaps(plan.cfg, plan.opts, plan.layout))
 
 
 def framework_seconds(cfg, layout: Layout, measure: bool = True) -> tuple[float | None, str]:

@@ -204,6 +204,13 @@ class Strategy:
         return {}
 
     @classmethod
+    def wait_gaps(cls, cfg, o: Options, layout: Layout) -> dict[str, list[tuple[float, float]]]:
+        """Per kind, where its waits sit in a micro-batch, for the projection: [(waits, the share of a micro-batch's
+        compute before each)]; a wait after more compute waits longer for its peer, less than in proportion
+        (``projection.comm_seconds``). The kind's other waits split the rest evenly. {}: all split it evenly."""
+        return {}
+
+    @classmethod
     def bursts(cls, cfg, o: Options, layout: Layout) -> dict[str, float]:
         """Per kind, the share of its calls that follow compute, for the projection; the others follow another
         call of the same burst at once, and cost their back-to-back time (``projection.waits``). {}: every call

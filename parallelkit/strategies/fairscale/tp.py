@@ -138,6 +138,25 @@ class FairScaleTPStrategy(Strategy):
         return whole_head_share(GPTConfig.from_cfg(cfg.model), layout.tp)
 
     @classmethod
+    def wait_gaps(cls, cfg, o, layout):
+        """A micro-batch's all-reduces: four per block, after a quarter of its compute each (the row-parallel
+        outputs forward, the column-parallel inputs' gradients backward); with vocab_parallel also the
+        embedding's, after its lookup, the loss's three, within the head's forward (a third of the head's
+        compute), and the head's input gradient, after its backward. The head of `small` is most of a rank's
+        FLOPs: its few waits come after tens of milliseconds, the blocks' after a few."""
+        if layout.tp == 1:
+            return {}
+        from parallelkit.strategies.shared.pipeline import block_flops
+
+        c = GPTConfig.from_cfg(cfg.model)
+        blocks = c.n_layer * block_flops(c)
+        head = (c.flops_per_token() - blocks) * (1 if o.vocab_parallel else layout.tp)  # per rank: x 1/tp
+        b, h = blocks / (blocks + head), head / (blocks + head)
+        if not o.vocab_parallel:  # the first backward wait also follows the head's backward
+            return {"all_reduce": [(4 * c.n_layer - 1, b / (4 * c.n_layer)), (1, h * 2 / 3)]}
+        return {"all_reduce": [(4 * c.n_layer, b / (4 * c.n_layer)), (1, 0.0), (3, h / 9), (1, h * 2 / 3)]}
+
+    @classmethod
     def proxy_held(cls, cfg, o, layout):
         """Each rank computes half-width (1/tp) layers: its proxy too (projection._tp_proxy)."""
         return {"tp": [layout.tp, bool(o.vocab_parallel)]} if layout.tp > 1 else None
