@@ -34,8 +34,7 @@ measured on a narrow copy of the run). See docs/step_time.md.
   and ``projection.bandwidth_GBps`` where given, else bench_comm's calibration of this machine
   (per-kind fits; measured now if none is cached). On CPU, each call after which a rank waits for its
   peer having computed (``waits``) costs bench_comm's run-like time at the compute between waits
-  (``comm_seconds``), or before each where the backend places them (``Strategy.wait_gaps``); the wait for the
-  slower process is then not counted again in the compute (``counted_once``).
+  (``comm_seconds``), or before each where the backend places them (``Strategy.wait_gaps``).
 """
 from __future__ import annotations
 
@@ -354,14 +353,12 @@ def _proxy_steps(first_s: float, share: float = 1.0) -> int:
     return min(3 * least, max(least, math.ceil(PROXY_TRIALS * PROXY_TRIAL_S * share / first_s)))
 
 
-def _alone(timer, args: tuple, threads: int) -> tuple[float, int, float]:
-    """(median seconds per step, steps timed, the same again: ``_together``'s mean rank) of ``timer(*args)``'s
-    steps in this process, alone."""
+def _alone(timer, args: tuple, threads: int) -> tuple[float, int]:
+    """(median seconds per step, steps timed) of ``timer(*args)``'s steps in this process, alone."""
     with calibrate._threads(threads):
         steps = timer(*args)
         n = _proxy_steps(steps(1))  # the first step also warms up
-        t = statistics.median(steps(1) for _ in range(n))
-        return t, n, t
+        return statistics.median(steps(1) for _ in range(n)), n
 
 
 def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str, share: float = 1.0) -> None:
@@ -392,12 +389,10 @@ def _timed_rank(rank: int, timer, args: tuple, threads: int, out: str, share: fl
     dist.destroy_process_group()
 
 
-def _together(timer, args: tuple, threads: int, processes: int, share: float = 1.0) -> tuple[float, int, float]:
-    """(median over steps of the slowest process's step, steps timed, median over steps of the processes' mean
-    step) with ``processes`` processes stepping ``timer(*args)`` at once, as the run's processes compute at once
-    (they share caches, memory bandwidth and clocks), and the statistic a run reports (its median step, which
-    waits for its slowest rank). The mean rank's is what a rank computes between two waits for its peer
-    (``skew``)."""
+def _together(timer, args: tuple, threads: int, processes: int, share: float = 1.0) -> tuple[float, int]:
+    """(median over steps of the slowest process's step, steps timed) with ``processes`` processes stepping
+    ``timer(*args)`` at once, as the run's processes compute at once (they share caches, memory bandwidth and
+    clocks), and the statistic a run reports (its median step, which waits for its slowest rank)."""
     import json
     import tempfile
 
@@ -406,26 +401,23 @@ def _together(timer, args: tuple, threads: int, processes: int, share: float = 1
     with tempfile.TemporaryDirectory(prefix="parallelkit-timed-") as out:
         spawn(_timed_rank, processes, timer, args, threads, out, share, timeout=300)
         got = [json.loads(open(os.path.join(out, f"{r}.json")).read()) for r in range(processes)]
-    return (statistics.median(max(step) for step in zip(*got)), len(got[0]),
-            statistics.median(sum(step) / len(step) for step in zip(*got)))
+    return statistics.median(max(step) for step in zip(*got)), len(got[0])
 
 
 def _timed(timer, args: tuple, threads: int, processes: int, apart: bool = False,
-           spawns: int = 1) -> tuple[float, int, float]:
+           spawns: int = 1) -> tuple[float, int]:
     """``_alone`` for one process, unless ``apart``: a timer that leaves threads behind (a Pipe's worker, with its
     own intra-op threads) is timed in a process of its own, where they cannot slow what this process measures
     next. Else the median of ``_together``'s step over ``spawns`` sets of new processes, one after another (steps
     timed: all of them). A process keeps a speed of its own (one set of 2 read 108-127 ms a step, the next within
     a few seconds 10% apart): the median of 3 sets kept to 114-121. A step under SPAWN_MORE_S is mostly framework
-    time, which the narrow copy measures: one set, since starting a set costs seconds. The third figure: the
-    median over sets of ``_together``'s mean rank."""
+    time, which the narrow copy measures: one set, since starting a set costs seconds."""
     if processes == 1 and not apart:
         return _alone(timer, args, threads)
     got = [_together(timer, args, threads, processes, 1 / spawns)]  # each set a share of the steps
     while len(got) < spawns and got[0][0] >= SPAWN_MORE_S:
         got.append(_together(timer, args, threads, processes, 1 / spawns))
-    return (statistics.median(t for t, _, _ in got), sum(n for _, n, _ in got),
-            statistics.median(v for _, _, v in got))
+    return statistics.median(t for t, _ in got), sum(n for _, n in got)
 
 
 def _stepped_as(held: dict | None) -> dict | None:
@@ -466,25 +458,15 @@ RATE_SAMPLES, RATE_HISTORY_S = 3, 600  # a rate measured again is the median of 
 # the one 16 minutes before it while the runs it projected stepped 7-10% slower (compare_all, 04:05 and 04:21 UTC)
 
 
-def _recent(old: dict | None, step: float, mean: float | None = None) -> tuple[float, list]:
+def _recent(old: dict | None, step: float) -> tuple[float, list]:
     """(the median step of ``step`` and the steps ``old`` was measured at within RATE_HISTORY_S, the last
-    RATE_SAMPLES of them; those samples as [time, step] or, with the mean rank's step ``mean``, [time, step,
-    mean]): a rate that drifts is followed within a few measurements, and one that is off by chance moves the
-    projection by less."""
+    RATE_SAMPLES of them; those samples as [time, step]): a rate that drifts is followed within a few
+    measurements, and one that is off by chance moves the projection by less."""
     now = datetime.now(timezone.utc)
     kept = [] if old is None else old.get("samples") or [[old.get("measured_at"), old.get("step_s")]]
     kept = [s for s in kept if s[1] and fresh({"measured_at": s[0]}, RATE_HISTORY_S)]
-    samples = [*kept[-(RATE_SAMPLES - 1):], [now.isoformat(timespec="seconds"), step, *([mean] if mean else [])]]
-    return statistics.median(v[1] for v in samples), samples
-
-
-def skew(entry: dict | None) -> float:
-    """How much longer the slowest of a proxy's processes took than their mean, over the mean (its samples'
-    medians; 0 for one process, or a measurement that did not keep the mean)."""
-    samples = (entry or {}).get("samples") or []
-    if not samples or not all(len(v) > 2 and v[2] for v in samples):
-        return 0.0
-    return max(0.0, statistics.median(v[1] for v in samples) / statistics.median(v[2] for v in samples) - 1)
+    samples = [*kept[-(RATE_SAMPLES - 1):], [now.isoformat(timespec="seconds"), step]]
+    return statistics.median(v for _, v in samples), samples
 
 
 def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, processes: int = 1,
@@ -510,15 +492,15 @@ def proxy_rate(cfg, threads: int, peak_tflops: float, measure: bool = True, proc
     flops = _rank_flops_per_token(m, held) * b * m["seq_len"]
     entry = None
     for _ in range(2):  # measured on a busy machine (the re-check beside it slow): once more, the faster kept
-        step, n, mean = _timed(_proxy_timer, (m, b, ckpt, prec, held), threads, processes, bool(held), PROXY_SPAWNS)
+        step, n = _timed(_proxy_timer, (m, b, ckpt, prec, held), threads, processes, bool(held), PROXY_SPAWNS)
         with calibrate._threads(threads):
             load = load_check(prec, threads)  # how busy the machine was while the proxy ran
         if entry is None or step < entry["step_s"]:
-            entry = {"tflops": flops / step / 1e12, "step_s": step, "mean_step_s": mean, "steps_timed": n,
-                     "load_check": load, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            entry = {"tflops": flops / step / 1e12, "step_s": step, "steps_timed": n, "load_check": load,
+                     "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if busy_ratio(entry) is None:
             break
-    step, entry["samples"] = _recent(old, entry["step_s"], entry.pop("mean_step_s"))
+    step, entry["samples"] = _recent(old, entry["step_s"])
     entry.update(step_s=step, tflops=flops / step / 1e12)
     calibrate.write_cache(key, entry, "efficiency")
     return {"key": key, **entry}
@@ -543,29 +525,28 @@ def busy_ratio(entry: dict) -> float | None:
 
 
 def efficiency(cfg, layout: Layout, peak: float | None, measure: bool = True,
-               held: dict | None = None) -> tuple[float | None, str, float]:
-    """(achieved / peak FLOP/s, where it comes from, the proxy's ``skew``: 0 where it is not measured)."""
+               held: dict | None = None) -> tuple[float | None, str]:
     if (given := projection_setting(cfg, "efficiency")) is not None:
-        return given, "config: projection.efficiency", 0.0
+        return given, "config: projection.efficiency"
     if projection_setting(cfg, "device") or torch.cuda.is_available():
-        return GPU_EFFICIENCY, f"assumed {GPU_EFFICIENCY} on a GPU (set projection.efficiency)", 0.0
+        return GPU_EFFICIENCY, f"assumed {GPU_EFFICIENCY} on a GPU (set projection.efficiency)"
     if peak is None:
-        return None, "no peak to measure against", 0.0
+        return None, "no peak to measure against"
     threads = cpu_threads(layout.processes)
     if proxy_shape(cfg, peak) is None:
         return CPU_EFFICIENCY, (f"assumed {CPU_EFFICIENCY} on CPU (a 2-block proxy of this model has over "
                                 f"{PROXY_MAX_PARAMS / 1e6:.0f}M parameters: too slow to measure here; "
-                                f"set projection.efficiency)"), 0.0
+                                f"set projection.efficiency)")
     r = proxy_rate(cfg, threads, peak, measure, at_once(layout), held=held, split=layout.cp)
     if r is None:
-        return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)", 0.0
+        return None, "no training-rate measurement cached for this model's shapes (not measured: measure=False)"
     p, ratio = r["key"]["proxy"], busy_ratio(r)
     busy = f"; busy then: matmul at {ratio:.0%} of its calibration, measured twice" if ratio else ""
     each = f" in each of {r['key']['processes']} processes at once" if r["key"].get("processes") else ""
     each += _held(held)
     return min(1.0, r["tflops"] / peak), (f"measured: forward + backward of a {p['n_layer']}-block proxy, "
                                           f"batch {r['key']['batch']} x seq {p['seq_len']}, {threads} "
-                                          f"thread(s){each} ({r['measured_at']}{busy})"), skew(r)
+                                          f"thread(s){each} ({r['measured_at']}{busy})")
 
 
 # ---- the optimizer: memory traffic, per parameter it updates ----
@@ -607,9 +588,9 @@ def optimizer_rate(threads: int, measure: bool = True, processes: int = 1, max_a
     if ((old := calibrate.read_cache(key, "optimizer")) is not None and fresh(old, max_age_s)) or not measure:
         return old
     if proxy:
-        step, n, _ = _timed(_proxy_timer, (*proxy, True), threads, processes, apart=bool(proxy[4]))
+        step, n = _timed(_proxy_timer, (*proxy, True), threads, processes, apart=bool(proxy[4]))
     else:
-        step, n, _ = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
+        step, n = _timed(_optimizer_timer, (OPT_PROBE_ELEMENTS,), threads, processes)
     step, samples = _recent(old if old and old.get("elements") == elements else None, step)
     entry = {"s_per_element": step / elements, "bytes_per_s": 28 * elements / step, "elements": elements,
              "steps_timed": n, "step_s": step, "samples": samples,
@@ -767,18 +748,6 @@ def link(cfg, comm_by_kind: dict[str, float], n: int, measure: bool = True) -> d
 OVERLAP_ON_CPU = 0.0  # gloo's threads reduce on the cores the compute runs on: nothing is hidden (measured: see docs)
 
 
-def counted_once(compute: float, lag: float, waited: float) -> float:
-    """The compute of a step whose proxy's slowest process took ``lag`` longer than their mean (``skew``): the
-    proxy's step waits for its slowest process, as a run's step does, but where the run waits for its peer
-    between its collectives the projection already charges that wait (``waited``: the exposed time its calls
-    take as a run makes them, beyond back to back), so the step's compute is the mean rank's plus only what of
-    the lag those waits do not cover. E.g. FairScale's tensor parallelism waits some 20 times a micro-batch:
-    its compute measured 135 ms a micro-batch, the proxy's slowest process 145 and their mean 135; DDP waits
-    once a step: all of its proxy's lag is its own."""
-    mean = compute / (1 + lag)
-    return max(mean, compute - max(0.0, waited))
-
-
 def exposed(by_kind: dict[str, float], overlap: dict[str, str] | None, fwd: float, bwd: float,
             cpu: bool) -> dict[str, float]:
     """Seconds of each kind the rank waits for: a kind the backend overlaps (``Strategy.overlap``: kind -> the
@@ -820,7 +789,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     on_cpu = not projection_setting(cfg, "device") and not torch.cuda.is_available()
     flops = c.flops_per_token() * tokens / (layout.processes if on_cpu else layout.world) * share
     device, peak, peak_src = device_peak(cfg, layout, measure)
-    eff, eff_src, lag = efficiency(cfg, layout, peak, measure, held)
+    eff, eff_src = efficiency(cfg, layout, peak, measure, held)
     compute = flops / (peak * 1e12 * eff) if peak and eff else None
     pipelined = layout.pp > 1 and layout.processes > 1  # one stage per process: the others wait on it
     m, chunks, fill = micro_batches or cfg.train.grad_accum, 1, layout.pp - 1
@@ -853,12 +822,6 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
     if fw is not None and (over := framework_overcharge(cfg, layout)) and sum(exp.values()) > 0:
         keep = max(0.0, 1 - over / sum(exp.values()))  # what the narrow copy showed its waits charged over
         exp = {k: v * keep for k, v in exp.items()}
-    if lag and compute is not None and by_kind:  # the wait for the slower rank, counted once (``counted_once``)
-        plain = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls)
-        was = compute
-        compute = counted_once(compute, lag, sum(exp.values()) - sum(exposed(plain, overlap, 0, 0, on_cpu).values()))
-        fwd, bwd = fwd * compute / was, bwd * compute / was
-        bubble *= compute / was
     idle = bubble + (by_kind.get("send_recv", 0.0) if pipelined else 0.0)
     parts = {"forward": fwd, "backward": bwd, "optimizer": opt,
              "exposed_comm": None if comm is None else sum(exp.values()), "pipeline_idle": idle, "framework": fw}
