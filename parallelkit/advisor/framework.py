@@ -53,7 +53,8 @@ STEPS, UNTIMED = 12, 3  # the narrow run's steps: 9 timed, after the warm-up ste
 NARROW = {"vocab_size": 512, "seq_len": 64, "micro_batch_size": 2}
 JOB_S = 60  # the spawn's deadline: a start-up allowance and this much per narrow run
 PROJECTED_BY = 22  # the version of the projection its residuals are taken from: a new one measures them again
-# (19: a pair that steps faster with more work is measured again, ``_slower_with_more``)
+# (19: a pair that steps faster with more work is measured again, ``_slower_with_more``; 22: FairScale TP's waits
+# placed, ``Strategy.wait_gaps``)
 
 
 def narrow(cfg, accum: int | None = None):

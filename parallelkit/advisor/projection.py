@@ -105,11 +105,11 @@ def comm_seconds(comm_by_kind: dict[str, float], n: int, alpha: float, bandwidth
                 if anchors[0][0] > SHORT_GAP_S:  # a calibration without the short gap: from back to back at none
                     anchors.insert(0, (0.0, t))
                 w = min(float(m), (waits or {}).get(kind, m))
-                placed = [(n, g) for n, g in (gaps or {}).get(kind, []) if n > 0]
-                if (total := sum(n for n, _ in placed)) > w:  # more placed than the run waits: scaled to them
-                    placed = [(n * w / total, g) for n, g in placed]
-                placed.append((max(0.0, w - sum(n for n, _ in placed)), gap))
-                t += sum(max(0.0, _interpolate(anchors, g) - t) * n / m for n, g in placed)
+                placed = [(k, g) for k, g in (gaps or {}).get(kind, []) if k > 0]
+                if (total := sum(k for k, _ in placed)) > w:  # more placed than the run waits: scaled to them
+                    placed = [(k * w / total, g) for k, g in placed]
+                placed.append((max(0.0, w - sum(k for k, _ in placed)), gap))
+                t += sum(max(0.0, _interpolate(anchors, g) - t) * k / m for k, g in placed)
             out[kind] = t
     return out
 
@@ -807,7 +807,7 @@ def project(cfg, comm_by_kind: dict[str, float], layout: Layout, measure: bool =
         linked = ln["bandwidth_Bps"] and ln["alpha_s"] is not None
         w = waits(comm_by_kind, calls, overlap, c.n_layer, m, bursts=bursts)
         gap = None if compute is None else compute / sum(w.values())
-        placed = None if compute is None else {k: [(k_n * m, share * compute / m) for k_n, share in v]
+        placed = None if compute is None else {k: [(each * m, before * compute / m) for each, before in v]
                                                 for k, v in (wait_gaps or {}).items()}
         by_kind = comm_seconds(comm_by_kind, n, ln["alpha_s"], ln["bandwidth_Bps"], ln["per_kind"], calls=calls,
                                between=_run_like(ln["between"], on_cpu, pipelined), gap=gap, waits=w,
